@@ -1,0 +1,1337 @@
+"""gradience_lite: a pure-NumPy auditor for LoRA adapters.
+
+Reads a PEFT adapter (``adapter_model.safetensors`` + ``adapter_config.json``)
+straight from its bytes and reports, per adapted module, the spectrum of the
+update ΔW = s·B·A without ever forming ΔW: every number comes from r×r problems
+in float64.  No torch, no transformers, nothing is unpickled.
+
+The module reads top to bottom in the order data flows:
+
+    1. safetensors bytes  → tensor records and decoded float arrays
+    2. adapter files      → which weights / config / named adapter to read
+    3. PEFT config        → r, alpha, rsLoRA, rank/alpha patterns per module
+    4. PEFT keys          → LoRA module records (A, B, bias, DoRA magnitude)
+    5. low-rank spectra   → singular values of B·A from r×r problems
+    6. audit              → per-module records, summaries, UDR
+    7. reports            → JSON contract and text report
+    8. CLI                → ``python -m gradience_lite audit DIR``
+
+Quick use::
+
+    >>> from gradience_lite import audit_lora_peft_dir
+    >>> result = audit_lora_peft_dir("examples/tiny_adapter")      # doctest: +SKIP
+    >>> result.to_summary_dict()["utilization_mean"]                 # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import math
+import mmap
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "AdapterFormatError",
+    "AuditResult",
+    "ModuleAudit",
+    "audit_lora_peft_dir",
+    "audit_lora_state_dict",
+    "lowrank_singular_values",
+    "main",
+    "open_safetensors",
+    "read_tensor",
+]
+
+SCHEMA_VERSION = "gradience_lite.audit/1"
+TELEMETRY_SCHEMA = "gradience.vnext.telemetry/v1"
+UDR_EPS = 1e-12
+
+
+class AdapterFormatError(ValueError):
+    """The adapter (or a file it needs) cannot be read at all.
+
+    The message is one line that names the file and the problem; the CLI prints
+    it and exits with code 2.  Damage confined to one module is not an
+    exception: it becomes an entry in the audit's ``issues``.
+    """
+
+
+# ══ 1. safetensors: bytes → tensors ══════════════════════════════════════════
+# Format: 8-byte little-endian header length N, N bytes of JSON header, then the
+# data section.  Each header entry is {"dtype", "shape", "data_offsets": [a, b]}
+# with offsets relative to the start of the data section.
+
+MAX_HEADER_BYTES = 100 * 1000 * 1000  # the reference implementation's own bound
+# A dimension beyond 2**40 cannot describe a real tensor; refusing it up front
+# keeps every later product of dimensions a sane Python int.
+MAX_DIMENSION = 1 << 40
+
+
+def _decode_bf16(raw: np.ndarray) -> np.ndarray:
+    # bfloat16 is the top half of an IEEE float32: shift the bits into place.
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _float8_table(exponent_bits: int, mantissa_bits: int, finite_only: bool) -> np.ndarray:
+    """All 256 values of an 8-bit float format, as float32.
+
+    ``finite_only`` is the "fn" variant (E4M3FN): no infinities, and only the
+    all-ones pattern S.1111.111 is NaN.  Otherwise IEEE rules (E5M2).
+    """
+    bias = (1 << (exponent_bits - 1)) - 1
+    codes = np.arange(256, dtype=np.int64)
+    sign = np.where(codes >> 7, -1.0, 1.0)
+    exponent = (codes >> mantissa_bits) & ((1 << exponent_bits) - 1)
+    mantissa = codes & ((1 << mantissa_bits) - 1)
+    fraction = mantissa / float(1 << mantissa_bits)
+    normal = sign * (1.0 + fraction) * np.exp2(exponent - bias)
+    subnormal = sign * fraction * np.exp2(1 - bias)
+    values = np.where(exponent == 0, subnormal, normal)
+    max_exponent = (1 << exponent_bits) - 1
+    if finite_only:
+        values[(exponent == max_exponent) & (mantissa == (1 << mantissa_bits) - 1)] = np.nan
+    else:
+        top = exponent == max_exponent
+        values[top & (mantissa == 0)] = sign[top & (mantissa == 0)] * np.inf
+        values[top & (mantissa != 0)] = np.nan
+    return values.astype(np.float32)
+
+
+def _decode_f8_e4m3(raw: np.ndarray) -> np.ndarray:
+    return _float8_table(4, 3, True)[raw]
+
+
+def _decode_f8_e5m2(raw: np.ndarray) -> np.ndarray:
+    return _float8_table(5, 2, False)[raw]
+
+
+class DType(NamedTuple):
+    storage: np.dtype  # how the bytes are laid out (little-endian)
+    is_float: bool
+    decode: Optional[Callable[[np.ndarray], np.ndarray]]  # storage → float32, for non-NumPy floats
+
+
+# The one table of on-disk dtypes.  Formats NumPy lacks are stored as unsigned
+# integers of the same width and decoded in one place.
+DTYPES: Dict[str, DType] = {
+    "F64": DType(np.dtype("<f8"), True, None),
+    "F32": DType(np.dtype("<f4"), True, None),
+    "F16": DType(np.dtype("<f2"), True, None),
+    "BF16": DType(np.dtype("<u2"), True, _decode_bf16),
+    "F8_E4M3": DType(np.dtype("u1"), True, _decode_f8_e4m3),
+    "F8_E5M2": DType(np.dtype("u1"), True, _decode_f8_e5m2),
+    "I64": DType(np.dtype("<i8"), False, None),
+    "I32": DType(np.dtype("<i4"), False, None),
+    "I16": DType(np.dtype("<i2"), False, None),
+    "I8": DType(np.dtype("i1"), False, None),
+    "U64": DType(np.dtype("<u8"), False, None),
+    "U32": DType(np.dtype("<u4"), False, None),
+    "U16": DType(np.dtype("<u2"), False, None),
+    "U8": DType(np.dtype("u1"), False, None),
+    "BOOL": DType(np.dtype("?"), False, None),
+}
+
+
+class TensorInfo(NamedTuple):
+    """One header entry.  ``start``/``end`` are absolute file offsets.
+
+    ``problem`` is set when the entry is damaged in a way confined to this
+    tensor (unknown dtype, impossible shape, bytes shared with another tensor):
+    the file stays readable, this tensor does not.
+    """
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    start: int
+    end: int
+    problem: Optional[str] = None
+
+
+class SafetensorsFile(NamedTuple):
+    """A memory-mapped safetensors file: header records plus the mapping."""
+
+    path: str
+    tensors: Dict[str, TensorInfo]
+    metadata: Dict[str, str]
+    header_sha256: str
+    file_size: int
+    mapped: Optional[mmap.mmap]  # None for a file with an empty data section
+
+
+def _reject_duplicate_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    seen: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r} in header")
+        seen[key] = value
+    return seen
+
+
+def _parse_shape(raw_shape: Any) -> Tuple[Optional[Tuple[int, ...]], Optional[str]]:
+    if not isinstance(raw_shape, list) or not all(type(d) is int for d in raw_shape):
+        return None, f"shape {raw_shape!r} is not a list of integers"
+    if any(d < 0 for d in raw_shape):
+        return None, f"shape {raw_shape} has a negative dimension"
+    if any(d > MAX_DIMENSION for d in raw_shape):
+        return None, f"shape {raw_shape} is absurd (a dimension above 2**40)"
+    return tuple(raw_shape), None
+
+
+def _parse_header(path: str, header: Dict[str, Any], data_start: int, data_size: int) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
+    """Validate every entry; file-level damage raises, tensor-level damage is recorded."""
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise AdapterFormatError(f"{path}: __metadata__ is not an object")
+    metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+    tensors: Dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or "data_offsets" not in entry:
+            raise AdapterFormatError(f"{path}: header entry {name!r} is not a tensor description")
+        offsets = entry.get("data_offsets")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or offsets[0] < 0 or offsets[1] < offsets[0]):
+            raise AdapterFormatError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        if offsets[1] > data_size:
+            raise AdapterFormatError(
+                f"{path}: tensor {name!r} ends at byte {offsets[1]} of a {data_size}-byte data section "
+                "(the file is truncated or its header lies)")
+        start, end = data_start + offsets[0], data_start + offsets[1]
+        dtype_name = entry.get("dtype")
+        shape, problem = _parse_shape(entry.get("shape"))
+        if problem is None and dtype_name not in DTYPES:
+            problem = f"unknown dtype {dtype_name!r}"
+        if problem is None:
+            expected = math.prod(shape) * DTYPES[dtype_name].storage.itemsize
+            if expected > data_size:
+                problem = f"shape {list(shape)} needs {expected} bytes, more than the whole data section ({data_size})"
+            elif expected != end - start:
+                raise AdapterFormatError(
+                    f"{path}: tensor {name!r} has {end - start} bytes but shape {list(shape)} x {dtype_name} needs {expected}")
+        tensors[name] = TensorInfo(name, str(dtype_name), shape or (), start, end, problem)
+    return _flag_overlaps(tensors), metadata
+
+
+def _flag_overlaps(tensors: Dict[str, TensorInfo]) -> Dict[str, TensorInfo]:
+    # Two tensors sharing bytes means at least one of them is not what the
+    # header says; neither is trusted.
+    ordered = sorted((t for t in tensors.values() if t.end > t.start), key=lambda t: (t.start, t.end))
+    flagged = dict(tensors)
+    furthest: Optional[TensorInfo] = None
+    for info in ordered:
+        if furthest is not None and info.start < furthest.end:
+            for victim, other in ((info, furthest), (furthest, info)):
+                if flagged[victim.name].problem is None:
+                    flagged[victim.name] = victim._replace(problem=f"its bytes overlap tensor {other.name!r}")
+        if furthest is None or info.end > furthest.end:
+            furthest = info
+    return flagged
+
+
+def open_safetensors(path: str | os.PathLike) -> SafetensorsFile:
+    """Validate a safetensors header and memory-map the file.
+
+    Nothing but the header is read; tensors are decoded on demand with
+    :func:`read_tensor`.  Raises :class:`AdapterFormatError` with a one-line
+    message naming the file and the problem when the file cannot be read.
+
+    >>> sf = open_safetensors("adapter_model.safetensors")          # doctest: +SKIP
+    >>> sorted(sf.tensors)[:1]                                       # doctest: +SKIP
+    ['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight']
+    """
+    path = str(path)
+    try:
+        with open(path, "rb") as handle:
+            file_size = os.fstat(handle.fileno()).st_size
+            if file_size < 8:
+                raise AdapterFormatError(f"{path}: file is {'empty' if file_size == 0 else 'too short'} "
+                                         f"({file_size} bytes), not a safetensors file")
+            header_size = int.from_bytes(handle.read(8), "little")
+            if header_size > MAX_HEADER_BYTES:
+                raise AdapterFormatError(f"{path}: header length {header_size} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + header_size > file_size:
+                raise AdapterFormatError(f"{path}: header length {header_size} runs past the end of the "
+                                         f"{file_size}-byte file (truncated or not safetensors)")
+            header_bytes = handle.read(header_size)
+            data_start = 8 + header_size
+            data_size = file_size - data_start
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if data_size > 0 else None
+    except OSError as error:
+        raise AdapterFormatError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except UnicodeDecodeError:
+        raise AdapterFormatError(f"{path}: header is not UTF-8 text") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{path}: header JSON is nested too deeply") from None
+    except ValueError as error:  # json.JSONDecodeError and duplicate keys
+        raise AdapterFormatError(f"{path}: header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{path}: header is a JSON {type(header).__name__}, not an object")
+    tensors, metadata = _parse_header(path, header, data_start, data_size)
+    return SafetensorsFile(path, tensors, metadata, hashlib.sha256(header_bytes).hexdigest(), file_size, mapped)
+
+
+def raw_view(sf: SafetensorsFile, info: TensorInfo) -> np.ndarray:
+    """The tensor's bytes as a read-only array view into the mapping (no copy)."""
+    if info.problem is not None:
+        raise AdapterFormatError(f"{sf.path}: tensor {info.name!r}: {info.problem}")
+    storage = DTYPES[info.dtype].storage
+    count = math.prod(info.shape)
+    if count == 0:
+        return np.zeros(info.shape, dtype=storage)
+    return np.frombuffer(sf.mapped, dtype=storage, count=count, offset=info.start).reshape(info.shape)
+
+
+def read_tensor(sf: SafetensorsFile, name: str, dtype: Any = np.float64) -> np.ndarray:
+    """Decode one floating tensor to ``dtype`` (float64 by default), whatever its on-disk format.
+
+    >>> sf = open_safetensors("adapter_model.safetensors")          # doctest: +SKIP
+    >>> read_tensor(sf, sorted(sf.tensors)[0]).dtype                 # doctest: +SKIP
+    dtype('float64')
+    """
+    info = sf.tensors[name]
+    raw = raw_view(sf, info)
+    spec = DTYPES[info.dtype]
+    values = spec.decode(raw) if spec.decode is not None else raw
+    return values.astype(dtype, copy=True)
+
+
+def release_pages(sf: SafetensorsFile, info: TensorInfo) -> None:
+    """Drop a tensor's mapped pages from this process's resident set.
+
+    Touched pages of a file mapping count toward RSS until unmapped; advising
+    the kernel we are done keeps peak memory at about one tensor, however large
+    the file.  The data stays in the page cache, so re-reading is cheap.
+    """
+    if sf.mapped is None or not hasattr(mmap, "MADV_DONTNEED") or info.end <= info.start:
+        return
+    page = mmap.PAGESIZE
+    start = (info.start // page) * page
+    sf.mapped.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+
+
+# ══ 2. adapter files ═════════════════════════════════════════════════════════
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class AdapterFiles(NamedTuple):
+    weights_path: str
+    config_path: Optional[str]
+    adapter_name: str
+    other_adapters: Tuple[str, ...]  # named adapters saved in subfolders
+
+
+def _pickle_refusal(path: Path) -> AdapterFormatError:
+    return AdapterFormatError(
+        f"{path}: is a pickle file; gradience_lite never unpickles (loading a pickle can run arbitrary code). "
+        "Convert it to safetensors once, in a trusted environment, e.g. "
+        "python -c \"import torch, safetensors.torch as st; "
+        f"st.save_file(torch.load('{path.name}', weights_only=True), '{WEIGHTS_NAME}')\"")
+
+
+def list_named_adapters(directory: str | os.PathLike) -> Tuple[str, ...]:
+    """Names of the extra adapters PEFT saved in subfolders of ``directory``."""
+    root = Path(directory)
+    if not root.is_dir():
+        return ()
+    return tuple(sorted(child.name for child in root.iterdir()
+                        if child.is_dir() and (child / CONFIG_NAME).is_file()
+                        and any((child / name).exists() for name in (WEIGHTS_NAME, "adapter_model.bin"))))
+
+
+def find_adapter_files(path: str | os.PathLike, *, adapter: Optional[str] = None,
+                       weights: Optional[str] = None, config: Optional[str] = None) -> AdapterFiles:
+    """Locate the weights and config to audit.
+
+    ``path`` is a PEFT save directory (the root adapter, or ``adapter`` in its
+    subfolder) or a weights file.  ``weights`` / ``config`` override discovery.
+    """
+    root = Path(path)
+    if weights is None and not root.exists():
+        raise AdapterFormatError(f"{root}: no such file or directory")
+    others = list_named_adapters(root) if root.is_dir() else ()
+    adapter_name = "default"
+    if adapter not in (None, "default"):
+        if not root.is_dir() or not (root / adapter).is_dir():
+            listed = ", ".join(others) or "none"
+            raise AdapterFormatError(f"{root}: no adapter named {adapter!r} (named adapters here: {listed})")
+        root, adapter_name = root / adapter, adapter
+    if weights is not None:
+        weights_path = Path(weights)
+    elif root.is_file():
+        weights_path = root
+    else:
+        weights_path = root / WEIGHTS_NAME
+        if not weights_path.exists():
+            pickles = [root / f"adapter_model{suffix}" for suffix in PICKLE_SUFFIXES]
+            pickle_path = next((p for p in pickles if p.exists()), None)
+            if pickle_path is not None:
+                raise _pickle_refusal(pickle_path)
+            hint = f" (named adapters in subfolders: {', '.join(others)}; pick one with --adapter)" if others else ""
+            raise AdapterFormatError(f"{root}: no {WEIGHTS_NAME} found{hint}")
+    if weights_path.suffix.lower() in PICKLE_SUFFIXES:
+        raise _pickle_refusal(weights_path)
+    if not weights_path.is_file():
+        raise AdapterFormatError(f"{weights_path}: weights file not found")
+    if config is not None:
+        config_path: Optional[Path] = Path(config)
+        if not config_path.is_file():
+            raise AdapterFormatError(f"{config_path}: adapter config not found")
+    else:
+        candidate = (root if root.is_dir() else weights_path.parent) / CONFIG_NAME
+        config_path = candidate if candidate.is_file() else None
+    return AdapterFiles(str(weights_path), str(config_path) if config_path else None, adapter_name,
+                        tuple(o for o in others if o != adapter_name))
+
+
+# ══ 3. PEFT config ═══════════════════════════════════════════════════════════
+
+# Pattern keys are user-written regular expressions; Python's re has no time
+# limit, so a key with a quantified group that itself contains a quantifier
+# ("(a+)+") is treated as a literal rather than risk catastrophic backtracking.
+_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[*+}](?:[^()\\]|\\.)*\)[*+{]")
+MAX_PATTERN_LENGTH = 1000
+
+
+class PatternKey(NamedTuple):
+    key: str  # as written in the config
+    value: Any
+    regex: "re.Pattern[str]"
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The parts of a PEFT ``LoraConfig`` the audit needs."""
+
+    present: bool = False
+    r: Optional[int] = None
+    lora_alpha: Optional[float] = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    fan_in_fan_out: bool = False
+    rank_pattern: Tuple[PatternKey, ...] = ()
+    alpha_pattern: Tuple[PatternKey, ...] = ()
+    peft_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    target_modules: Any = None
+    modules_to_save: Any = None
+    layer_replication: Any = None
+
+
+def _compile_pattern_key(key: str) -> Tuple["re.Pattern[str]", Optional[str]]:
+    # PEFT (peft.utils.other.get_pattern_key): re.match(rf"(.*\.)?({key})$", name),
+    # i.e. the key must match a dot-aligned tail of the module name through its end.
+    if len(key) > MAX_PATTERN_LENGTH:
+        return re.compile(r"(.*\.)?(" + re.escape(key) + r")$"), f"pattern key is over {MAX_PATTERN_LENGTH} characters; matched literally"
+    if _NESTED_QUANTIFIER.search(key):
+        return (re.compile(r"(.*\.)?(" + re.escape(key) + r")$"),
+                f"pattern key {key!r} nests quantifiers (risk of catastrophic backtracking); matched literally")
+    try:
+        return re.compile(r"(.*\.)?(" + key + r")$"), None
+    except re.error as error:
+        return re.compile(r"(.*\.)?(" + re.escape(key) + r")$"), f"pattern key {key!r} is not a valid regular expression ({error}); matched literally"
+
+
+def _parse_patterns(raw: Any, field_name: str, cast: Callable[[Any], Any], issues: List[str]) -> Tuple[PatternKey, ...]:
+    if raw in (None, {}):
+        return ()
+    if not isinstance(raw, dict):
+        issues.append(f"config: {field_name} is not an object; ignored")
+        return ()
+    keys = []
+    for key, value in raw.items():  # JSON order is PEFT's lookup order (first match wins)
+        try:
+            value = cast(value)
+        except (TypeError, ValueError):
+            issues.append(f"config: {field_name}[{key!r}] = {value!r} is not a number; ignored")
+            continue
+        regex, problem = _compile_pattern_key(str(key))
+        if problem:
+            issues.append(f"config: {field_name}: {problem}")
+        keys.append(PatternKey(str(key), value, regex))
+    return tuple(keys)
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value <= 0:
+        raise ValueError(value)
+    return int(value)
+
+
+def _finite_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(value)
+    return float(value)
+
+
+def parse_adapter_config(raw: Optional[Mapping[str, Any]]) -> Tuple[AdapterConfig, List[str]]:
+    """Turn a PEFT ``adapter_config.json`` dict into an :class:`AdapterConfig`.
+
+    Never raises: damaged fields become entries in the returned issue list and
+    the audit goes on from the weights.
+    """
+    issues: List[str] = []
+    if raw is None:
+        return AdapterConfig(), issues
+    if not isinstance(raw, Mapping):
+        issues.append("config: adapter config is not a JSON object; auditing from the weights alone")
+        return AdapterConfig(), issues
+    peft_type = raw.get("peft_type")
+    if peft_type not in (None, "LORA"):
+        issues.append(f"config: peft_type is {peft_type!r}, not LORA; LoRA keys are audited as LoRA")
+    values: Dict[str, Any] = {}
+    for name, cast in (("r", _positive_int), ("lora_alpha", _finite_number)):
+        if name not in raw:
+            issues.append(f"config: {name} is missing")
+            continue
+        try:
+            values[name] = cast(raw[name])
+        except (TypeError, ValueError):
+            issues.append(f"config: {name} = {raw[name]!r} is not a valid value; ignored")
+    flags = {}
+    for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        value = raw.get(name, False)
+        if value is None:
+            value = False
+        if not isinstance(value, bool):
+            issues.append(f"config: {name} = {value!r} is not true/false; taken as false")
+            value = False
+        flags[name] = value
+    return AdapterConfig(
+        present=True,
+        r=values.get("r"),
+        lora_alpha=values.get("lora_alpha"),
+        rank_pattern=_parse_patterns(raw.get("rank_pattern"), "rank_pattern", _positive_int, issues),
+        alpha_pattern=_parse_patterns(raw.get("alpha_pattern"), "alpha_pattern", _finite_number, issues),
+        peft_type=peft_type if isinstance(peft_type, str) else None,
+        base_model_name_or_path=raw.get("base_model_name_or_path") if isinstance(raw.get("base_model_name_or_path"), str) else None,
+        target_modules=raw.get("target_modules"),
+        modules_to_save=raw.get("modules_to_save"),
+        layer_replication=raw.get("layer_replication"),
+        **flags,
+    ), issues
+
+
+def load_adapter_config(path: Optional[str]) -> Tuple[Optional[Dict[str, Any]], List[str]]:
+    """Read ``adapter_config.json``; a damaged file is an issue, not an exception."""
+    if path is None:
+        return None, ["config: no adapter_config.json found; r inferred from shapes, scale taken as 1.0"]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        return json.loads(text), []
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        return None, [f"config: {path} could not be read ({type(error).__name__}: {error}); "
+                      "r inferred from shapes, scale taken as 1.0"]
+
+
+def match_pattern(patterns: Sequence[PatternKey], module_name: str) -> Optional[PatternKey]:
+    """PEFT's rule: the first key (in config order) matching a dot-aligned tail wins."""
+    return next((p for p in patterns if p.regex.match(module_name)), None)
+
+
+class ModuleScale(NamedTuple):
+    config_r: Optional[int]
+    alpha: Optional[float]
+    scale: float
+    scale_rule: str  # "alpha/r", "alpha/sqrt(r)", or "implicit 1"
+    rank_pattern_key: Optional[str]
+    alpha_pattern_key: Optional[str]
+
+
+def module_scale(config: AdapterConfig, module_name: str, stored_r: int) -> ModuleScale:
+    """r, alpha and scale of one module as PEFT computes them.
+
+    PEFT looks r and alpha up independently.  The scale divides by the rank the
+    weights actually have: where it disagrees with the config (reported as an
+    issue) the stored factors are what the model runs with.
+    """
+    rank_key = match_pattern(config.rank_pattern, module_name)
+    alpha_key = match_pattern(config.alpha_pattern, module_name)
+    config_r = rank_key.value if rank_key else config.r
+    alpha = alpha_key.value if alpha_key else config.lora_alpha
+    if alpha is None or stored_r <= 0:
+        return ModuleScale(config_r, alpha, 1.0, "implicit 1", None, None)
+    if config.use_rslora:
+        scale, rule = alpha / math.sqrt(stored_r), "alpha/sqrt(r)"
+    else:
+        scale, rule = alpha / stored_r, "alpha/r"
+    return ModuleScale(config_r, alpha, scale, rule,
+                       rank_key.key if rank_key else None, alpha_key.key if alpha_key else None)
+
+
+# ══ 4. PEFT keys → LoRA modules ══════════════════════════════════════════════
+
+PEFT_WRAPPER = "base_model.model."
+# An in-memory (unsaved) state dict still carries the adapter name: lora_A.default.weight.
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?:"
+    r"(?P<factor>lora_A|lora_B)(?:\.[^.]+)?\.weight"
+    r"|(?P<embedding>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?"
+    r"|lora_B(?:\.[^.]+)?\.(?P<bias>bias)"
+    r"|(?P<magnitude>lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?"
+    r")$")
+
+
+class LoraModule(NamedTuple):
+    name: str  # the base model's own module path (PEFT wrapper removed)
+    kind: str  # "linear" | "embedding"; conv is decided from the factors' shapes
+    a_key: Optional[str]
+    b_key: Optional[str]
+    bias_key: Optional[str] = None
+    magnitude_key: Optional[str] = None
+
+
+def module_name_from_prefix(prefix: str) -> str:
+    return prefix[len(PEFT_WRAPPER):] if prefix.startswith(PEFT_WRAPPER) else prefix
+
+
+def group_lora_keys(keys: Iterable[str]) -> Tuple[List[LoraModule], List[str]]:
+    """Group state-dict keys into LoRA modules; return (modules, non-LoRA keys).
+
+    Non-LoRA keys are full tensors saved alongside (``modules_to_save``,
+    resized embeddings): listed in the report, not audited as LoRA.
+    """
+    parts: Dict[str, Dict[str, Any]] = {}
+    others: List[str] = []
+    for key in keys:
+        match = _LORA_KEY.match(key)
+        if match is None:
+            others.append(key)
+            continue
+        module = module_name_from_prefix(match["module"])
+        slot = parts.setdefault(module, {"kind": "linear"})
+        if match["factor"]:
+            slot["a_key" if match["factor"] == "lora_A" else "b_key"] = key
+        elif match["embedding"]:
+            slot["kind"] = "embedding"
+            slot["a_key" if match["embedding"].endswith("A") else "b_key"] = key
+        elif match["bias"]:
+            slot["bias_key"] = key
+        else:
+            slot["magnitude_key"] = key
+    modules = [LoraModule(name, slot["kind"], slot.get("a_key"), slot.get("b_key"),
+                          slot.get("bias_key"), slot.get("magnitude_key"))
+               for name, slot in sorted(parts.items(), key=lambda item: _natural_key(item[0]))]
+    return modules, others
+
+
+def _natural_key(name: str) -> List[Any]:
+    # "layers.10" after "layers.9": order modules the way a reader expects.
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
+
+
+_ATTN_TOKENS = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value", "attn", "self_attn",
+                "attention", "c_attn", "out_proj", "wqkv", "wq", "wk", "wv", "wo", "to_q", "to_k", "to_v",
+                "to_out", "q_lin", "k_lin", "v_lin", "out_lin", "query_key_value", "cross_attn", "attn1", "attn2"}
+_MLP_TOKENS = {"mlp", "ffn", "feed_forward", "gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc",
+               "intermediate", "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3", "experts", "gate_up_proj",
+               "ff", "lin1", "lin2"}
+
+
+def module_type(name: str) -> str:
+    """attn / mlp / other, from whole path components (never substrings)."""
+    tokens = name.lower().split(".")
+    if any(token in _ATTN_TOKENS for token in tokens):
+        return "attn"
+    if any(token in _MLP_TOKENS for token in tokens):
+        return "mlp"
+    # BERT-style "layer.N.output.dense" is the feed-forward output projection.
+    if len(tokens) >= 2 and tokens[-2] == "output" and tokens[-1] == "dense":
+        return "mlp"
+    return "other"
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoder_layers|decoder_layers)\.(\d+)(?:\.|$)")
+
+
+def layer_index(name: str) -> Optional[int]:
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+# ══ 5. low-rank spectra ══════════════════════════════════════════════════════
+# The singular values of B·A (B: m×r, A: r×n) are those of the r×r core
+# R_B·R_Aᵀ, where B = Q_B·R_B and Aᵀ = Q_A·R_A are thin QR factorisations:
+# B·A = Q_B (R_B R_Aᵀ) Q_Aᵀ and Q_B, Q_A have orthonormal columns.
+#
+# Householder QR of a tall factor is ~15× slower than its Gram matrix, so the
+# triangular-like factor comes from the Gram's eigendecomposition
+# (XᵀX = V Λ Vᵀ ⇒ R = Λ^½ Vᵀ satisfies RᵀR = XᵀX).  Its error is about
+# eps·κ(X)·‖X‖; when κ(X) > 1e5 (or X is rank-deficient) that would cost
+# accuracy on the small singular values, so Householder QR is used instead.
+
+CONDITION_LIMIT_SQ = 1e10  # κ(X)² above which the Gram route is not accurate enough
+
+
+def gram_factor(x: np.ndarray) -> np.ndarray:
+    """A k×r matrix R with RᵀR = XᵀX for a tall float64 X (n×r)."""
+    gram = x.T @ x
+    eigenvalues, eigenvectors = np.linalg.eigh(gram)
+    top = eigenvalues[-1]
+    if top > 0 and eigenvalues[0] > top / CONDITION_LIMIT_SQ:
+        return np.sqrt(eigenvalues)[:, None] * eigenvectors.T
+    if top <= 0:  # X is exactly zero
+        return np.zeros((1, x.shape[1]))
+    return np.linalg.qr(x, mode="r")
+
+
+def lowrank_singular_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Singular values of B·A (descending, length r) without forming B·A.
+
+    ``a`` is r×n and ``b`` is m×r, any float dtype; work is float64.
+
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = rng.normal(size=(4, 30)), rng.normal(size=(20, 4))
+    >>> bool(np.allclose(lowrank_singular_values(a, b), np.linalg.svd(b @ a, compute_uv=False)[:4]))
+    True
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    rank = a.shape[0]
+    core = gram_factor(b) @ gram_factor(a.T).T
+    sigma = np.linalg.svd(core, compute_uv=False)
+    out = np.zeros(rank)
+    count = min(rank, sigma.size)
+    out[:count] = sigma[:count]
+    return out
+
+
+class Spectrum(NamedTuple):
+    sigma_max: float
+    frob_sq: float
+    stable_rank: float
+    effective_rank: float
+    utilization: float
+    energy_rank_90: int
+    energy_rank_95: int
+    energy_rank_99: int
+
+
+def energy_rank(sigma: np.ndarray, threshold: float) -> int:
+    """Smallest k with Σ_{i≤k} σ_i² ≥ threshold · Σ σ² (0 for a zero spectrum)."""
+    energy = np.cumsum(np.square(sigma))
+    if energy.size == 0 or energy[-1] <= 0:
+        return 0
+    return int(np.searchsorted(energy, threshold * energy[-1], side="left")) + 1
+
+
+def spectrum_metrics(sigma: np.ndarray, rank: int) -> Spectrum:
+    """The per-module rank metrics from the singular values of B·A."""
+    sigma = np.sort(np.asarray(sigma, dtype=np.float64))[::-1]
+    frob_sq = float(np.sum(np.square(sigma)))
+    sigma_max = float(sigma[0]) if sigma.size else 0.0
+    if sigma_max <= 0.0:
+        return Spectrum(0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0)
+    stable_rank = frob_sq / sigma_max ** 2
+    positive = sigma[sigma > 1e-12]
+    p = positive / positive.sum()
+    effective_rank = float(np.exp(-np.sum(p * np.log(p)))) if positive.size else 0.0
+    return Spectrum(sigma_max, frob_sq, stable_rank, effective_rank, stable_rank / rank if rank else 0.0,
+                    energy_rank(sigma, 0.90), energy_rank(sigma, 0.95), energy_rank(sigma, 0.99))
+
+
+# ══ 6. audit ═════════════════════════════════════════════════════════════════
+
+@dataclass(frozen=True)
+class ModuleAudit:
+    """Everything the audit knows about one LoRA module.  Field names are the JSON contract."""
+
+    name: str
+    module_type: str
+    layer_index: Optional[int]
+    kind: str  # "linear" | "embedding" | "conv"
+    r: int
+    config_r: Optional[int]
+    alpha: Optional[float]
+    scale: float
+    scale_rule: str
+    rank_pattern_key: Optional[str]
+    alpha_pattern_key: Optional[str]
+    params: int
+    a_shape: Tuple[int, ...]
+    b_shape: Tuple[int, ...]
+    dtype: str
+    lora_a_key: str
+    lora_b_key: str
+    stable_rank: float
+    effective_rank: float
+    utilization: float
+    sigma_max: float
+    frob_sq: float
+    energy_rank_90: int
+    energy_rank_95: int
+    energy_rank_99: int
+    delta_sigma_max: float
+    delta_fro_norm: float
+    top_singular_values: Optional[Tuple[float, ...]] = None
+    lora_bias_key: Optional[str] = None
+    lora_bias_norm: Optional[float] = None
+    dora_magnitude: Optional[Dict[str, float]] = None
+    base_sigma_max: Optional[float] = None
+    base_fro_norm: Optional[float] = None
+    udr: Optional[float] = None
+    udr_f: Optional[float] = None
+    sdi: Optional[float] = None
+    issues: Tuple[str, ...] = ()
+
+    def to_dict(self) -> Dict[str, Any]:
+        row = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        row["a_shape"], row["b_shape"] = list(self.a_shape), list(self.b_shape)
+        row["top_singular_values"] = list(self.top_singular_values) if self.top_singular_values is not None else None
+        row["issues"] = list(self.issues)
+        return row
+
+
+class _TensorSource:
+    """Uniform access to tensors in a safetensors file or an in-memory dict."""
+
+    def __init__(self, describe: Callable[[str], Tuple[str, Tuple[int, ...], Optional[str]]],
+                 load: Callable[[str], np.ndarray], release: Callable[[str], None] = lambda key: None):
+        self.describe, self.load, self.release = describe, load, release
+
+    @classmethod
+    def from_file(cls, sf: SafetensorsFile) -> "_TensorSource":
+        def describe(key):
+            info = sf.tensors[key]
+            return info.dtype, info.shape, info.problem
+        return cls(describe, lambda key: read_tensor(sf, key), lambda key: release_pages(sf, sf.tensors[key]))
+
+    @classmethod
+    def from_arrays(cls, tensors: Mapping[str, Any]) -> "_TensorSource":
+        def describe(key):
+            array = np.asarray(tensors[key])
+            kind = array.dtype.kind
+            dtype = array.dtype.name.upper() if kind in "fiub" else array.dtype.name
+            return dtype, tuple(array.shape), None if kind in "fiub" else f"unsupported dtype {array.dtype.name}"
+        return cls(describe, lambda key: np.asarray(tensors[key], dtype=np.float64))
+
+
+def _is_float(dtype: str) -> bool:
+    spec = DTYPES.get(dtype)
+    return spec.is_float if spec is not None else dtype.startswith("FLOAT")
+
+
+class _Factors(NamedTuple):
+    kind: str
+    a_matrix_shape: Tuple[int, int]
+    rank: int
+
+
+def _factor_layout(module: LoraModule, a_shape: Tuple[int, ...], b_shape: Tuple[int, ...]) -> Tuple[Optional[_Factors], Optional[str]]:
+    """Decide how A and B combine, from the key (format) first and shapes second."""
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        if a_shape[0] != b_shape[1]:
+            return None, f"rank mismatch: lora_A has {a_shape[0]} rows, lora_B has {b_shape[1]} columns"
+        return _Factors(module.kind, (a_shape[0], a_shape[1]), a_shape[0]), None
+    if module.kind == "linear" and len(a_shape) >= 3 and len(b_shape) == len(a_shape) and all(d == 1 for d in b_shape[2:]):
+        # PEFT conv LoRA: A is (r, in, *kernel), B is (out, r, 1, ...); ΔW as a matrix is B(out×r)·A(r×in·∏kernel).
+        if a_shape[0] != b_shape[1]:
+            return None, f"rank mismatch: conv lora_A has {a_shape[0]} output channels, lora_B has {b_shape[1]} input channels"
+        return _Factors("conv", (a_shape[0], math.prod(a_shape[1:])), a_shape[0]), None
+    return None, f"factor shapes A{list(a_shape)} / B{list(b_shape)} are not a known LoRA layout"
+
+
+class _ModuleMath(NamedTuple):
+    sigma: np.ndarray
+    bias_norm: Optional[float]
+    magnitude: Optional[Dict[str, float]]
+
+
+def _dora_stats(values: np.ndarray) -> Dict[str, float]:
+    return {"size": int(values.size), "mean": float(values.mean()), "std": float(values.std()),
+            "min": float(values.min()), "max": float(values.max())} if values.size else {"size": 0}
+
+
+def _audit_module(module: LoraModule, source: _TensorSource, config: AdapterConfig, top_k: int
+                  ) -> Tuple[Optional[ModuleAudit], List[str]]:
+    """Audit one module; damage confined to it becomes issues, never an exception."""
+    name = module.name
+    if module.a_key is None or module.b_key is None:
+        missing, present = ("lora_B", "lora_A") if module.b_key is None else ("lora_A", "lora_B")
+        return None, [f"{name}: has {present} but no {missing}; not audited"]
+    (a_dtype, a_shape, a_problem), (b_dtype, b_shape, b_problem) = source.describe(module.a_key), source.describe(module.b_key)
+    for key, problem, dtype in ((module.a_key, a_problem, a_dtype), (module.b_key, b_problem, b_dtype)):
+        if problem:
+            return None, [f"{name}: tensor {key!r}: {problem}; not audited"]
+        if not _is_float(dtype):
+            return None, [f"{name}: tensor {key!r} has non-floating dtype {dtype}; not audited"]
+    layout, problem = _factor_layout(module, a_shape, b_shape)
+    if problem:
+        return None, [f"{name}: {problem}; not audited"]
+    if layout.rank == 0:
+        return None, [f"{name}: rank r = 0 (empty factors); not audited"]
+
+    a = source.load(module.a_key).reshape(layout.a_matrix_shape)
+    source.release(module.a_key)
+    b = source.load(module.b_key).reshape(b_shape[0], layout.rank)
+    source.release(module.b_key)
+    for label, factor in (("lora_A", a), ("lora_B", b)):
+        if not np.isfinite(factor).all():
+            bad = int(factor.size - np.count_nonzero(np.isfinite(factor)))
+            return None, [f"{name}: {label} contains {bad} NaN/Inf values; not audited"]
+    sigma = lowrank_singular_values(a, b)
+    spectrum = spectrum_metrics(sigma, layout.rank)
+
+    issues: List[str] = []
+    scale = module_scale(config, name, layout.rank)
+    if config.present and scale.config_r is not None and scale.config_r != layout.rank:
+        source_of_r = f"rank_pattern[{scale.rank_pattern_key!r}]" if scale.rank_pattern_key else "r"
+        issues.append(f"{name}: stored rank {layout.rank} disagrees with config {source_of_r} = {scale.config_r}; "
+                      f"the stored rank is used for the scale")
+    if spectrum.sigma_max == 0.0:
+        issues.append(f"{name}: the update is zero (B·A = 0, e.g. a freshly initialised adapter)")
+
+    bias_norm = None
+    if module.bias_key is not None:
+        bias_norm = float(np.linalg.norm(source.load(module.bias_key)))
+        source.release(module.bias_key)
+    magnitude = None
+    if module.magnitude_key is not None:
+        magnitude = _dora_stats(source.load(module.magnitude_key))
+        source.release(module.magnitude_key)
+
+    abs_scale = abs(scale.scale)
+    record = ModuleAudit(
+        name=name, module_type=module_type(name), layer_index=layer_index(name), kind=layout.kind,
+        r=layout.rank, config_r=scale.config_r, alpha=scale.alpha, scale=scale.scale, scale_rule=scale.scale_rule,
+        rank_pattern_key=scale.rank_pattern_key, alpha_pattern_key=scale.alpha_pattern_key,
+        params=math.prod(a_shape) + math.prod(b_shape), a_shape=tuple(a_shape), b_shape=tuple(b_shape),
+        dtype=a_dtype if a_dtype == b_dtype else f"{a_dtype}/{b_dtype}",
+        lora_a_key=module.a_key, lora_b_key=module.b_key,
+        stable_rank=spectrum.stable_rank, effective_rank=spectrum.effective_rank, utilization=spectrum.utilization,
+        sigma_max=spectrum.sigma_max, frob_sq=spectrum.frob_sq,
+        energy_rank_90=spectrum.energy_rank_90, energy_rank_95=spectrum.energy_rank_95,
+        energy_rank_99=spectrum.energy_rank_99,
+        delta_sigma_max=abs_scale * spectrum.sigma_max, delta_fro_norm=abs_scale * math.sqrt(spectrum.frob_sq),
+        top_singular_values=tuple(float(s) for s in sigma[:top_k]) if top_k > 0 else None,
+        lora_bias_key=module.bias_key, lora_bias_norm=bias_norm, dora_magnitude=magnitude,
+        issues=tuple(issues))
+    return record, issues
+
+
+def _percentile(values: Sequence[float], q: float) -> Optional[float]:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return float(np.mean(values)) if len(values) else None
+
+
+def _median(values: Sequence[float]) -> Optional[float]:
+    return float(np.median(values)) if len(values) else None
+
+
+def suggest_rank(k: Optional[float]) -> Optional[int]:
+    """Round an energy rank up to a power of two (the ranks people train with)."""
+    if k is None:
+        return None
+    return 1 << max(0, math.ceil(math.log2(max(k, 1.0))))
+
+
+def _by_type(layers: Sequence[ModuleAudit]) -> Dict[str, Dict[str, Any]]:
+    table = {}
+    for kind in ("attn", "mlp", "other"):
+        group = [layer for layer in layers if layer.module_type == kind]
+        if not group:
+            continue
+        ranks90 = [layer.energy_rank_90 for layer in group]
+        table[kind] = {
+            "n_layers": len(group),
+            "params": sum(layer.params for layer in group),
+            "stable_rank_mean": _mean([layer.stable_rank for layer in group]),
+            "utilization_mean": _mean([layer.utilization for layer in group]),
+            "energy_rank_90_p50": _percentile(ranks90, 50),
+            "energy_rank_90_p90": _percentile(ranks90, 90),
+        }
+    return table
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """The result of one audit: per-module records plus summaries.
+
+    ``to_summary_dict()`` is the JSON contract documented in the README.
+    """
+
+    layers: Tuple[ModuleAudit, ...]
+    issues: Tuple[str, ...]
+    adapter_name: str = "default"
+    weights_path: Optional[str] = None
+    config_path: Optional[str] = None
+    other_adapters: Tuple[str, ...] = ()
+    non_lora_tensors: Tuple[str, ...] = ()
+    n_modules_skipped: int = 0
+    adapter_format: str = "peft"
+    config: AdapterConfig = field(default_factory=AdapterConfig)
+    udr_requested: bool = False
+
+    def summary(self) -> Dict[str, Any]:
+        layers = self.layers
+        ranks90 = [layer.energy_rank_90 for layer in layers]
+        params = np.array([layer.params for layer in layers], dtype=np.float64)
+        stable = [layer.stable_rank for layer in layers]
+        p50, p90 = _percentile(ranks90, 50), _percentile(ranks90, 90)
+        udr = [layer.udr for layer in layers if layer.udr is not None]
+        sdi = [layer.sdi for layer in layers if layer.sdi is not None]
+        return {
+            "total_lora_params": int(params.sum()),
+            "n_layers": len(layers),
+            "n_modules_skipped": self.n_modules_skipped,
+            "stable_rank_mean": _mean(stable),
+            "stable_rank_median": _median(stable),
+            "stable_rank_weighted_mean": float(np.dot(params, stable) / params.sum()) if params.sum() > 0 else None,
+            "effective_rank_mean": _mean([layer.effective_rank for layer in layers]),
+            "utilization_mean": _mean([layer.utilization for layer in layers]),
+            "energy_rank_90_p50": p50,
+            "energy_rank_90_p90": p90,
+            "suggested_r_global_median": suggest_rank(p50),
+            "suggested_r_global_90": suggest_rank(p90),
+            "by_type": _by_type(layers),
+            "n_layers_with_udr": len(udr),
+            "udr_mean": _mean(udr),
+            "udr_median": _median(udr),
+            "udr_p90": _percentile(udr, 90),
+            "udr_max": max(udr) if udr else None,
+            "sdi_mean": _mean(sdi),
+            "sdi_median": _median(sdi),
+            "sdi_p90": _percentile(sdi, 90),
+            "fraction_udr_gt_0_1": sum(u > 0.1 for u in udr) / len(udr) if udr else None,
+            "fraction_udr_gt_0_3": sum(u > 0.3 for u in udr) / len(udr) if udr else None,
+        }
+
+    def to_summary_dict(self, include_layers: bool = False, topk_layers: Optional[int] = None) -> Dict[str, Any]:
+        """JSON-ready summary; ``include_layers`` adds per-module rows under ``layers``
+        (``topk_layers`` keeps the N lowest-utilisation modules)."""
+        out: Dict[str, Any] = {"schema": SCHEMA_VERSION, "format": self.adapter_format,
+                               "adapter_name": self.adapter_name, "weights_path": self.weights_path,
+                               "config_path": self.config_path, "other_adapters": list(self.other_adapters)}
+        out.update(self.summary())
+        out["non_lora_tensors"] = list(self.non_lora_tensors)
+        out["issues"] = list(self.issues)
+        if include_layers:
+            layers = self.layers
+            if topk_layers is not None:
+                layers = sorted(layers, key=lambda layer: layer.utilization)[:topk_layers]
+            out["layers"] = [layer.to_dict() for layer in layers]
+        return json_safe(out)
+
+    def to_metrics_event(self, run_id: str, step: Optional[int] = None, *, ts: Optional[float] = None) -> Dict[str, Any]:
+        """The summary wrapped as a gradience telemetry ``metrics`` event."""
+        return {"schema": TELEMETRY_SCHEMA, "ts": time.time() if ts is None else ts, "run_id": run_id,
+                "event": "metrics", "kind": "lora_audit", "step": step, "metrics": self.to_summary_dict()}
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON types only; NaN/Inf become null (the audit records why in ``issues``)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def _audit(source: _TensorSource, keys: Iterable[str], config: AdapterConfig, issues: List[str],
+           top_k: int) -> Tuple[List[ModuleAudit], List[str], int]:
+    modules, non_lora = group_lora_keys(keys)
+    if not modules:
+        issues.append("no LoRA factors found (no lora_A/lora_B keys)")
+    if not config.present and modules:
+        issues.append("config: no usable adapter config; r taken from the weights, scale = 1.0 for every module")
+    layers: List[ModuleAudit] = []
+    skipped = 0
+    for module in modules:
+        record, module_issues = _audit_module(module, source, config, top_k)
+        issues.extend(module_issues)
+        if record is None:
+            skipped += 1
+        else:
+            layers.append(record)
+    names = [layer.name for layer in layers]
+    for patterns, label in ((config.rank_pattern, "rank_pattern"), (config.alpha_pattern, "alpha_pattern")):
+        for pattern in patterns:
+            if not any(pattern.regex.match(name) for name in names):
+                issues.append(f"config: {label} key {pattern.key!r} matches no audited module")
+    return layers, non_lora, skipped
+
+
+def audit_lora_state_dict(tensors: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None, *,
+                          include_top_singular_values: int = 0) -> AuditResult:
+    """Audit LoRA factors already in memory (any float arrays keyed as PEFT saves them).
+
+    A pure function of its inputs: suitable as a map task over many adapters.
+
+    >>> rng = np.random.default_rng(0)
+    >>> sd = {"base_model.model.q_proj.lora_A.weight": rng.normal(size=(4, 16)),
+    ...       "base_model.model.q_proj.lora_B.weight": rng.normal(size=(8, 4))}
+    >>> result = audit_lora_state_dict(sd, {"r": 4, "lora_alpha": 8})
+    >>> result.layers[0].name, result.layers[0].scale
+    ('q_proj', 2.0)
+    """
+    parsed, issues = parse_adapter_config(config)
+    layers, non_lora, skipped = _audit(_TensorSource.from_arrays(tensors), list(tensors), parsed, issues,
+                                       include_top_singular_values)
+    return AuditResult(tuple(layers), tuple(issues), non_lora_tensors=tuple(non_lora),
+                       n_modules_skipped=skipped, config=parsed)
+
+
+def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values: int = 0,
+                        adapter: Optional[str] = None, weights: Optional[str] = None,
+                        adapter_config: Optional[str] = None, base_model: Optional[str] = None,
+                        base_norms: Optional[str] = None, base_norms_cache: Optional[str] = None,
+                        progress: Optional[Callable[[str], None]] = None) -> AuditResult:
+    """Audit a PEFT adapter directory (or a weights file).
+
+    Raises :class:`AdapterFormatError` when nothing can be audited (no weights,
+    a pickle file, a damaged safetensors header); everything else is recorded
+    in the result's ``issues``.  With ``base_model`` (a path or an offline hub
+    id; ``"auto"`` reads the config's ``base_model_name_or_path``) or
+    ``base_norms`` / ``base_norms_cache`` the UDR fields are filled.
+
+    >>> result = audit_lora_peft_dir("tests/fixtures/peft/llama_fp32_qv")   # doctest: +SKIP
+    >>> result.to_summary_dict()["n_layers"]                                  # doctest: +SKIP
+    4
+    """
+    files = find_adapter_files(path, adapter=adapter, weights=weights, config=adapter_config)
+    raw_config, issues = load_adapter_config(files.config_path)
+    config, config_issues = parse_adapter_config(raw_config)
+    issues.extend(config_issues)
+    sf = open_safetensors(files.weights_path)
+    layers, non_lora, skipped = _audit(_TensorSource.from_file(sf), list(sf.tensors), config, issues,
+                                       include_top_singular_values)
+    result = AuditResult(tuple(layers), tuple(issues), adapter_name=files.adapter_name,
+                         weights_path=files.weights_path, config_path=files.config_path,
+                         other_adapters=files.other_adapters, non_lora_tensors=tuple(non_lora),
+                         n_modules_skipped=skipped, config=config)
+    if base_model is not None or base_norms is not None or base_norms_cache is not None:
+        result = attach_udr(result, base_model=base_model, base_norms=base_norms,
+                            base_norms_cache=base_norms_cache, progress=progress)
+    return result
+
+
+def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_norms: Optional[str] = None,
+               base_norms_cache: Optional[str] = None, progress: Optional[Callable[[str], None]] = None) -> AuditResult:
+    """Fill ``base_sigma_max``, ``base_fro_norm``, ``udr``, ``udr_f``, ``sdi`` per module.
+
+    The audit always completes: a missing base, an unmatched module or a failed
+    convergence leaves that module's UDR fields null with a specific issue.
+    """
+    import base_norms as base_norms_module  # only audits that ask for UDR pay for it
+
+    issues = list(result.issues)
+    if base_model == "auto":
+        base_model = result.config.base_model_name_or_path
+        if not base_model:
+            issues.append("udr: --base-model auto, but the adapter config has no base_model_name_or_path")
+    lookup = base_norms_module.norms_for_modules(
+        [layer.name for layer in result.layers], base=base_model, norms_file=base_norms, cache_file=base_norms_cache,
+        layer_replication=result.config.layer_replication, progress=progress)
+    issues.extend(lookup.issues)
+    layers = []
+    for layer in result.layers:
+        norms = lookup.norms.get(layer.name)
+        if norms is None:
+            layers.append(layer)
+            continue
+        sigma, fro = norms
+        udr = layer.delta_sigma_max / (sigma + UDR_EPS)
+        layers.append(replace(layer, base_sigma_max=sigma, base_fro_norm=fro, udr=udr,
+                              udr_f=layer.delta_fro_norm / (fro + UDR_EPS), sdi=math.log10(udr + UDR_EPS)))
+    return replace(result, layers=tuple(layers), issues=tuple(issues), udr_requested=True)
+
+
+# ══ 7. reports ═══════════════════════════════════════════════════════════════
+
+CHEAT_SHEET = (
+    "How to read UDR (= ||ΔW||_2 / ||W_base||_2) and SDI (= log10 UDR); instrumentation, not a gate:",
+    "  UDR < 0.1  (SDI < -1)   small perturbation of the base weight",
+    "  UDR ~ 1    (SDI ~ 0)    the update is as strong as the base weight",
+    "  UDR > 3    (SDI > 0.5)  the update dominates the base weight",
+    "Utilization = stable rank / r: low values mean most of the rank budget is unused;",
+    "  suggested_r_* round the 90%-energy rank up to a power of two.",
+)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return str(value)
+
+
+def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wasteful: int = 5) -> str:
+    """A human-readable report: summary, by-type table, suggestions, issues, cheat sheet."""
+    summary = result.to_summary_dict()
+    lines = [f"LoRA audit: {result.weights_path or '(in-memory state dict)'} [adapter {result.adapter_name!r}]"]
+    if result.other_adapters:
+        lines.append(f"  other adapters saved here: {', '.join(result.other_adapters)} (use --adapter NAME)")
+    lines += [
+        f"  modules audited: {summary['n_layers']}   skipped: {summary['n_modules_skipped']}   "
+        f"LoRA params: {summary['total_lora_params']:,}",
+        f"  stable rank: mean {_fmt(summary['stable_rank_mean'])}, median {_fmt(summary['stable_rank_median'])}, "
+        f"param-weighted {_fmt(summary['stable_rank_weighted_mean'])}",
+        f"  effective rank mean {_fmt(summary['effective_rank_mean'])}   utilization mean {_fmt(summary['utilization_mean'])}",
+        f"  energy rank k@90%: p50 {_fmt(summary['energy_rank_90_p50'])}, p90 {_fmt(summary['energy_rank_90_p90'])}"
+        f"  → suggested r: {_fmt(summary['suggested_r_global_median'])} (median), {_fmt(summary['suggested_r_global_90'])} (p90)",
+        "",
+        f"  {'type':<6} {'modules':>7} {'params':>12} {'stable_rank':>11} {'utilization':>11} {'k90 p50':>8} {'k90 p90':>8}",
+    ]
+    for kind, row in summary["by_type"].items():
+        lines.append(f"  {kind:<6} {row['n_layers']:>7} {row['params']:>12,} {_fmt(row['stable_rank_mean']):>11} "
+                     f"{_fmt(row['utilization_mean']):>11} {_fmt(row['energy_rank_90_p50']):>8} {_fmt(row['energy_rank_90_p90']):>8}")
+    if result.udr_requested:
+        lines += ["", f"  UDR over {summary['n_layers_with_udr']} modules: mean {_fmt(summary['udr_mean'])}, "
+                      f"median {_fmt(summary['udr_median'])}, p90 {_fmt(summary['udr_p90'])}, max {_fmt(summary['udr_max'])}; "
+                      f"share > 0.1: {_fmt(summary['fraction_udr_gt_0_1'])}, > 0.3: {_fmt(summary['fraction_udr_gt_0_3'])}"]
+        for kind in ("attn", "mlp", "other"):
+            values = [layer.udr for layer in result.layers if layer.module_type == kind and layer.udr is not None]
+            if values:
+                lines.append(f"    {kind:<6} UDR p50 {_fmt(_median(values))}  p90 {_fmt(_percentile(values, 90))}  "
+                             f"max {_fmt(max(values))}  (SDI p50 {_fmt(math.log10(_median(values) + UDR_EPS))})")
+    if top_wasteful > 0 and result.layers:
+        lines += ["", f"  most wasteful modules (lowest utilization, top {top_wasteful}):"]
+        for layer in sorted(result.layers, key=lambda layer: layer.utilization)[:top_wasteful]:
+            lines.append(f"    {layer.name:<50} r={layer.r:<4} util={_fmt(layer.utilization):<8} "
+                         f"stable_rank={_fmt(layer.stable_rank):<8} k90={layer.energy_rank_90}")
+    if show_layers:
+        lines += ["", f"  {'module':<50} {'type':<5} {'r':>4} {'scale':>8} {'σ_max(ΔW)':>10} {'stable':>7} {'util':>6} {'k90':>4} {'UDR':>8}"]
+        for layer in result.layers:
+            lines.append(f"  {layer.name:<50} {layer.module_type:<5} {layer.r:>4} {_fmt(layer.scale):>8} "
+                         f"{_fmt(layer.delta_sigma_max):>10} {_fmt(layer.stable_rank):>7} {_fmt(layer.utilization):>6} "
+                         f"{layer.energy_rank_90:>4} {_fmt(layer.udr):>8}")
+    if result.non_lora_tensors:
+        lines += ["", f"  non-LoRA tensors saved with the adapter ({len(result.non_lora_tensors)}): "
+                      + ", ".join(module_name_from_prefix(k) for k in result.non_lora_tensors[:8])
+                      + (" …" if len(result.non_lora_tensors) > 8 else "")]
+    if result.issues:
+        lines += ["", f"  issues ({len(result.issues)}):"] + [f"    - {issue}" for issue in result.issues]
+    lines += [""] + ["  " + line for line in CHEAT_SHEET]
+    return "\n".join(lines)
+
+
+# ══ 8. CLI ═══════════════════════════════════════════════════════════════════
+
+class UsageError(Exception):
+    """Bad command-line use: exit code 2 with a one-line message."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print usage and exit; keep one line
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="gradience-lite", description="Audit LoRA adapters with NumPy only.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    audit = commands.add_parser("audit", help="audit a PEFT adapter directory or weights file")
+    audit.add_argument("path", nargs="?", help="adapter directory (or adapter_model.safetensors)")
+    audit.add_argument("--peft-dir", help="adapter directory (same as the positional PATH)")
+    audit.add_argument("--adapter", help="named adapter saved in a subfolder (default: the root adapter)")
+    audit.add_argument("--adapter-config", help="explicit adapter_config.json")
+    audit.add_argument("--weights", help="explicit adapter weights (.safetensors)")
+    audit.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    audit.add_argument("--layers", action="store_true", help="include per-module rows")
+    audit.add_argument("--top-wasteful", type=int, default=5, metavar="N", help="show the N lowest-utilization modules")
+    audit.add_argument("--top-singular-values", type=int, default=0, metavar="K", help="report the first K singular values")
+    audit.add_argument("--append", metavar="RUN.jsonl", help="append a metrics event to a telemetry JSONL file")
+    audit.add_argument("--base-model", metavar="PATH_OR_ID", help="base model dir/file, offline hub id, or 'auto'")
+    audit.add_argument("--base-norms", metavar="FILE", help="precomputed base norms (read-only)")
+    audit.add_argument("--base-norms-cache", metavar="FILE", help="base norms cache: read, compute what is missing, write back")
+    audit.add_argument("--no-udr", action="store_true", help="skip UDR even if a base is given")
+    return parser
+
+
+def _read_run_context(path: Path) -> Tuple[Optional[str], Optional[int]]:
+    """run_id and the last step already in a telemetry file (both None if absent)."""
+    run_id, step = None, None
+    if not path.exists():
+        return run_id, step
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                run_id = event.get("run_id") if isinstance(event.get("run_id"), str) else run_id
+                step = event.get("step") if isinstance(event.get("step"), int) else step
+    return run_id, step
+
+
+def append_metrics_event(result: AuditResult, path: str) -> Dict[str, Any]:
+    """Append the audit as a metrics event, reusing the file's run_id and last step."""
+    target = Path(path)
+    run_id, step = _read_run_context(target)
+    event = result.to_metrics_event(run_id or f"gradience-lite-{int(time.time())}", step)
+    with target.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(event, allow_nan=False) + "\n")
+    return event
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    path = args.path or args.peft_dir
+    if path is None and args.weights is None:
+        raise UsageError("audit needs an adapter directory (PATH or --peft-dir) or --weights")
+    for name in ("top_wasteful", "top_singular_values"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+    wants_udr = not args.no_udr and (args.base_model or args.base_norms or args.base_norms_cache)
+    result = audit_lora_peft_dir(
+        path if path is not None else args.weights, include_top_singular_values=args.top_singular_values,
+        adapter=args.adapter, weights=args.weights, adapter_config=args.adapter_config,
+        base_model=args.base_model if wants_udr else None, base_norms=args.base_norms if wants_udr else None,
+        base_norms_cache=args.base_norms_cache if wants_udr else None,
+        progress=lambda message: print(message, file=sys.stderr))
+    if args.json:
+        document = result.to_summary_dict(include_layers=args.layers)
+        print(json.dumps(document, indent=2, allow_nan=False))
+    else:
+        print(render_text_report(result, show_layers=args.layers, top_wasteful=args.top_wasteful))
+    if args.append:
+        append_metrics_event(result, args.append)
+        print(f"appended metrics event to {args.append}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``gradience-lite`` / ``python -m gradience_lite``; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "audit":
+            return _run_audit(args)
+        raise UsageError("a command is required: audit")
+    except (UsageError, AdapterFormatError) as error:
+        print(f"gradience-lite: error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `... | head` closed the pipe: not an error of ours
+        return 0
+
+
+if __name__ == "__main__":
+    # Run through the importable module, so there is one copy of its classes
+    # (exceptions raised by base_norms are then the ones main() catches).
+    from gradience_lite import main as _main
+
+    sys.exit(_main())
