@@ -78,8 +78,11 @@ MAX_DIMENSION = 1 << 40
 
 
 def _decode_bf16(raw: np.ndarray) -> np.ndarray:
-    # bfloat16 is the top half of an IEEE float32: shift the bits into place.
-    return (raw.astype(np.uint32) << 16).view(np.float32)
+    # bfloat16 is the top half of an IEEE float32: shift the bits into place,
+    # widening straight into the output (one allocation, no uint32 temporary).
+    bits = np.empty(raw.shape, dtype=np.uint32)
+    np.left_shift(raw, np.uint32(16), out=bits)
+    return bits.view(np.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -305,8 +308,9 @@ def read_tensor(sf: SafetensorsFile, name: str, dtype: Any = np.float64) -> np.n
     info = sf.tensors[name]
     raw = raw_view(sf, info)
     spec = DTYPES[info.dtype]
-    values = spec.decode(raw) if spec.decode is not None else raw
-    return values.astype(dtype, copy=True)
+    if spec.decode is not None:  # decoding already made a private array
+        return spec.decode(raw).astype(dtype, copy=False)
+    return raw.astype(dtype, copy=True)  # never hand out a view that pins the mapping
 
 
 def release_pages(sf: SafetensorsFile, info: TensorInfo) -> None:
@@ -1130,6 +1134,148 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
     return result
 
 
+# ── UDR: base norms matched to modules ──────────────────────────────────────
+
+def _layer_replication_map(layer_replication: Any) -> Dict[int, int]:
+    """New layer index → source layer index for PEFT's ``layer_replication``.
+
+    PEFT stacks the listed [start, end) ranges of the base model's layers in
+    order; the copies share the source layer's base weight.
+    """
+    mapping: Dict[int, int] = {}
+    if not isinstance(layer_replication, list):
+        return mapping
+    for span in layer_replication:
+        if (isinstance(span, (list, tuple)) and len(span) == 2 and all(isinstance(v, int) for v in span)):
+            for source in range(span[0], span[1]):
+                mapping[len(mapping)] = source
+    return mapping
+
+
+def base_module_name(module_name: str, replication: Mapping[int, int]) -> str:
+    """The base model's module a LoRA module adapts (replicated layers map to their source)."""
+    if not replication:
+        return module_name
+    match = _LAYER_INDEX.search(module_name)
+    if match is None or int(match.group(1)) not in replication:
+        return module_name
+    return module_name[:match.start(1)] + str(replication[int(match.group(1))]) + module_name[match.end(1):]
+
+
+def match_base_parameters(module_names: Iterable[str], parameter_names: Iterable[str]
+                          ) -> Tuple[Dict[str, str], List[str]]:
+    """Map each module to its base weight's parameter name.
+
+    A module matches ``<module>.weight`` (or a norms-file key ``<module>``)
+    exactly, or else the candidates whose names share a dot-aligned tail with
+    it (one name is the other plus wrapper prefixes such as ``model.``,
+    ``transformer.``, ``bert.``); the longest shared tail must be unique.
+    """
+    by_last: Dict[str, List[Tuple[str, str]]] = {}
+    for parameter in parameter_names:
+        if parameter.endswith(".bias"):
+            continue
+        path = parameter[:-len(".weight")] if parameter.endswith(".weight") else parameter
+        by_last.setdefault(path.rsplit(".", 1)[-1], []).append((path, parameter))
+    matches: Dict[str, str] = {}
+    issues: List[str] = []
+    for module in module_names:
+        candidates = [(path, parameter) for path, parameter in by_last.get(module.rsplit(".", 1)[-1], [])
+                      if path == module or path.endswith("." + module) or module.endswith("." + path)]
+        exact = [parameter for path, parameter in candidates if path == module]
+        if exact:
+            matches[module] = exact[0]
+            continue
+        if not candidates:
+            issues.append(f"udr: {module}: no base weight named like it; UDR not computed")
+            continue
+        longest = max(min(len(path), len(module)) for path, _ in candidates)
+        best = [parameter for path, parameter in candidates if min(len(path), len(module)) == longest]
+        if len(best) == 1:
+            matches[module] = best[0]
+        else:
+            issues.append(f"udr: {module}: ambiguous base weight ({', '.join(sorted(best)[:4])}); UDR not computed")
+    return matches, issues
+
+
+class BaseNorms(NamedTuple):
+    norms: Dict[str, Tuple[float, float]]  # module name → (σ_max, ‖W‖_F)
+    issues: List[str]
+
+
+def _load_norms_file(path: str, role: str, issues: List[str]) -> Optional[Dict[str, Any]]:
+    import base_norms
+
+    try:
+        return base_norms.load_norms(path)
+    except base_norms.NormsFileError as error:
+        issues.append(f"udr: {role} {error}")
+        return None
+
+
+def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str] = None,
+                       norms_file: Optional[str] = None, cache_file: Optional[str] = None,
+                       layer_replication: Any = None, progress: Optional[Callable[[str], None]] = None) -> BaseNorms:
+    """Base σ_max and ‖W‖_F for each module, from a norms file, a cache, or the checkpoint.
+
+    Only the base tensors of adapted modules are read.  Never raises for a
+    missing/damaged base or cache: those become issues and null UDR fields.
+    """
+    import base_norms  # only audits that ask for UDR pay for it
+
+    issues: List[str] = []
+    replication = _layer_replication_map(layer_replication)
+    wanted = {module: base_module_name(module, replication) for module in module_names}
+    records: Dict[str, Dict[str, Any]] = {}
+    if norms_file:
+        document = _load_norms_file(norms_file, "--base-norms", issues)
+        records.update(document["norms"] if document else {})
+    checkpoint = None
+    if base_model:
+        try:
+            checkpoint = base_norms.resolve_base(base_model)
+            parameters = list(base_norms.list_parameters(checkpoint))
+        except AdapterFormatError as error:
+            issues.append(f"udr: {error}")
+            checkpoint = None
+    cache = None
+    if cache_file and Path(cache_file).exists():
+        cache = _load_norms_file(cache_file, "--base-norms-cache", issues)
+        if cache is not None and checkpoint is None:
+            records.update(cache["norms"])
+    if checkpoint is None and cache_file and not base_model and cache is None:
+        issues.append(f"udr: --base-norms-cache {cache_file} does not exist and no --base-model to compute it from")
+    if checkpoint is not None:
+        matches, match_issues = match_base_parameters(sorted(set(wanted.values())), parameters)
+        needed = sorted(set(matches.values()) - set(records))
+        computed = base_norms.compute_base_norms(checkpoint, needed, existing=cache, progress=progress)
+        if computed["stale_files"] or (cache is not None and cache["norms"] and not cache.get("files")):
+            issues.append(f"udr: --base-norms-cache {cache_file} does not match this base's files "
+                          f"({', '.join(computed['stale_files']) or 'no fingerprints'}); its norms were recomputed")
+        records.update(computed["norms"])
+        for name, error in computed["errors"].items():
+            issues.append(f"udr: base weight {name}: {error}")
+        if cache_file:
+            base_norms.update_cache(cache_file, computed)
+    else:
+        matches, match_issues = match_base_parameters(sorted(set(wanted.values())), records)
+    issues.extend(match_issues)
+
+    norms: Dict[str, Tuple[float, float]] = {}
+    for module, base_name in wanted.items():
+        record = records.get(matches.get(base_name, ""))
+        if record is None:
+            continue
+        if not record.get("converged", True):
+            issues.append(f"udr: {module}: base σ_max did not converge in {record.get('iterations')} iterations; "
+                          "UDR not computed")
+            continue
+        norms[module] = (float(record["sigma_max"]), float(record["fro_norm"]))
+    if not base_model and not norms_file and not cache_file:
+        issues.append("udr: no base model or norms file given")
+    return BaseNorms(norms, issues)
+
+
 def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_norms: Optional[str] = None,
                base_norms_cache: Optional[str] = None, progress: Optional[Callable[[str], None]] = None) -> AuditResult:
     """Fill ``base_sigma_max``, ``base_fro_norm``, ``udr``, ``udr_f``, ``sdi`` per module.
@@ -1137,24 +1283,21 @@ def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_no
     The audit always completes: a missing base, an unmatched module or a failed
     convergence leaves that module's UDR fields null with a specific issue.
     """
-    import base_norms as base_norms_module  # only audits that ask for UDR pay for it
-
     issues = list(result.issues)
     if base_model == "auto":
         base_model = result.config.base_model_name_or_path
         if not base_model:
             issues.append("udr: --base-model auto, but the adapter config has no base_model_name_or_path")
-    lookup = base_norms_module.norms_for_modules(
-        [layer.name for layer in result.layers], base=base_model, norms_file=base_norms, cache_file=base_norms_cache,
-        layer_replication=result.config.layer_replication, progress=progress)
+    lookup = collect_base_norms([layer.name for layer in result.layers], base_model=base_model,
+                                norms_file=base_norms, cache_file=base_norms_cache,
+                                layer_replication=result.config.layer_replication, progress=progress)
     issues.extend(lookup.issues)
     layers = []
     for layer in result.layers:
-        norms = lookup.norms.get(layer.name)
-        if norms is None:
+        if layer.name not in lookup.norms:
             layers.append(layer)
             continue
-        sigma, fro = norms
+        sigma, fro = lookup.norms[layer.name]
         udr = layer.delta_sigma_max / (sigma + UDR_EPS)
         layers.append(replace(layer, base_sigma_max=sigma, base_fro_norm=fro, udr=udr,
                               udr_f=layer.delta_fro_norm / (fro + UDR_EPS), sdi=math.log10(udr + UDR_EPS)))
