@@ -77,12 +77,10 @@ MAX_HEADER_BYTES = 100 * 1000 * 1000  # the reference implementation's own bound
 MAX_DIMENSION = 1 << 40
 
 
-def _decode_bf16(raw: np.ndarray) -> np.ndarray:
+def _decode_bf16(raw: np.ndarray, out: np.ndarray) -> None:
     # bfloat16 is the top half of an IEEE float32: shift the bits into place,
-    # widening straight into the output (one allocation, no uint32 temporary).
-    bits = np.empty(raw.shape, dtype=np.uint32)
-    np.left_shift(raw, np.uint32(16), out=bits)
-    return bits.view(np.float32)
+    # widening straight into the float32 output (no uint32 temporary).
+    np.left_shift(raw, np.uint32(16), out=out.view(np.uint32))
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,18 +109,18 @@ def _float8_table(exponent_bits: int, mantissa_bits: int, finite_only: bool) -> 
     return values.astype(np.float32)
 
 
-def _decode_f8_e4m3(raw: np.ndarray) -> np.ndarray:
-    return _float8_table(4, 3, True)[raw]
+def _decode_f8_e4m3(raw: np.ndarray, out: np.ndarray) -> None:
+    np.take(_float8_table(4, 3, True), raw, out=out)
 
 
-def _decode_f8_e5m2(raw: np.ndarray) -> np.ndarray:
-    return _float8_table(5, 2, False)[raw]
+def _decode_f8_e5m2(raw: np.ndarray, out: np.ndarray) -> None:
+    np.take(_float8_table(5, 2, False), raw, out=out)
 
 
 class DType(NamedTuple):
     storage: np.dtype  # how the bytes are laid out (little-endian)
     is_float: bool
-    decode: Optional[Callable[[np.ndarray], np.ndarray]]  # storage → float32, for non-NumPy floats
+    decode: Optional[Callable[[np.ndarray, np.ndarray], None]]  # storage → float32 out, for non-NumPy floats
 
 
 # The one table of on-disk dtypes.  Formats NumPy lacks are stored as unsigned
@@ -298,19 +296,63 @@ def raw_view(sf: SafetensorsFile, info: TensorInfo) -> np.ndarray:
     return np.frombuffer(sf.mapped, dtype=storage, count=count, offset=info.start).reshape(info.shape)
 
 
-def read_tensor(sf: SafetensorsFile, name: str, dtype: Any = np.float64) -> np.ndarray:
-    """Decode one floating tensor to ``dtype`` (float64 by default), whatever its on-disk format.
+class Workspace:
+    """Reusable decode buffers, grown to the largest tensor seen.
+
+    Decoding into fresh arrays costs a page fault per 4 KiB (more than the
+    decoding itself); reusing two buffers makes a streamed audit touch the
+    same few megabytes over and over.  Arrays handed out are views that the
+    next read overwrites.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: Dict[Any, np.ndarray] = {}
+
+    def take(self, count: int, dtype: Any) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        buffer = self._buffers.get(dtype)
+        if buffer is None or buffer.size < count:
+            buffer = self._buffers[dtype] = np.empty(count, dtype=dtype)
+        return buffer[:count]
+
+
+def decode(raw: np.ndarray, dtype_name: str, dtype: Any = np.float64,
+           workspace: Optional[Workspace] = None) -> np.ndarray:
+    """Decode raw stored values (any shape or strides) to ``dtype``.
+
+    ``dtype_name`` is the safetensors dtype (``"BF16"``…); NumPy-native values
+    (including in-memory arrays) are simply cast.  With ``workspace`` the
+    result is a view into its buffer, valid until the workspace's next use.
+    """
+    spec = DTYPES.get(dtype_name)
+    dtype = np.dtype(dtype)
+    count = raw.size
+    target = (workspace.take(count, dtype) if workspace is not None else np.empty(count, dtype)).reshape(raw.shape)
+    if spec is None or spec.decode is None:
+        np.copyto(target, raw, casting="unsafe")
+    elif dtype == np.float32:
+        spec.decode(raw, target)
+    else:
+        staging = (workspace.take(count, np.float32) if workspace is not None
+                   else np.empty(count, np.float32)).reshape(raw.shape)
+        spec.decode(raw, staging)
+        np.copyto(target, staging)
+    return target
+
+
+def read_tensor(sf: SafetensorsFile, name: str, dtype: Any = np.float64,
+                workspace: Optional[Workspace] = None) -> np.ndarray:
+    """Decode one tensor to ``dtype`` (float64 by default), whatever its on-disk format.
+
+    Without ``workspace`` the result is a new array; with one, it is a view into
+    the workspace's buffer, valid until the next read into the same workspace.
 
     >>> sf = open_safetensors("adapter_model.safetensors")          # doctest: +SKIP
     >>> read_tensor(sf, sorted(sf.tensors)[0]).dtype                 # doctest: +SKIP
     dtype('float64')
     """
     info = sf.tensors[name]
-    raw = raw_view(sf, info)
-    spec = DTYPES[info.dtype]
-    if spec.decode is not None:  # decoding already made a private array
-        return spec.decode(raw).astype(dtype, copy=False)
-    return raw.astype(dtype, copy=True)  # never hand out a view that pins the mapping
+    return decode(raw_view(sf, info), info.dtype, dtype, workspace)
 
 
 def release_pages(sf: SafetensorsFile, info: TensorInfo) -> None:
@@ -674,46 +716,91 @@ def layer_index(name: str) -> Optional[int]:
 # R_B·R_Aᵀ, where B = Q_B·R_B and Aᵀ = Q_A·R_A are thin QR factorisations:
 # B·A = Q_B (R_B R_Aᵀ) Q_Aᵀ and Q_B, Q_A have orthonormal columns.
 #
-# Householder QR of a tall factor is ~15× slower than its Gram matrix, so the
-# triangular-like factor comes from the Gram's eigendecomposition
-# (XᵀX = V Λ Vᵀ ⇒ R = Λ^½ Vᵀ satisfies RᵀR = XᵀX).  Its error is about
-# eps·κ(X)·‖X‖; when κ(X) > 1e5 (or X is rank-deficient) that would cost
-# accuracy on the small singular values, so Householder QR is used instead.
+# Householder QR of a tall factor is ~15× slower than its Gram matrix, so R
+# comes from the Gram matrix instead: with XᵀX = D·Ĝ·D (D = column norms, Ĝ
+# unit-diagonal) and Ĝ = V·Λ·Vᵀ, R = Λ^½·Vᵀ·D satisfies RᵀR = XᵀX.  Scaling by
+# the column norms first makes the error depend on κ of the *scaled* factor
+# (Demmel–Veselić), so the graded columns trained LoRA factors have (B grows
+# from zero, some directions barely move) cost no accuracy.  Only when the
+# scaled factor itself is ill-conditioned (κ > 1e5) does Householder QR run.
+# Zero columns (dead rank directions) are dropped: they add nothing to B·A.
 
-CONDITION_LIMIT_SQ = 1e10  # κ(X)² above which the Gram route is not accurate enough
+CONDITION_LIMIT_SQ = 1e10  # κ(scaled X)² above which the Gram route is not accurate enough
 
 
-def gram_factor(x: np.ndarray) -> np.ndarray:
-    """A k×r matrix R with RᵀR = XᵀX for a tall float64 X (n×r)."""
-    gram = x.T @ x
-    eigenvalues, eigenvectors = np.linalg.eigh(gram)
-    top = eigenvalues[-1]
-    if top > 0 and eigenvalues[0] > top / CONDITION_LIMIT_SQ:
-        return np.sqrt(eigenvalues)[:, None] * eigenvectors.T
-    if top <= 0:  # X is exactly zero
-        return np.zeros((1, x.shape[1]))
-    return np.linalg.qr(x, mode="r")
+def _pad_rows(factor: np.ndarray, rank: int) -> np.ndarray:
+    # Zero rows change nothing in RᵀR; padding keeps every factor r×r, so
+    # modules of equal rank stack into one batched problem.
+    if factor.shape[0] == rank:
+        return factor
+    padded = np.zeros((rank, factor.shape[1]))
+    padded[:factor.shape[0]] = factor[:rank]
+    return padded
+
+
+def gram_factor(x: np.ndarray, gram: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+    """An r×r matrix R with RᵀR = XᵀX for a float64 X (n×r); None if X holds NaN/Inf.
+
+    ``gram`` (XᵀX) may be passed when already computed.
+    """
+    rank = x.shape[1]
+    gram = x.T @ x if gram is None else gram
+    if not np.isfinite(gram).all():  # checking the r×r Gram is far cheaper than checking X
+        # Finite entries can still overflow when squared; Householder QR cannot.
+        return _pad_rows(np.linalg.qr(x, mode="r"), rank) if np.isfinite(x).all() else None
+    column_norms = np.sqrt(np.diagonal(gram))
+    live = column_norms > 0
+    factor = np.zeros((rank, rank))
+    if not live.any():  # X is exactly zero
+        return factor
+    scaled = gram[np.ix_(live, live)] / np.outer(column_norms[live], column_norms[live])
+    eigenvalues, eigenvectors = np.linalg.eigh(scaled)
+    if eigenvalues[0] > eigenvalues[-1] / CONDITION_LIMIT_SQ:
+        live_factor = (np.sqrt(eigenvalues)[:, None] * eigenvectors.T) * column_norms[live][None, :]
+    else:
+        live_factor = np.linalg.qr(x[:, live], mode="r")
+    factor[:live_factor.shape[0], live] = live_factor[:rank]
+    return factor
+
+
+def batched_gram_factors(grams: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Factors for a stack of k Gram matrices (k×r×r) in one batched eigh.
+
+    Returns (factors k×r×r, ok mask).  Where ``ok`` is False (a zero column,
+    a non-finite Gram, or an ill-conditioned scaled factor) the caller must
+    use :func:`gram_factor` with the factor itself.
+    """
+    column_norms = np.sqrt(np.maximum(np.diagonal(grams, axis1=1, axis2=2), 0.0))
+    ok = np.isfinite(grams).all(axis=(1, 2)) & (column_norms > 0).all(axis=1)
+    safe_norms = np.where(ok[:, None], column_norms, 1.0)
+    scaled = np.where(ok[:, None, None], grams, np.eye(grams.shape[1])) / (safe_norms[:, :, None] * safe_norms[:, None, :])
+    eigenvalues, eigenvectors = np.linalg.eigh(scaled)
+    ok &= eigenvalues[:, 0] > eigenvalues[:, -1] / CONDITION_LIMIT_SQ
+    factors = np.sqrt(np.maximum(eigenvalues, 0.0))[:, :, None] * np.swapaxes(eigenvectors, 1, 2) * safe_norms[:, None, :]
+    return factors, ok
+
+
+def core_singular_values(factors_b: np.ndarray, factors_a: np.ndarray) -> np.ndarray:
+    """Singular values (descending) of B·A from stacks of R_B and R_A: svd of R_B·R_Aᵀ."""
+    return np.linalg.svd(factors_b @ np.swapaxes(factors_a, -1, -2), compute_uv=False)
 
 
 def lowrank_singular_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Singular values of B·A (descending, length r) without forming B·A.
 
-    ``a`` is r×n and ``b`` is m×r, any float dtype; work is float64.
+    ``a`` is r×n and ``b`` is m×r, any float dtype; work is float64.  Raises
+    ``ValueError`` if either factor holds NaN or Inf.
 
     >>> rng = np.random.default_rng(0)
     >>> a, b = rng.normal(size=(4, 30)), rng.normal(size=(20, 4))
     >>> bool(np.allclose(lowrank_singular_values(a, b), np.linalg.svd(b @ a, compute_uv=False)[:4]))
     True
     """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    rank = a.shape[0]
-    core = gram_factor(b) @ gram_factor(a.T).T
-    sigma = np.linalg.svd(core, compute_uv=False)
-    out = np.zeros(rank)
-    count = min(rank, sigma.size)
-    out[:count] = sigma[:count]
-    return out
+    factor_a = gram_factor(np.asarray(a, dtype=np.float64).T)
+    factor_b = gram_factor(np.asarray(b, dtype=np.float64))
+    if factor_a is None or factor_b is None:
+        raise ValueError("lowrank_singular_values: factors contain NaN or Inf")
+    return core_singular_values(factor_b, factor_a)
 
 
 class Spectrum(NamedTuple):
@@ -727,27 +814,41 @@ class Spectrum(NamedTuple):
     energy_rank_99: int
 
 
-def energy_rank(sigma: np.ndarray, threshold: float) -> int:
-    """Smallest k with Σ_{i≤k} σ_i² ≥ threshold · Σ σ² (0 for a zero spectrum)."""
-    energy = np.cumsum(np.square(sigma))
-    if energy.size == 0 or energy[-1] <= 0:
-        return 0
-    return int(np.searchsorted(energy, threshold * energy[-1], side="left")) + 1
+ENERGY_THRESHOLDS = (0.90, 0.95, 0.99)
+
+
+def batched_spectrum_metrics(sigma: np.ndarray, ranks: np.ndarray) -> List[Spectrum]:
+    """Rank metrics for a stack of spectra (k×r, each row descending) with stored ranks ``ranks``.
+
+    stable rank = Σσ²/σ₁²; effective rank = exp(entropy of σ/Σσ over σ > 1e-12);
+    energy rank k@t = smallest k with Σ_{i≤k} σᵢ² ≥ t·Σσ².  A zero spectrum
+    gives zeros everywhere.
+    """
+    sigma = np.asarray(sigma, dtype=np.float64)
+    energy = np.cumsum(np.square(sigma), axis=1)
+    frob_sq = energy[:, -1]
+    sigma_max = sigma[:, 0]
+    nonzero = sigma_max > 0
+    safe_max = np.where(nonzero, sigma_max, 1.0)
+    stable = np.where(nonzero, frob_sq / safe_max ** 2, 0.0)
+    positive = np.where(sigma > 1e-12, sigma, 0.0)
+    p = positive / np.where(nonzero, positive.sum(axis=1), 1.0)[:, None]
+    entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
+    effective = np.where(nonzero, np.exp(entropy), 0.0)
+    # Count the prefix sums still below the threshold: k = that count + 1.
+    energy_ranks = [np.where(nonzero, (energy < t * frob_sq[:, None]).sum(axis=1) + 1, 0) for t in ENERGY_THRESHOLDS]
+    utilization = np.where(ranks > 0, stable / np.maximum(ranks, 1), 0.0)
+    return [Spectrum(float(sigma_max[i]), float(frob_sq[i]), float(stable[i]), float(effective[i]),
+                     float(utilization[i]), int(energy_ranks[0][i]), int(energy_ranks[1][i]), int(energy_ranks[2][i]))
+            for i in range(sigma.shape[0])]
 
 
 def spectrum_metrics(sigma: np.ndarray, rank: int) -> Spectrum:
-    """The per-module rank metrics from the singular values of B·A."""
-    sigma = np.sort(np.asarray(sigma, dtype=np.float64))[::-1]
-    frob_sq = float(np.sum(np.square(sigma)))
-    sigma_max = float(sigma[0]) if sigma.size else 0.0
-    if sigma_max <= 0.0:
+    """The per-module rank metrics from the singular values of B·A (any order)."""
+    ordered = np.sort(np.asarray(sigma, dtype=np.float64))[::-1]
+    if ordered.size == 0:
         return Spectrum(0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0)
-    stable_rank = frob_sq / sigma_max ** 2
-    positive = sigma[sigma > 1e-12]
-    p = positive / positive.sum()
-    effective_rank = float(np.exp(-np.sum(p * np.log(p)))) if positive.size else 0.0
-    return Spectrum(sigma_max, frob_sq, stable_rank, effective_rank, stable_rank / rank if rank else 0.0,
-                    energy_rank(sigma, 0.90), energy_rank(sigma, 0.95), energy_rank(sigma, 0.99))
+    return batched_spectrum_metrics(ordered[None, :], np.array([rank]))[0]
 
 
 # ══ 6. audit ═════════════════════════════════════════════════════════════════
@@ -803,18 +904,27 @@ class ModuleAudit:
 
 
 class _TensorSource:
-    """Uniform access to tensors in a safetensors file or an in-memory dict."""
+    """Uniform access to tensors in a safetensors file or an in-memory dict.
+
+    ``describe(key)`` → (dtype name, shape, problem); ``raw(key)`` → the stored
+    values as an array view (decode with :func:`decode`); ``release(key)``
+    drops a file tensor's pages once it has been reduced.
+    """
 
     def __init__(self, describe: Callable[[str], Tuple[str, Tuple[int, ...], Optional[str]]],
-                 load: Callable[[str], np.ndarray], release: Callable[[str], None] = lambda key: None):
-        self.describe, self.load, self.release = describe, load, release
+                 raw: Callable[[str], np.ndarray], release: Callable[[str], None] = lambda key: None):
+        self.describe, self.raw, self.release = describe, raw, release
+
+    def load(self, key: str) -> np.ndarray:
+        """The whole tensor as a new float64 array."""
+        return decode(self.raw(key), self.describe(key)[0])
 
     @classmethod
     def from_file(cls, sf: SafetensorsFile) -> "_TensorSource":
         def describe(key):
             info = sf.tensors[key]
             return info.dtype, info.shape, info.problem
-        return cls(describe, lambda key: read_tensor(sf, key), lambda key: release_pages(sf, sf.tensors[key]))
+        return cls(describe, lambda key: raw_view(sf, sf.tensors[key]), lambda key: release_pages(sf, sf.tensors[key]))
 
     @classmethod
     def from_arrays(cls, tensors: Mapping[str, Any]) -> "_TensorSource":
@@ -823,7 +933,7 @@ class _TensorSource:
             kind = array.dtype.kind
             dtype = array.dtype.name.upper() if kind in "fiub" else array.dtype.name
             return dtype, tuple(array.shape), None if kind in "fiub" else f"unsupported dtype {array.dtype.name}"
-        return cls(describe, lambda key: np.asarray(tensors[key], dtype=np.float64))
+        return cls(describe, lambda key: np.asarray(tensors[key]))
 
 
 def _is_float(dtype: str) -> bool:
@@ -851,20 +961,64 @@ def _factor_layout(module: LoraModule, a_shape: Tuple[int, ...], b_shape: Tuple[
     return None, f"factor shapes A{list(a_shape)} / B{list(b_shape)} are not a known LoRA layout"
 
 
-class _ModuleMath(NamedTuple):
-    sigma: np.ndarray
-    bias_norm: Optional[float]
-    magnitude: Optional[Dict[str, float]]
-
-
 def _dora_stats(values: np.ndarray) -> Dict[str, float]:
     return {"size": int(values.size), "mean": float(values.mean()), "std": float(values.std()),
             "min": float(values.min()), "max": float(values.max())} if values.size else {"size": 0}
 
 
-def _audit_module(module: LoraModule, source: _TensorSource, config: AdapterConfig, top_k: int
-                  ) -> Tuple[Optional[ModuleAudit], List[str]]:
-    """Audit one module; damage confined to it becomes issues, never an exception."""
+class _PreparedModule(NamedTuple):
+    """A module after the streaming pass: everything but the r×r work."""
+
+    module: LoraModule
+    layout: _Factors
+    a_shape: Tuple[int, ...]
+    b_shape: Tuple[int, ...]
+    dtype: str
+    gram_a: Optional[np.ndarray]  # A·Aᵀ (r×r); dropped once the spectrum is known
+    gram_b: Optional[np.ndarray]  # Bᵀ·B (r×r)
+    bias_norm: Optional[float]
+    magnitude: Optional[Dict[str, float]]
+
+
+CHUNK_ELEMENTS = 1 << 18  # 2 MiB of float64: bounded memory, and large enough that per-chunk overhead is noise
+
+
+def _streamed_gram(source: _TensorSource, key: str, shape: Tuple[int, int], rank_axis: int,
+                   workspace: Optional[Workspace]) -> np.ndarray:
+    """XᵀX (r×r) of a factor, decoded chunk by chunk along its long axis.
+
+    ``rank_axis`` is 0 for A (r×n: Gram = A·Aᵀ) and 1 for B (m×r: Gram = BᵀB).
+    Peak memory is one chunk, whatever the tensor's size.
+    """
+    dtype_name = source.describe(key)[0]
+    raw = source.raw(key).reshape(shape)
+    rank, length = shape[rank_axis], shape[1 - rank_axis]
+    step = max(1, CHUNK_ELEMENTS // max(rank, 1))
+    gram = np.zeros((rank, rank))
+    for start in range(0, length, step):
+        if rank_axis == 0:
+            chunk = decode(raw[:, start:start + step], dtype_name, workspace=workspace)
+            gram += chunk @ chunk.T
+        else:
+            chunk = decode(raw[start:start + step], dtype_name, workspace=workspace)
+            gram += chunk.T @ chunk
+    return gram
+
+
+def _tall_factor(source: _TensorSource, key: str, shape: Tuple[int, int], rank_axis: int) -> np.ndarray:
+    """The whole factor as a tall float64 matrix (n×r), for the rare Householder-QR path."""
+    values = source.load(key).reshape(shape)
+    return values.T if rank_axis == 0 else values
+
+
+def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Optional[Workspace]
+                    ) -> Tuple[Optional[_PreparedModule], List[str]]:
+    """Validate one module and reduce its factors to r×r Gram matrices.
+
+    Damage confined to the module becomes issues, never an exception.  Each
+    factor is decoded into the reused workspace, reduced, and its pages
+    released before the next is read.
+    """
     name = module.name
     if module.a_key is None or module.b_key is None:
         missing, present = ("lora_B", "lora_A") if module.b_key is None else ("lora_A", "lora_B")
@@ -880,57 +1034,100 @@ def _audit_module(module: LoraModule, source: _TensorSource, config: AdapterConf
         return None, [f"{name}: {problem}; not audited"]
     if layout.rank == 0:
         return None, [f"{name}: rank r = 0 (empty factors); not audited"]
-
-    a = source.load(module.a_key).reshape(layout.a_matrix_shape)
-    source.release(module.a_key)
-    b = source.load(module.b_key).reshape(b_shape[0], layout.rank)
-    source.release(module.b_key)
-    for label, factor in (("lora_A", a), ("lora_B", b)):
-        if not np.isfinite(factor).all():
-            bad = int(factor.size - np.count_nonzero(np.isfinite(factor)))
-            return None, [f"{name}: {label} contains {bad} NaN/Inf values; not audited"]
-    sigma = lowrank_singular_values(a, b)
-    spectrum = spectrum_metrics(sigma, layout.rank)
-
-    issues: List[str] = []
-    scale = module_scale(config, name, layout.rank)
-    if config.present and scale.config_r is not None and scale.config_r != layout.rank:
-        source_of_r = f"rank_pattern[{scale.rank_pattern_key!r}]" if scale.rank_pattern_key else "r"
-        issues.append(f"{name}: stored rank {layout.rank} disagrees with config {source_of_r} = {scale.config_r}; "
-                      f"the stored rank is used for the scale")
-    if spectrum.sigma_max == 0.0:
-        issues.append(f"{name}: the update is zero (B·A = 0, e.g. a freshly initialised adapter)")
-
-    bias_norm = None
+    grams = []
+    for label, key, shape, rank_axis in (("lora_A", module.a_key, layout.a_matrix_shape, 0),
+                                         ("lora_B", module.b_key, (b_shape[0], layout.rank), 1)):
+        gram = _streamed_gram(source, key, shape, rank_axis, workspace)
+        if not np.isfinite(gram).all():  # NaN/Inf in the factor, or finite values too large to square
+            values = source.load(key)
+            bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            if bad:
+                source.release(key)
+                return None, [f"{name}: {label} contains {bad} NaN/Inf values; not audited"]
+        source.release(key)
+        grams.append(gram)
+    bias_norm = magnitude = None
     if module.bias_key is not None:
         bias_norm = float(np.linalg.norm(source.load(module.bias_key)))
         source.release(module.bias_key)
-    magnitude = None
     if module.magnitude_key is not None:
         magnitude = _dora_stats(source.load(module.magnitude_key))
         source.release(module.magnitude_key)
+    dtype = a_dtype if a_dtype == b_dtype else f"{a_dtype}/{b_dtype}"
+    return _PreparedModule(module, layout, tuple(a_shape), tuple(b_shape), dtype, grams[0], grams[1],
+                           bias_norm, magnitude), []
 
+
+BATCH_MODULES = 32
+
+
+def _module_spectra(prepared: Sequence[_PreparedModule], source: _TensorSource) -> List[np.ndarray]:
+    """Singular values of every module's B·A: one batched eigh and one batched
+    svd per rank; the rare factor that needs Householder QR is re-read."""
+    spectra: List[Optional[np.ndarray]] = [None] * len(prepared)
+    by_rank: Dict[int, List[int]] = {}
+    for index, item in enumerate(prepared):
+        by_rank.setdefault(item.layout.rank, []).append(index)
+    # Batches of BATCH_MODULES keep the stacked r×r temporaries small (a few MB at r = 64).
+    batches = [(rank, indices[start:start + BATCH_MODULES]) for rank, indices in by_rank.items()
+               for start in range(0, len(indices), BATCH_MODULES)]
+    for rank, indices in batches:
+        grams = np.stack([prepared[i].gram_a for i in indices] + [prepared[i].gram_b for i in indices])
+        factors, ok = batched_gram_factors(grams)
+        for slot in np.flatnonzero(~ok):
+            item = prepared[indices[slot % len(indices)]]
+            if slot < len(indices):
+                tall = _tall_factor(source, item.module.a_key, item.layout.a_matrix_shape, 0)
+                factors[slot] = gram_factor(tall, item.gram_a)
+                source.release(item.module.a_key)
+            else:
+                tall = _tall_factor(source, item.module.b_key, (item.b_shape[0], rank), 1)
+                factors[slot] = gram_factor(tall, item.gram_b)
+                source.release(item.module.b_key)
+        sigma = core_singular_values(factors[len(indices):], factors[:len(indices)])
+        for row, index in enumerate(indices):
+            spectra[index] = sigma[row]
+    return spectra
+
+
+def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum, config: AdapterConfig,
+                   top_k: int) -> ModuleAudit:
+    name, rank = item.module.name, item.layout.rank
+    issues: List[str] = []
+    scale = module_scale(config, name, rank)
+    if config.present and scale.config_r is not None and scale.config_r != rank:
+        source_of_r = f"rank_pattern[{scale.rank_pattern_key!r}]" if scale.rank_pattern_key else "r"
+        issues.append(f"{name}: stored rank {rank} disagrees with config {source_of_r} = {scale.config_r}; "
+                      f"the stored rank is used for the scale")
+    if spectrum.sigma_max == 0.0:
+        issues.append(f"{name}: the update is zero (B·A = 0, e.g. a freshly initialised adapter)")
     abs_scale = abs(scale.scale)
-    record = ModuleAudit(
-        name=name, module_type=module_type(name), layer_index=layer_index(name), kind=layout.kind,
-        r=layout.rank, config_r=scale.config_r, alpha=scale.alpha, scale=scale.scale, scale_rule=scale.scale_rule,
+    return ModuleAudit(
+        name=name, module_type=module_type(name), layer_index=layer_index(name), kind=item.layout.kind,
+        r=rank, config_r=scale.config_r, alpha=scale.alpha, scale=scale.scale, scale_rule=scale.scale_rule,
         rank_pattern_key=scale.rank_pattern_key, alpha_pattern_key=scale.alpha_pattern_key,
-        params=math.prod(a_shape) + math.prod(b_shape), a_shape=tuple(a_shape), b_shape=tuple(b_shape),
-        dtype=a_dtype if a_dtype == b_dtype else f"{a_dtype}/{b_dtype}",
-        lora_a_key=module.a_key, lora_b_key=module.b_key,
+        params=math.prod(item.a_shape) + math.prod(item.b_shape), a_shape=item.a_shape, b_shape=item.b_shape,
+        dtype=item.dtype, lora_a_key=item.module.a_key, lora_b_key=item.module.b_key,
         stable_rank=spectrum.stable_rank, effective_rank=spectrum.effective_rank, utilization=spectrum.utilization,
         sigma_max=spectrum.sigma_max, frob_sq=spectrum.frob_sq,
         energy_rank_90=spectrum.energy_rank_90, energy_rank_95=spectrum.energy_rank_95,
         energy_rank_99=spectrum.energy_rank_99,
         delta_sigma_max=abs_scale * spectrum.sigma_max, delta_fro_norm=abs_scale * math.sqrt(spectrum.frob_sq),
         top_singular_values=tuple(float(s) for s in sigma[:top_k]) if top_k > 0 else None,
-        lora_bias_key=module.bias_key, lora_bias_norm=bias_norm, dora_magnitude=magnitude,
+        lora_bias_key=item.module.bias_key, lora_bias_norm=item.bias_norm, dora_magnitude=item.magnitude,
         issues=tuple(issues))
-    return record, issues
 
 
 def _percentile(values: Sequence[float], q: float) -> Optional[float]:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
+    """The q-th percentile with linear interpolation (numpy.percentile's default
+    rule), without numpy.percentile's first-call import cost."""
+    if not len(values):
+        return None
+    ordered = sorted(float(v) for v in values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def _mean(values: Sequence[float]) -> Optional[float]:
@@ -938,7 +1135,7 @@ def _mean(values: Sequence[float]) -> Optional[float]:
 
 
 def _median(values: Sequence[float]) -> Optional[float]:
-    return float(np.median(values)) if len(values) else None
+    return _percentile(values, 50)
 
 
 def suggest_rank(k: Optional[float]) -> Optional[int]:
@@ -1058,26 +1255,46 @@ def json_safe(value: Any) -> Any:
 
 def _audit(source: _TensorSource, keys: Iterable[str], config: AdapterConfig, issues: List[str],
            top_k: int) -> Tuple[List[ModuleAudit], List[str], int]:
+    """Stream the modules in blocks: each block's factors are reduced to r×r
+    Grams one tensor at a time, then one batched r×r pass finishes the block,
+    so only one block's Grams are ever held.  (Worker threads were measured
+    and dropped: OpenBLAS serialises concurrent small BLAS calls, so they
+    bought nothing on 2 cores.)"""
     modules, non_lora = group_lora_keys(keys)
     if not modules:
         issues.append("no LoRA factors found (no lora_A/lora_B keys)")
     if not config.present and modules:
         issues.append("config: no usable adapter config; r taken from the weights, scale = 1.0 for every module")
-    layers: List[ModuleAudit] = []
-    skipped = 0
-    for module in modules:
-        record, module_issues = _audit_module(module, source, config, top_k)
-        issues.extend(module_issues)
-        if record is None:
-            skipped += 1
-        else:
-            layers.append(record)
+    workspace = Workspace()
+    prepared: List[_PreparedModule] = []
+    spectra: List[np.ndarray] = []
+    for start in range(0, len(modules), BATCH_MODULES):
+        block_prepared = []
+        for module in modules[start:start + BATCH_MODULES]:
+            item, module_issues = _prepare_module(module, source, workspace)
+            issues.extend(module_issues)
+            if item is not None:
+                block_prepared.append(item)
+        spectra.extend(_module_spectra(block_prepared, source))
+        prepared.extend(item._replace(gram_a=None, gram_b=None) for item in block_prepared)
+    # Trailing zeros change no metric, so spectra of mixed ranks share one batch.
+    width = max((s.size for s in spectra), default=0)
+    padded = np.zeros((len(spectra), width))
+    for row, sigma in enumerate(spectra):
+        padded[row, :sigma.size] = sigma
+    ranks = np.array([item.layout.rank for item in prepared], dtype=np.int64)
+    metrics = batched_spectrum_metrics(padded, ranks) if prepared else []
+    layers = []
+    for item, sigma, spectrum in zip(prepared, spectra, metrics):
+        record = _module_record(item, sigma, spectrum, config, top_k)
+        issues.extend(record.issues)
+        layers.append(record)
     names = [layer.name for layer in layers]
     for patterns, label in ((config.rank_pattern, "rank_pattern"), (config.alpha_pattern, "alpha_pattern")):
         for pattern in patterns:
             if not any(pattern.regex.match(name) for name in names):
                 issues.append(f"config: {label} key {pattern.key!r} matches no audited module")
-    return layers, non_lora, skipped
+    return layers, non_lora, len(modules) - len(prepared)
 
 
 def audit_lora_state_dict(tensors: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None, *,
