@@ -21,9 +21,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-import synthetic  # noqa: E402
-
 CASES = {"7B r=16": ("7b", 16), "7B r=64": ("7b", 64), "70B r=64": ("70b", 64)}
 
 
@@ -72,7 +69,8 @@ def main():
     print(f"{'case':<10} {'file MB':>8} {'audit s':>8} {'audit MiB':>10} {'floor s':>8} {'floor MiB':>10} {'audit/floor':>12}")
     for name in names:
         model, rank = CASES[name]
-        folder = synthetic.make_adapter(Path(args.data) / f"{model}_r{rank}", model, rank)
+        folder = Path(args.data) / f"{model}_r{rank}"
+        subprocess.run([sys.executable, str(HERE / "synthetic.py"), "adapter", str(folder), model, str(rank)], check=True)
         size = (folder / "adapter_model.safetensors").stat().st_size / 1e6
         result = measure(folder, runs)
         (audit_s, audit_mb), (floor_s, floor_mb) = result["audit"], result["floor"]

@@ -83,9 +83,11 @@ def make_adapter(folder: Path, model: str = "7b", rank: int = 16, seed: int = 0)
     return folder
 
 
-def make_base(folder: Path, model: str = "7b", layers: int = 2, seed: int = 1) -> Path:
-    """A few decoder layers of a Llama-shaped bf16 base: weights with a decaying spectrum
-    plus noise, so σ₁ is separated the way trained weights' is, but not by much."""
+def make_base(folder: Path, model: str = "7b", layers: int = 2, seed: int = 1, spikes: bool = True) -> Path:
+    """A few decoder layers of a Llama-shaped bf16 base.  With ``spikes`` the
+    weights are noise plus a few decaying rank-one directions (σ₁/σ₂ ≈ 1.4, as
+    trained weights have); without, pure Gaussian noise, whose top singular
+    values crowd together (the hard case for any Krylov method)."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "model.safetensors"
     if target.exists():
@@ -98,12 +100,26 @@ def make_base(folder: Path, model: str = "7b", layers: int = 2, seed: int = 1) -
 
         def weight(o=out_features, i=in_features):
             dense = rng.standard_normal((o, i), dtype=np.float32) * np.float32(0.02)
-            spikes = 8
-            u = rng.standard_normal((o, spikes), dtype=np.float32)
-            v = rng.standard_normal((spikes, i), dtype=np.float32)
-            dense += (u * np.float32(0.002) * (0.7 ** np.arange(spikes)).astype(np.float32)) @ v
+            if spikes:
+                count = 8
+                u = rng.standard_normal((o, count), dtype=np.float32)
+                v = rng.standard_normal((count, i), dtype=np.float32)
+                dense += (u * np.float32(0.002) * (0.7 ** np.arange(count)).astype(np.float32)) @ v
             return to_bf16_bytes(dense)
 
         entries.append((f"{module}.weight", (out_features, in_features), "BF16", weight))
     write_streaming(target, entries, {"format": "pt"})
     return folder
+
+
+if __name__ == "__main__":
+    # python benchmarks/synthetic.py adapter DIR MODEL RANK | base DIR MODEL LAYERS [gaussian]
+    # (the benchmarks generate data in a child process, so their own RSS stays small and
+    # does not leak into the children they measure)
+    import sys
+
+    kind, folder, model, number = sys.argv[1:5]
+    if kind == "adapter":
+        make_adapter(Path(folder), model, int(number))
+    else:
+        make_base(Path(folder), model, int(number), spikes="gaussian" not in sys.argv[5:])
