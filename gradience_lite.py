@@ -32,6 +32,7 @@ import math
 import mmap
 import os
 import re
+import stat
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -212,7 +213,7 @@ def _parse_header(path: str, header: Dict[str, Any], data_start: int, data_size:
         start, end = data_start + offsets[0], data_start + offsets[1]
         dtype_name = entry.get("dtype")
         shape, problem = _parse_shape(entry.get("shape"))
-        if problem is None and dtype_name not in DTYPES:
+        if problem is None and (not isinstance(dtype_name, str) or dtype_name not in DTYPES):
             problem = f"unknown dtype {dtype_name!r}"
         if problem is None:
             expected = math.prod(shape) * DTYPES[dtype_name].storage.itemsize
@@ -254,6 +255,8 @@ def open_safetensors(path: str | os.PathLike) -> SafetensorsFile:
     """
     path = str(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+            raise AdapterFormatError(f"{path}: not a regular file")
         with open(path, "rb") as handle:
             file_size = os.fstat(handle.fileno()).st_size
             if file_size < 8:
@@ -434,7 +437,8 @@ def find_adapter_files(path: str | os.PathLike, *, adapter: Optional[str] = None
     if weights_path.suffix.lower() in PICKLE_SUFFIXES:
         raise _pickle_refusal(weights_path)
     if not weights_path.is_file():
-        raise AdapterFormatError(f"{weights_path}: weights file not found")
+        problem = "not a regular file" if weights_path.exists() else "weights file not found"
+        raise AdapterFormatError(f"{weights_path}: {problem}")
     if config is not None:
         config_path: Optional[Path] = Path(config)
         if not config_path.is_file():
@@ -448,11 +452,16 @@ def find_adapter_files(path: str | os.PathLike, *, adapter: Optional[str] = None
 
 # ══ 3. PEFT config ═══════════════════════════════════════════════════════════
 
-# Pattern keys are user-written regular expressions; Python's re has no time
-# limit, so a key with a quantified group that itself contains a quantifier
-# ("(a+)+") is treated as a literal rather than risk catastrophic backtracking.
-_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[*+}](?:[^()\\]|\\.)*\)[*+{]")
+# Pattern keys are user-written regular expressions and Python's re has no
+# time limit.  Keys that can backtrack catastrophically are matched literally
+# instead (with an issue): a quantified group holding a quantifier or an
+# alternation ("(a+)+", "(a|aa)+"), or more than two unbounded quantifiers
+# (".*.*.*x" is polynomial of that degree in the name's length).  Names longer
+# than MAX_NAME_LENGTH are never matched against patterns.
+_QUANTIFIED_GROUP = re.compile(r"\((?:[^()\\]|\\.)*[*+}|](?:[^()\\]|\\.)*\)[*+{]")
+_UNBOUNDED_QUANTIFIER = re.compile(r"(?<!\\)(?:[*+]|\{\d*,\})")
 MAX_PATTERN_LENGTH = 1000
+MAX_NAME_LENGTH = 1000
 
 
 class PatternKey(NamedTuple):
@@ -485,9 +494,9 @@ def _compile_pattern_key(key: str) -> Tuple["re.Pattern[str]", Optional[str]]:
     # i.e. the key must match a dot-aligned tail of the module name through its end.
     if len(key) > MAX_PATTERN_LENGTH:
         return re.compile(r"(.*\.)?(" + re.escape(key) + r")$"), f"pattern key is over {MAX_PATTERN_LENGTH} characters; matched literally"
-    if _NESTED_QUANTIFIER.search(key):
+    if _QUANTIFIED_GROUP.search(key) or len(_UNBOUNDED_QUANTIFIER.findall(key)) > 2:
         return (re.compile(r"(.*\.)?(" + re.escape(key) + r")$"),
-                f"pattern key {key!r} nests quantifiers (risk of catastrophic backtracking); matched literally")
+                f"pattern key {key!r} could backtrack catastrophically; matched literally")
     try:
         return re.compile(r"(.*\.)?(" + key + r")$"), None
     except re.error as error:
@@ -515,7 +524,8 @@ def _parse_patterns(raw: Any, field_name: str, cast: Callable[[Any], Any], issue
 
 
 def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value <= 0:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value != int(value) or value <= 0):
         raise ValueError(value)
     return int(value)
 
@@ -574,11 +584,17 @@ def parse_adapter_config(raw: Optional[Mapping[str, Any]]) -> Tuple[AdapterConfi
     ), issues
 
 
+MAX_CONFIG_BYTES = 10 * 1000 * 1000
+
+
 def load_adapter_config(path: Optional[str]) -> Tuple[Optional[Dict[str, Any]], List[str]]:
     """Read ``adapter_config.json``; a damaged file is an issue, not an exception."""
     if path is None:
         return None, ["config: no adapter_config.json found; r inferred from shapes, scale taken as 1.0"]
     try:
+        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+            return None, [f"config: {path} is over {MAX_CONFIG_BYTES} bytes, not a PEFT config; "
+                          "r inferred from shapes, scale taken as 1.0"]
         text = Path(path).read_text(encoding="utf-8")
         return json.loads(text), []
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
@@ -588,6 +604,8 @@ def load_adapter_config(path: Optional[str]) -> Tuple[Optional[Dict[str, Any]], 
 
 def match_pattern(patterns: Sequence[PatternKey], module_name: str) -> Optional[PatternKey]:
     """PEFT's rule: the first key (in config order) matching a dot-aligned tail wins."""
+    if len(module_name) > MAX_NAME_LENGTH:
+        return None
     return next((p for p in patterns if p.regex.match(module_name)), None)
 
 
@@ -641,6 +659,7 @@ class LoraModule(NamedTuple):
     b_key: Optional[str]
     bias_key: Optional[str] = None
     magnitude_key: Optional[str] = None
+    duplicate_keys: Tuple[str, ...] = ()  # a second key for a role already filled
 
 
 def module_name_from_prefix(prefix: str) -> str:
@@ -663,16 +682,18 @@ def group_lora_keys(keys: Iterable[str]) -> Tuple[List[LoraModule], List[str]]:
         module = module_name_from_prefix(match["module"])
         slot = parts.setdefault(module, {"kind": "linear"})
         if match["factor"]:
-            slot["a_key" if match["factor"] == "lora_A" else "b_key"] = key
+            role = "a_key" if match["factor"] == "lora_A" else "b_key"
         elif match["embedding"]:
             slot["kind"] = "embedding"
-            slot["a_key" if match["embedding"].endswith("A") else "b_key"] = key
-        elif match["bias"]:
-            slot["bias_key"] = key
+            role = "a_key" if match["embedding"].endswith("A") else "b_key"
         else:
-            slot["magnitude_key"] = key
+            role = "bias_key" if match["bias"] else "magnitude_key"
+        if role in slot:  # e.g. lora_A.weight and lora_A.default.weight: which one is real is unknowable
+            slot.setdefault("duplicates", []).append(key)
+            continue
+        slot[role] = key
     modules = [LoraModule(name, slot["kind"], slot.get("a_key"), slot.get("b_key"),
-                          slot.get("bias_key"), slot.get("magnitude_key"))
+                          slot.get("bias_key"), slot.get("magnitude_key"), tuple(slot.get("duplicates", ())))
                for name, slot in sorted(parts.items(), key=lambda item: _natural_key(item[0]))]
     return modules, others
 
@@ -726,6 +747,9 @@ def layer_index(name: str) -> Optional[int]:
 # Zero columns (dead rank directions) are dropped: they add nothing to B·A.
 
 CONDITION_LIMIT_SQ = 1e10  # κ(scaled X)² above which the Gram route is not accurate enough
+# A column whose squared norm is below this may have lost digits to underflow
+# in the Gram (values ~1e-150); such factors take the Householder route too.
+GRAM_SAFE_MIN = 1e-280
 
 
 def _pad_rows(factor: np.ndarray, rank: int) -> np.ndarray:
@@ -744,18 +768,21 @@ def gram_factor(x: np.ndarray, gram: Optional[np.ndarray] = None) -> Optional[np
     ``gram`` (XᵀX) may be passed when already computed.
     """
     rank = x.shape[1]
-    gram = x.T @ x if gram is None else gram
+    if gram is None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            gram = x.T @ x
     if not np.isfinite(gram).all():  # checking the r×r Gram is far cheaper than checking X
         # Finite entries can still overflow when squared; Householder QR cannot.
         return _pad_rows(np.linalg.qr(x, mode="r"), rank) if np.isfinite(x).all() else None
-    column_norms = np.sqrt(np.diagonal(gram))
-    live = column_norms > 0
+    live = np.any(x != 0, axis=0)  # from X itself: a tiny column's square may underflow to 0
     factor = np.zeros((rank, rank))
     if not live.any():  # X is exactly zero
         return factor
-    scaled = gram[np.ix_(live, live)] / np.outer(column_norms[live], column_norms[live])
-    eigenvalues, eigenvectors = np.linalg.eigh(scaled)
-    if eigenvalues[0] > eigenvalues[-1] / CONDITION_LIMIT_SQ:
+    column_norms = np.sqrt(np.diagonal(gram))
+    scaled = gram[np.ix_(live, live)] / np.outer(column_norms[live], column_norms[live]) \
+        if (column_norms[live] ** 2 >= GRAM_SAFE_MIN).all() else None
+    eigenvalues, eigenvectors = np.linalg.eigh(scaled) if scaled is not None else (None, None)
+    if scaled is not None and eigenvalues[0] > eigenvalues[-1] / CONDITION_LIMIT_SQ:
         live_factor = (np.sqrt(eigenvalues)[:, None] * eigenvectors.T) * column_norms[live][None, :]
     else:
         live_factor = np.linalg.qr(x[:, live], mode="r")
@@ -766,13 +793,14 @@ def gram_factor(x: np.ndarray, gram: Optional[np.ndarray] = None) -> Optional[np
 def batched_gram_factors(grams: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Factors for a stack of k Gram matrices (k×r×r) in one batched eigh.
 
-    Returns (factors k×r×r, ok mask).  Where ``ok`` is False (a zero column,
-    a non-finite Gram, or an ill-conditioned scaled factor) the caller must
-    use :func:`gram_factor` with the factor itself.
+    Returns (factors k×r×r, ok mask).  Where ``ok`` is False (a zero or tiny
+    column, a non-finite Gram, or an ill-conditioned scaled factor) the
+    caller must use :func:`gram_factor` with the factor itself.
     """
-    column_norms = np.sqrt(np.maximum(np.diagonal(grams, axis1=1, axis2=2), 0.0))
-    ok = np.isfinite(grams).all(axis=(1, 2)) & (column_norms > 0).all(axis=1)
-    safe_norms = np.where(ok[:, None], column_norms, 1.0)
+    squared_norms = np.diagonal(grams, axis1=1, axis2=2)
+    ok = np.isfinite(grams).all(axis=(1, 2)) & (squared_norms >= GRAM_SAFE_MIN).all(axis=1)
+    # Items that are not ok get a harmless stand-in, so one batched call serves all.
+    safe_norms = np.sqrt(np.where(ok[:, None], squared_norms, 1.0))
     scaled = np.where(ok[:, None, None], grams, np.eye(grams.shape[1])) / (safe_norms[:, :, None] * safe_norms[:, None, :])
     eigenvalues, eigenvectors = np.linalg.eigh(scaled)
     ok &= eigenvalues[:, 0] > eigenvalues[:, -1] / CONDITION_LIMIT_SQ
@@ -995,13 +1023,14 @@ def _streamed_gram(source: _TensorSource, key: str, shape: Tuple[int, int], rank
     rank, length = shape[rank_axis], shape[1 - rank_axis]
     step = max(1, CHUNK_ELEMENTS // max(rank, 1))
     gram = np.zeros((rank, rank))
-    for start in range(0, length, step):
-        if rank_axis == 0:
-            chunk = decode(raw[:, start:start + step], dtype_name, workspace=workspace)
-            gram += chunk @ chunk.T
-        else:
-            chunk = decode(raw[start:start + step], dtype_name, workspace=workspace)
-            gram += chunk.T @ chunk
+    with np.errstate(over="ignore", invalid="ignore"):  # a non-finite Gram is handled by the caller
+        for start in range(0, length, step):
+            if rank_axis == 0:
+                chunk = decode(raw[:, start:start + step], dtype_name, workspace=workspace)
+                gram += chunk @ chunk.T
+            else:
+                chunk = decode(raw[start:start + step], dtype_name, workspace=workspace)
+                gram += chunk.T @ chunk
     return gram
 
 
@@ -1020,7 +1049,11 @@ def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Option
     released before the next is read.
     """
     name = module.name
+    if module.duplicate_keys:
+        return None, [f"{name}: more than one tensor for the same factor ({', '.join(module.duplicate_keys)}); not audited"]
     if module.a_key is None or module.b_key is None:
+        if module.a_key is None and module.b_key is None:
+            return None, [f"{name}: has no lora_A/lora_B factors (only a bias or magnitude); not audited"]
         missing, present = ("lora_B", "lora_A") if module.b_key is None else ("lora_A", "lora_B")
         return None, [f"{name}: has {present} but no {missing}; not audited"]
     (a_dtype, a_shape, a_problem), (b_dtype, b_shape, b_problem) = source.describe(module.a_key), source.describe(module.b_key)
@@ -1102,6 +1135,9 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
     if spectrum.sigma_max == 0.0:
         issues.append(f"{name}: the update is zero (B·A = 0, e.g. a freshly initialised adapter)")
     abs_scale = abs(scale.scale)
+    if not all(math.isfinite(v) for v in (spectrum.frob_sq, abs_scale * spectrum.sigma_max,
+                                          abs_scale * math.sqrt(spectrum.frob_sq))):
+        issues.append(f"{name}: a metric overflows float64 (scale {scale.scale!r}); reported as null")
     return ModuleAudit(
         name=name, module_type=module_type(name), layer_index=layer_index(name), kind=item.layout.kind,
         r=rank, config_r=scale.config_r, alpha=scale.alpha, scale=scale.scale, scale_rule=scale.scale_rule,
@@ -1292,7 +1328,7 @@ def _audit(source: _TensorSource, keys: Iterable[str], config: AdapterConfig, is
     names = [layer.name for layer in layers]
     for patterns, label in ((config.rank_pattern, "rank_pattern"), (config.alpha_pattern, "alpha_pattern")):
         for pattern in patterns:
-            if not any(pattern.regex.match(name) for name in names):
+            if not any(match_pattern((pattern,), name) for name in names):
                 issues.append(f"config: {label} key {pattern.key!r} matches no audited module")
     return layers, non_lora, len(modules) - len(prepared)
 
@@ -1687,6 +1723,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except BrokenPipeError:  # `... | head` closed the pipe: not an error of ours
         return 0
+    except KeyboardInterrupt:
+        print("gradience-lite: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 — the CLI promises one line, never a traceback
+        print(f"gradience-lite: internal error: {type(error).__name__}: {error} "
+              "(a bug in gradience-lite; please report it with the command line)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
