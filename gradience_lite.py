@@ -404,6 +404,30 @@ def list_named_adapters(directory: str | os.PathLike) -> Tuple[str, ...]:
                         and any((child / name).exists() for name in (WEIGHTS_NAME, "adapter_model.bin"))))
 
 
+# Weight file names by format, in the order they are looked for in a directory.
+KNOWN_WEIGHT_NAMES = (WEIGHTS_NAME, "adapters.safetensors", "pytorch_lora_weights.safetensors")
+
+
+def _weights_in_directory(root: Path, others: Sequence[str]) -> Path:
+    """PEFT's name, MLX-LM's, diffusers', or else the directory's only .safetensors file."""
+    for name in KNOWN_WEIGHT_NAMES:
+        if (root / name).exists():
+            return root / name
+    candidates = sorted(root.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return candidates[0]
+    pickles = [root / f"{stem}{suffix}" for stem in ("adapter_model", "adapters", "pytorch_lora_weights")
+               for suffix in PICKLE_SUFFIXES]
+    pickle_path = next((p for p in pickles if p.exists()), None)
+    if pickle_path is not None:
+        raise _pickle_refusal(pickle_path)
+    if len(candidates) > 1:
+        raise AdapterFormatError(f"{root}: several .safetensors files and none named {WEIGHTS_NAME}; "
+                                 "pass the one to audit with --weights")
+    hint = f" (named adapters in subfolders: {', '.join(others)}; pick one with --adapter)" if others else ""
+    raise AdapterFormatError(f"{root}: no {WEIGHTS_NAME} found{hint}")
+
+
 def find_adapter_files(path: str | os.PathLike, *, adapter: Optional[str] = None,
                        weights: Optional[str] = None, config: Optional[str] = None) -> AdapterFiles:
     """Locate the weights and config to audit.
@@ -426,14 +450,7 @@ def find_adapter_files(path: str | os.PathLike, *, adapter: Optional[str] = None
     elif root.is_file():
         weights_path = root
     else:
-        weights_path = root / WEIGHTS_NAME
-        if not weights_path.exists():
-            pickles = [root / f"adapter_model{suffix}" for suffix in PICKLE_SUFFIXES]
-            pickle_path = next((p for p in pickles if p.exists()), None)
-            if pickle_path is not None:
-                raise _pickle_refusal(pickle_path)
-            hint = f" (named adapters in subfolders: {', '.join(others)}; pick one with --adapter)" if others else ""
-            raise AdapterFormatError(f"{root}: no {WEIGHTS_NAME} found{hint}")
+        weights_path = _weights_in_directory(root, others)
     if weights_path.suffix.lower() in PICKLE_SUFFIXES:
         raise _pickle_refusal(weights_path)
     if not weights_path.is_file():
@@ -639,6 +656,26 @@ def module_scale(config: AdapterConfig, module_name: str, stored_r: int) -> Modu
                        rank_key.key if rank_key else None, alpha_key.key if alpha_key else None)
 
 
+def kohya_scale(module: "LoraModule", rank: int, alpha: Optional[float]) -> ModuleScale:
+    """kohya / LyCORIS: scale = alpha / r from the module's stored ``alpha``; a
+    missing alpha (or 0) means alpha = r, i.e. scale 1.  LyCORIS LoKr with both
+    Kronecker halves stored as full matrices uses scale 1 whatever alpha says."""
+    if module.family == "lokr" and module.part("lokr_w1") and module.part("lokr_w2"):
+        return ModuleScale(None, alpha, 1.0, "1 (LoKr, both halves full)", None, None)
+    if alpha is None or alpha == 0 or rank <= 0:
+        return ModuleScale(None, alpha, 1.0, "implicit 1 (no alpha)", None, None)
+    return ModuleScale(None, alpha, alpha / rank, "alpha/r", None, None)
+
+
+def absolute_scale(scale: Optional[float]) -> Callable[["LoraModule", int, Optional[float]], ModuleScale]:
+    """MLX-LM: ``lora_parameters.scale`` is the multiplier itself, not an alpha."""
+    def rule(module: "LoraModule", rank: int, alpha: Optional[float]) -> ModuleScale:
+        if scale is None:
+            return ModuleScale(None, None, 1.0, "implicit 1", None, None)
+        return ModuleScale(None, None, scale, "absolute", None, None)
+    return rule
+
+
 # ══ 4. PEFT keys → LoRA modules ══════════════════════════════════════════════
 
 PEFT_WRAPPER = "base_model.model."
@@ -653,13 +690,21 @@ _LORA_KEY = re.compile(
 
 
 class LoraModule(NamedTuple):
-    name: str  # the base model's own module path (PEFT wrapper removed)
+    name: str  # the base model's own module path (PEFT wrapper removed), or the format's module name
     kind: str  # "linear" | "embedding"; conv is decided from the factors' shapes
-    a_key: Optional[str]
-    b_key: Optional[str]
+    a_key: Optional[str]  # PEFT lora_A / kohya lora_down / MLX lora_a
+    b_key: Optional[str]  # PEFT lora_B / kohya lora_up / MLX lora_b
     bias_key: Optional[str] = None
-    magnitude_key: Optional[str] = None
+    magnitude_key: Optional[str] = None  # PEFT lora_magnitude_vector, kohya/LyCORIS dora_scale, MLX .m
     duplicate_keys: Tuple[str, ...] = ()  # a second key for a role already filled
+    family: str = "lora"  # "lora" | "loha" | "lokr"
+    layout: str = "peft"  # "peft": A r×in, B out×r;  "mlx": A in×r, B r×out (SwitchLinear: per expert, PEFT-like)
+    expert: Optional[int] = None  # index along a leading experts axis (MLX SwitchLinear)
+    parts: Tuple[Tuple[str, str], ...] = ()  # further tensors by role: "alpha", "mid", "hada_w1_a", "lokr_w1", …
+    component: Optional[str] = None  # diffusers pipeline component ("unet", "text_encoder", …)
+
+    def part(self, role: str) -> Optional[str]:
+        return dict(self.parts).get(role)
 
 
 def module_name_from_prefix(prefix: str) -> str:
@@ -703,6 +748,101 @@ def _natural_key(name: str) -> List[Any]:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
 
+# ── other formats: kohya / LyCORIS / diffusers / MLX ────────────────────────
+# The format is recognised from the keys (and metadata), never from shapes.
+# kohya-ss/sd-scripts networks/lora.py and LyCORIS lycoris/modules/*.py store
+# "<flattened_module_name>.<role>"; MLX-LM stores "<module>.lora_a" (in×r) and
+# ".lora_b" (r×out), transposed relative to PEFT; diffusers stores PEFT keys
+# under a pipeline component prefix, or (older) "...lora.down.weight".
+
+_KOHYA_ROLES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",
+                "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+_KOHYA_KEY = re.compile(r"^(?P<module>.+)\.(?P<role>" + "|".join(re.escape(r) for r in _KOHYA_ROLES) + r")$")
+_OLD_DIFFUSERS_KEY = re.compile(r"^(?P<module>.+?)[._]lora\.(?P<role>down|up)\.weight$")
+_MLX_KEY = re.compile(r"^(?P<module>.+)\.(?P<role>lora_a|lora_b|m)$")
+DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior", "decoder")
+KOHYA_METADATA = ("ss_network_dim", "ss_network_alpha", "ss_network_module", "ss_base_model_version",
+                  "ss_network_args", "ss_output_name")
+
+
+def detect_format(keys: Sequence[str], metadata: Mapping[str, str], config: Optional[Mapping[str, Any]]) -> str:
+    """"peft", "diffusers", "kohya", "lycoris", "diffusers-old" or "mlx", from keys and metadata.
+
+    LyCORIS files may mix LoCon keys (lora_down/lora_up) with LoHa/LoKr keys:
+    any hada_/lokr_ key makes the file "lycoris".
+    """
+    if any(".hada_w1_a" in key or ".lokr_w1" in key or ".lokr_w2" in key for key in keys):
+        return "lycoris"
+    if any(key.endswith((".lora_down.weight", ".lora_up.weight")) for key in keys):
+        return "kohya"
+    if any(_OLD_DIFFUSERS_KEY.match(key) for key in keys):
+        return "diffusers-old"
+    if any(key.endswith((".lora_a", ".lora_b")) for key in keys) or (
+            isinstance(config, Mapping) and isinstance(config.get("lora_parameters"), Mapping)):
+        return "mlx"
+    if "lora_adapter_metadata" in metadata or any(key.split(".", 1)[0] in DIFFUSERS_COMPONENTS and ".lora_" in key
+                                                  for key in keys):
+        return "diffusers"
+    return "peft"
+
+
+def _group_kohya_keys(keys: Iterable[str]) -> Tuple[List[LoraModule], List[str]]:
+    parts: Dict[str, Dict[str, str]] = {}
+    others: List[str] = []
+    for key in keys:
+        match = _KOHYA_KEY.match(key) or _OLD_DIFFUSERS_KEY.match(key)
+        if match is None:
+            others.append(key)
+            continue
+        role = {"down": "lora_down.weight", "up": "lora_up.weight"}.get(match["role"], match["role"])
+        parts.setdefault(match["module"], {})[role] = key
+    modules = []
+    for name, roles in sorted(parts.items(), key=lambda item: _natural_key(item[0])):
+        family = "loha" if "hada_w1_a" in roles else "lokr" if any(r.startswith("lokr_") for r in roles) else "lora"
+        extra = tuple((role, key) for role, key in sorted(roles.items())
+                      if role not in ("lora_down.weight", "lora_up.weight", "dora_scale"))
+        modules.append(LoraModule(name, "linear", roles.get("lora_down.weight"), roles.get("lora_up.weight"),
+                                  magnitude_key=roles.get("dora_scale"), family=family, parts=extra))
+    return modules, others
+
+
+def _group_mlx_keys(keys: Iterable[str], shape_of: Callable[[str], Tuple[int, ...]]
+                    ) -> Tuple[List[LoraModule], List[str]]:
+    parts: Dict[str, Dict[str, str]] = {}
+    others: List[str] = []
+    for key in keys:
+        match = _MLX_KEY.match(key)
+        if match is None or (match["role"] == "m" and not (key[:-2] + ".lora_a" in keys or key[:-2] + ".lora_b" in keys)):
+            others.append(key)
+            continue
+        parts.setdefault(match["module"], {})[match["role"]] = key
+    modules = []
+    for name, roles in sorted(parts.items(), key=lambda item: _natural_key(item[0])):
+        a_key, b_key, m_key = roles.get("lora_a"), roles.get("lora_b"), roles.get("m")
+        a_shape = shape_of(a_key) if a_key else ()
+        if len(a_shape) == 3:  # LoRASwitchLinear: (E, r, in) / (E, out, r), one update per expert
+            modules.extend(LoraModule(f"{name}[{expert}]", "linear", a_key, b_key, layout="mlx", expert=expert)
+                           for expert in range(a_shape[0]))
+        else:
+            modules.append(LoraModule(name, "linear", a_key, b_key, magnitude_key=m_key, layout="mlx"))
+    return modules, others
+
+
+def group_modules(adapter_format: str, keys: Sequence[str], shape_of: Callable[[str], Tuple[int, ...]]
+                  ) -> Tuple[List[LoraModule], List[str]]:
+    """Group a file's keys into modules by its format; return (modules, non-LoRA keys)."""
+    if adapter_format in ("kohya", "lycoris", "diffusers-old"):
+        return _group_kohya_keys(keys)
+    if adapter_format == "mlx":
+        return _group_mlx_keys(set(keys), shape_of)
+    modules, others = group_lora_keys(keys)
+    if adapter_format == "diffusers":
+        modules = [module._replace(component=module.name.split(".", 1)[0])
+                   if module.name.split(".", 1)[0] in DIFFUSERS_COMPONENTS else module for module in modules]
+    return modules, others
+
+
 _ATTN_TOKENS = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value", "attn", "self_attn",
                 "attention", "c_attn", "out_proj", "wqkv", "wq", "wk", "wv", "wo", "to_q", "to_k", "to_v",
                 "to_out", "q_lin", "k_lin", "v_lin", "out_lin", "query_key_value", "cross_attn", "attn1", "attn2"}
@@ -711,24 +851,43 @@ _MLP_TOKENS = {"mlp", "ffn", "feed_forward", "gate_proj", "up_proj", "down_proj"
                "ff", "lin1", "lin2"}
 
 
+_FLAT_ATTN = ("_attn", "attention", "_to_q_", "_to_k_", "_to_v_", "_to_out", "_q_proj_", "_k_proj_", "_v_proj_",
+              "_o_proj_", "_out_proj_", "_qkv", "_query_", "_key_", "_value_", "_c_attn_")
+_FLAT_MLP = ("_mlp_", "_ff_", "_fc1_", "_fc2_", "_gate_proj_", "_up_proj_", "_down_proj_", "feed_forward", "_c_fc_")
+
+
 def module_type(name: str) -> str:
-    """attn / mlp / other, from whole path components (never substrings)."""
-    tokens = name.lower().split(".")
-    if any(token in _ATTN_TOKENS for token in tokens):
-        return "attn"
-    if any(token in _MLP_TOKENS for token in tokens):
-        return "mlp"
-    # BERT-style "layer.N.output.dense" is the feed-forward output projection.
-    if len(tokens) >= 2 and tokens[-2] == "output" and tokens[-1] == "dense":
-        return "mlp"
-    return "other"
+    """attn / mlp / other, from whole path components (never substrings).
+
+    The marker nearest the leaf wins ("attentions.0.….ff.net" is an MLP inside
+    an attention block).  kohya names flatten the path with underscores
+    ("…_self_attn_q_proj"), so for them underscore-delimited markers are used.
+    """
+    name = re.sub(r"\[\d+\]$", "", name).lower()  # an MLX expert index
+    if "." not in name and "_" in name:
+        flat = f"_{name}_"
+        attn = max((flat.rfind(marker) for marker in _FLAT_ATTN), default=-1)
+        mlp = max((flat.rfind(marker) for marker in _FLAT_MLP), default=-1)
+    else:
+        tokens = name.split(".")
+        attn = max((i for i, token in enumerate(tokens) if token in _ATTN_TOKENS), default=-1)
+        mlp = max((i for i, token in enumerate(tokens) if token in _MLP_TOKENS), default=-1)
+        # BERT-style "layer.N.output.dense" is the feed-forward output projection.
+        if mlp < 0 and attn < 0 and tokens[-2:] == ["output", "dense"]:
+            return "mlp"
+    if attn < 0 and mlp < 0:
+        return "other"
+    return "attn" if attn > mlp else "mlp"
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoder_layers|decoder_layers)\.(\d+)(?:\.|$)")
 
 
+_FLAT_LAYER_INDEX = re.compile(r"(?:^|_)(?:layers|layer|h|blocks|block)_(\d+)(?:_|$)")
+
+
 def layer_index(name: str) -> Optional[int]:
-    match = _LAYER_INDEX.search(name)
+    match = _LAYER_INDEX.search(name) or ("." not in name and _FLAT_LAYER_INDEX.search(name))
     return int(match.group(1)) if match else None
 
 
@@ -921,6 +1080,8 @@ class ModuleAudit:
     udr: Optional[float] = None
     udr_f: Optional[float] = None
     sdi: Optional[float] = None
+    family: str = "lora"  # "lora" | "loha" | "lokr"
+    max_rank: Optional[int] = None  # upper bound on rank(ΔW) given the factorisation
     issues: Tuple[str, ...] = ()
 
     def to_dict(self) -> Dict[str, Any]:
@@ -969,23 +1130,54 @@ def _is_float(dtype: str) -> bool:
     return spec.is_float if spec is not None else dtype.startswith("FLOAT")
 
 
+class FactorRef(NamedTuple):
+    """Where one factor is stored and how to read it as a matrix."""
+
+    key: str
+    shape: Tuple[int, int]  # the stored tensor (or expert slice) viewed as a matrix
+    rank_axis: int  # 0: stored as r×n (PEFT A, MLX B); 1: stored as n×r (PEFT B, MLX A)
+    expert: Optional[int] = None
+
+
 class _Factors(NamedTuple):
-    kind: str
-    a_matrix_shape: Tuple[int, int]
+    kind: str  # "linear" | "embedding" | "conv"
     rank: int
+    a: FactorRef  # plays PEFT's A (r×in)
+    b: FactorRef  # plays PEFT's B (out×r)
 
 
 def _factor_layout(module: LoraModule, a_shape: Tuple[int, ...], b_shape: Tuple[int, ...]) -> Tuple[Optional[_Factors], Optional[str]]:
-    """Decide how A and B combine, from the key (format) first and shapes second."""
+    """Decide how A and B combine, from the format's convention first and shapes second.
+
+    Shapes only confirm what the format says; they never choose an
+    orientation (a square layer makes a transposed factor look valid).
+    """
+    if module.layout == "mlx" and module.expert is not None:
+        if len(a_shape) != 3 or len(b_shape) != 3 or a_shape[0] != b_shape[0]:
+            return None, f"MLX switch factors A{list(a_shape)} / B{list(b_shape)} are not (E, r, in) / (E, out, r)"
+        a_shape, b_shape = a_shape[1:], b_shape[1:]  # per expert: PEFT orientation
+    elif module.layout == "mlx":
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            return None, f"MLX factors lora_a{list(a_shape)} / lora_b{list(b_shape)} are not 2-D"
+        if a_shape[1] != b_shape[0]:
+            return None, f"rank mismatch: lora_a has {a_shape[1]} columns, lora_b has {b_shape[0]} rows"
+        rank = a_shape[1]
+        return _Factors(module.kind, rank, FactorRef(module.a_key, (a_shape[0], rank), 1),
+                        FactorRef(module.b_key, (rank, b_shape[1]), 0)), None
+    expert = module.expert
     if len(a_shape) == 2 and len(b_shape) == 2:
         if a_shape[0] != b_shape[1]:
             return None, f"rank mismatch: lora_A has {a_shape[0]} rows, lora_B has {b_shape[1]} columns"
-        return _Factors(module.kind, (a_shape[0], a_shape[1]), a_shape[0]), None
+        rank = a_shape[0]
+        return _Factors(module.kind, rank, FactorRef(module.a_key, (rank, a_shape[1]), 0, expert),
+                        FactorRef(module.b_key, (b_shape[0], rank), 1, expert)), None
     if module.kind == "linear" and len(a_shape) >= 3 and len(b_shape) == len(a_shape) and all(d == 1 for d in b_shape[2:]):
-        # PEFT conv LoRA: A is (r, in, *kernel), B is (out, r, 1, ...); ΔW as a matrix is B(out×r)·A(r×in·∏kernel).
+        # Conv LoRA (PEFT, kohya): A is (r, in, *kernel), B is (out, r, 1, ...); ΔW as a matrix is B(out×r)·A(r×in·∏kernel).
         if a_shape[0] != b_shape[1]:
             return None, f"rank mismatch: conv lora_A has {a_shape[0]} output channels, lora_B has {b_shape[1]} input channels"
-        return _Factors("conv", (a_shape[0], math.prod(a_shape[1:])), a_shape[0]), None
+        rank = a_shape[0]
+        return _Factors("conv", rank, FactorRef(module.a_key, (rank, math.prod(a_shape[1:])), 0),
+                        FactorRef(module.b_key, (b_shape[0], rank), 1)), None
     return None, f"factor shapes A{list(a_shape)} / B{list(b_shape)} are not a known LoRA layout"
 
 
@@ -1002,30 +1194,39 @@ class _PreparedModule(NamedTuple):
     a_shape: Tuple[int, ...]
     b_shape: Tuple[int, ...]
     dtype: str
+    params: int
+    scale: "ModuleScale"
+    r: int  # the stored dimension reported as r
+    max_rank: int  # an upper bound on rank(ΔW): r for LoRA, r² for LoHa, a product for LoKr
     gram_a: Optional[np.ndarray]  # A·Aᵀ (r×r); dropped once the spectrum is known
     gram_b: Optional[np.ndarray]  # Bᵀ·B (r×r)
     bias_norm: Optional[float]
     magnitude: Optional[Dict[str, float]]
+    tall: Optional[Tuple[np.ndarray, np.ndarray]] = None  # computed factors (Aᵀ, B), for the QR fallback
+    sigma: Optional[np.ndarray] = None  # a spectrum computed directly (LoKr, dense fallback)
 
 
 CHUNK_ELEMENTS = 1 << 18  # 2 MiB of float64: bounded memory, and large enough that per-chunk overhead is noise
 
 
-def _streamed_gram(source: _TensorSource, key: str, shape: Tuple[int, int], rank_axis: int,
-                   workspace: Optional[Workspace]) -> np.ndarray:
-    """XᵀX (r×r) of a factor, decoded chunk by chunk along its long axis.
+def _stored_matrix(source: _TensorSource, ref: FactorRef) -> np.ndarray:
+    raw = source.raw(ref.key)
+    return (raw[ref.expert] if ref.expert is not None else raw).reshape(ref.shape)
 
-    ``rank_axis`` is 0 for A (r×n: Gram = A·Aᵀ) and 1 for B (m×r: Gram = BᵀB).
+
+def _streamed_gram(source: _TensorSource, ref: FactorRef, workspace: Optional[Workspace]) -> np.ndarray:
+    """The r×r Gram of a factor (A·Aᵀ for A, Bᵀ·B for B), decoded chunk by chunk along its long axis.
+
     Peak memory is one chunk, whatever the tensor's size.
     """
-    dtype_name = source.describe(key)[0]
-    raw = source.raw(key).reshape(shape)
-    rank, length = shape[rank_axis], shape[1 - rank_axis]
+    dtype_name = source.describe(ref.key)[0]
+    raw = _stored_matrix(source, ref)
+    rank, length = ref.shape[ref.rank_axis], ref.shape[1 - ref.rank_axis]
     step = max(1, CHUNK_ELEMENTS // max(rank, 1))
     gram = np.zeros((rank, rank))
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite Gram is handled by the caller
         for start in range(0, length, step):
-            if rank_axis == 0:
+            if ref.rank_axis == 0:
                 chunk = decode(raw[:, start:start + step], dtype_name, workspace=workspace)
                 gram += chunk @ chunk.T
             else:
@@ -1034,14 +1235,47 @@ def _streamed_gram(source: _TensorSource, key: str, shape: Tuple[int, int], rank
     return gram
 
 
-def _tall_factor(source: _TensorSource, key: str, shape: Tuple[int, int], rank_axis: int) -> np.ndarray:
+def _tall_factor(source: _TensorSource, ref: FactorRef) -> np.ndarray:
     """The whole factor as a tall float64 matrix (n×r), for the rare Householder-QR path."""
-    values = source.load(key).reshape(shape)
-    return values.T if rank_axis == 0 else values
+    values = decode(_stored_matrix(source, ref), source.describe(ref.key)[0])
+    return values.T if ref.rank_axis == 0 else values
 
 
-def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Optional[Workspace]
-                    ) -> Tuple[Optional[_PreparedModule], List[str]]:
+def _check_tensors(module: LoraModule, source: _TensorSource, keys: Sequence[str]) -> Optional[str]:
+    for key in keys:
+        dtype, _, problem = source.describe(key)
+        if problem:
+            return f"{module.name}: tensor {key!r}: {problem}; not audited"
+        if not _is_float(dtype):
+            return f"{module.name}: tensor {key!r} has non-floating dtype {dtype}; not audited"
+    return None
+
+
+def _load_finite(module: LoraModule, source: _TensorSource, key: str) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    values = source.load(key)
+    source.release(key)
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        return None, f"{module.name}: {key.rsplit('.', 1)[-1] if '.' in key else key} contains {bad} NaN/Inf values; not audited"
+    return values, None
+
+
+def _extras(module: LoraModule, source: _TensorSource) -> Tuple[Optional[float], Optional[Dict[str, float]]]:
+    bias_norm = magnitude = None
+    if module.bias_key is not None:
+        bias_norm = float(np.linalg.norm(source.load(module.bias_key)))
+        source.release(module.bias_key)
+    if module.magnitude_key is not None:
+        magnitude = _dora_stats(source.load(module.magnitude_key))
+        source.release(module.magnitude_key)
+    return bias_norm, magnitude
+
+
+ScaleRule = Callable[[LoraModule, int, Optional[float]], "ModuleScale"]
+
+
+def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Optional[Workspace],
+                    scale_rule: ScaleRule) -> Tuple[Optional[_PreparedModule], List[str]]:
     """Validate one module and reduce its factors to r×r Gram matrices.
 
     Damage confined to the module becomes issues, never an exception.  Each
@@ -1051,56 +1285,201 @@ def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Option
     name = module.name
     if module.duplicate_keys:
         return None, [f"{name}: more than one tensor for the same factor ({', '.join(module.duplicate_keys)}); not audited"]
+    if module.family != "lora" or module.part("lora_mid.weight"):
+        return _prepare_computed(module, source, scale_rule)
     if module.a_key is None or module.b_key is None:
         if module.a_key is None and module.b_key is None:
-            return None, [f"{name}: has no lora_A/lora_B factors (only a bias or magnitude); not audited"]
+            return None, [f"{name}: has no LoRA factors (only a bias, magnitude or alpha); not audited"]
         missing, present = ("lora_B", "lora_A") if module.b_key is None else ("lora_A", "lora_B")
         return None, [f"{name}: has {present} but no {missing}; not audited"]
-    (a_dtype, a_shape, a_problem), (b_dtype, b_shape, b_problem) = source.describe(module.a_key), source.describe(module.b_key)
-    for key, problem, dtype in ((module.a_key, a_problem, a_dtype), (module.b_key, b_problem, b_dtype)):
-        if problem:
-            return None, [f"{name}: tensor {key!r}: {problem}; not audited"]
-        if not _is_float(dtype):
-            return None, [f"{name}: tensor {key!r} has non-floating dtype {dtype}; not audited"]
+    problem = _check_tensors(module, source, (module.a_key, module.b_key))
+    if problem:
+        return None, [problem]
+    (a_dtype, a_shape, _), (b_dtype, b_shape, _) = source.describe(module.a_key), source.describe(module.b_key)
     layout, problem = _factor_layout(module, a_shape, b_shape)
     if problem:
         return None, [f"{name}: {problem}; not audited"]
     if layout.rank == 0:
         return None, [f"{name}: rank r = 0 (empty factors); not audited"]
     grams = []
-    for label, key, shape, rank_axis in (("lora_A", module.a_key, layout.a_matrix_shape, 0),
-                                         ("lora_B", module.b_key, (b_shape[0], layout.rank), 1)):
-        gram = _streamed_gram(source, key, shape, rank_axis, workspace)
+    for label, ref in (("lora_A", layout.a), ("lora_B", layout.b)):
+        gram = _streamed_gram(source, ref, workspace)
         if not np.isfinite(gram).all():  # NaN/Inf in the factor, or finite values too large to square
-            values = source.load(key)
+            values = _tall_factor(source, ref)
             bad = int(values.size - np.count_nonzero(np.isfinite(values)))
             if bad:
-                source.release(key)
+                source.release(ref.key)
                 return None, [f"{name}: {label} contains {bad} NaN/Inf values; not audited"]
-        source.release(key)
+        source.release(ref.key)
         grams.append(gram)
-    bias_norm = magnitude = None
-    if module.bias_key is not None:
-        bias_norm = float(np.linalg.norm(source.load(module.bias_key)))
-        source.release(module.bias_key)
-    if module.magnitude_key is not None:
-        magnitude = _dora_stats(source.load(module.magnitude_key))
-        source.release(module.magnitude_key)
+    alpha, problem = _alpha_value(module, source)
+    if problem:
+        return None, [problem]
+    bias_norm, magnitude = _extras(module, source)
     dtype = a_dtype if a_dtype == b_dtype else f"{a_dtype}/{b_dtype}"
-    return _PreparedModule(module, layout, tuple(a_shape), tuple(b_shape), dtype, grams[0], grams[1],
-                           bias_norm, magnitude), []
+    a_matrix, b_matrix = (layout.a.shape, layout.b.shape) if module.expert is not None else (a_shape, b_shape)
+    return _PreparedModule(module, layout, tuple(a_matrix), tuple(b_matrix), dtype,
+                           math.prod(a_matrix) + math.prod(b_matrix), scale_rule(module, layout.rank, alpha),
+                           layout.rank, layout.rank, grams[0], grams[1], bias_norm, magnitude), []
+
+
+def _alpha_value(module: LoraModule, source: _TensorSource) -> Tuple[Optional[float], Optional[str]]:
+    """The scalar ``alpha`` tensor kohya / LyCORIS store per module (any float dtype)."""
+    key = module.part("alpha")
+    if key is None:
+        return None, None
+    problem = _check_tensors(module, source, (key,))
+    if problem:
+        return None, problem
+    values = source.load(key)
+    if values.size != 1 or not np.isfinite(values).all():
+        return None, f"{module.name}: alpha tensor {key!r} is not one finite number; not audited"
+    return float(values.reshape(-1)[0]), None
+
+
+def _dense_sigma(delta: np.ndarray) -> np.ndarray:
+    return np.linalg.svd(delta, compute_uv=False)
+
+
+def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: ScaleRule
+                      ) -> Tuple[Optional[_PreparedModule], List[str]]:
+    """Tucker LoRA (lora_mid), LyCORIS LoHa and LoKr: factors are small, so
+    they are loaded whole and combined in NumPy — still without forming ΔW
+    except where the low-rank route would be larger than ΔW itself."""
+    name = module.name
+    roles = dict(module.parts)
+    if module.a_key:
+        roles["lora_down.weight"] = module.a_key
+    if module.b_key:
+        roles["lora_up.weight"] = module.b_key
+    factor_roles = {role: key for role, key in roles.items() if role != "alpha"}
+    problem = _check_tensors(module, source, list(factor_roles.values()))
+    if problem:
+        return None, [problem]
+    values: Dict[str, np.ndarray] = {}
+    for role, key in factor_roles.items():
+        loaded, problem = _load_finite(module, source, key)
+        if problem:
+            return None, [problem]
+        values[role] = loaded
+    alpha, problem = _alpha_value(module, source)
+    if problem:
+        return None, [problem]
+    try:
+        built = {"lora": _tucker_lora, "loha": _loha, "lokr": _lokr}[module.family](values)
+    except (KeyError, ValueError) as error:
+        return None, [f"{name}: {module.family} factors do not fit together ({error}); not audited"]
+    bias_norm, magnitude = _extras(module, source)
+    dtypes = sorted({source.describe(key)[0] for key in factor_roles.values()})
+    shapes = {role: tuple(v.shape) for role, v in values.items()}
+    params = sum(v.size for v in values.values())
+    scale = scale_rule(module, built.rank, alpha)
+    # The batched stage groups by the size of the r×r problem: r² for LoHa's Khatri–Rao route.
+    inner = built.a.shape[0] if built.a is not None else built.rank
+    layout = _Factors(built.kind, inner, FactorRef("", (0, 0), 0), FactorRef("", (0, 0), 1))
+    a_shape = shapes.get("lora_down.weight") or shapes.get("hada_w1_b") or shapes.get("lokr_w1") or shapes.get("lokr_w1_a") or ()
+    b_shape = shapes.get("lora_up.weight") or shapes.get("hada_w1_a") or shapes.get("lokr_w2") or shapes.get("lokr_w2_a") or ()
+    common = dict(module=module, layout=layout, a_shape=a_shape, b_shape=b_shape, dtype="/".join(dtypes),
+                  params=params, scale=scale, r=built.rank, max_rank=built.max_rank, bias_norm=bias_norm,
+                  magnitude=magnitude)
+    if built.sigma is not None:
+        return _PreparedModule(gram_a=None, gram_b=None, sigma=built.sigma, **common), []
+    tall_a, tall_b = built.a.T, built.b
+    with np.errstate(over="ignore", invalid="ignore"):
+        grams = (tall_a.T @ tall_a, tall_b.T @ tall_b)
+    return _PreparedModule(gram_a=grams[0], gram_b=grams[1], tall=(tall_a, tall_b), **common), []
+
+
+class _Built(NamedTuple):
+    kind: str
+    rank: int  # the stored dimension r (what alpha is divided by; LoKr with both halves full: its capacity)
+    max_rank: int  # an upper bound on rank(ΔW); the low-rank route's inner size when a/b are given
+    a: Optional[np.ndarray] = None  # r×n
+    b: Optional[np.ndarray] = None  # m×r
+    sigma: Optional[np.ndarray] = None
+
+
+def _matrix(values: np.ndarray) -> np.ndarray:
+    return values.reshape(values.shape[0], -1)
+
+
+def _tucker_lora(values: Dict[str, np.ndarray]) -> _Built:
+    # LoCon with Tucker: ΔW[o, i, h, w] = Σ_{a,b} up[o, a]·mid[a, b, h, w]·down[b, i]
+    # (forward: down 1×1, then mid k×k, then up 1×1), i.e. B = up, A = mid ∘ down.
+    up, down, mid = _matrix(values["lora_up.weight"]), _matrix(values["lora_down.weight"]), values["lora_mid.weight"]
+    if mid.ndim < 3 or mid.shape[0] != up.shape[1] or mid.shape[1] != down.shape[0]:
+        raise ValueError(f"lora_mid {list(mid.shape)} does not join up {list(up.shape)} and down {list(down.shape)}")
+    a = np.einsum("ab...,bi->ai...", mid, down).reshape(mid.shape[0], -1)
+    return _Built("conv", up.shape[1], min(up.shape[1], up.shape[0], a.shape[1]), a=a, b=up)
+
+
+def _loha(values: Dict[str, np.ndarray]) -> _Built:
+    # ΔW = (w1a·w1b) ⊙ (w2a·w2b).  The Hadamard product of two rank-r products is
+    # P·Q with P the row-wise Kronecker product of w1a and w2a (out×r₁r₂) and Q the
+    # column-wise one of w1b and w2b (r₁r₂×in): the low-rank route with r² for r.
+    w1a, w1b, w2a, w2b = (values[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+    if "hada_t1" in values or "hada_t2" in values:  # Tucker LoHa: rebuild each half (LyCORIS rebuild_tucker)
+        half1 = np.einsum("ij...,jr,ip->pr...", values["hada_t1"], w1b, w1a)
+        half2 = np.einsum("ij...,jr,ip->pr...", values["hada_t2"], w2b, w2a)
+        delta = _matrix(half1 * half2)
+        return _Built("conv" if half1.ndim > 2 else "linear", w1b.shape[0], min(delta.shape),
+                      sigma=_dense_sigma(delta))
+    w1b, w2b = _matrix(w1b), _matrix(w2b)
+    if w1a.shape[0] != w2a.shape[0] or w1b.shape[1] != w2b.shape[1] or w1a.shape[1] != w1b.shape[0] \
+            or w2a.shape[1] != w2b.shape[0]:
+        raise ValueError(f"hada shapes {list(w1a.shape)}·{list(w1b.shape)} ⊙ {list(w2a.shape)}·{list(w2b.shape)}")
+    kind = "conv" if values["hada_w1_b"].ndim > 2 else "linear"
+    inner = w1a.shape[1] * w2a.shape[1]
+    max_rank = min(inner, w1a.shape[0], w1b.shape[1])
+    if inner >= min(w1a.shape[0], w1b.shape[1]):  # the r² route would be larger than ΔW itself
+        return _Built(kind, w1a.shape[1], max_rank, sigma=_dense_sigma((w1a @ w1b) * (w2a @ w2b)))
+    p = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], inner)
+    q = (w1b[:, None, :] * w2b[None, :, :]).reshape(inner, w1b.shape[1])
+    return _Built(kind, w1a.shape[1], max_rank, a=q, b=p)
+
+
+def _lokr(values: Dict[str, np.ndarray]) -> _Built:
+    # ΔW = kron(W1, W2): its singular values are all products σᵢ(W1)·σⱼ(W2), with
+    # W2 viewed as (c, d·∏kernel) — the same column order torch.kron gives a conv.
+    if "lokr_w1" in values:
+        sigma1, cap1 = _dense_sigma(_matrix(values["lokr_w1"])), min(values["lokr_w1"].shape[:2])
+        rank = None
+    else:
+        w1a, w1b = values["lokr_w1_a"], values["lokr_w1_b"]
+        sigma1, cap1 = lowrank_singular_values(w1b, w1a), min(w1a.shape[0], w1b.shape[1], w1a.shape[1])
+        rank = w1a.shape[1]
+    kernel = ()
+    if "lokr_w2" in values:
+        w2 = values["lokr_w2"]
+        kernel = w2.shape[2:]
+        sigma2, cap2 = _dense_sigma(_matrix(w2)), min(w2.shape[0], math.prod(w2.shape[1:]))
+    elif "lokr_t2" in values:  # Tucker: W2 = t2 ×₁ w2_a ×₂ w2_b (LyCORIS rebuild_tucker)
+        w2 = np.einsum("ij...,ip,jr->pr...", values["lokr_t2"], values["lokr_w2_a"], values["lokr_w2_b"])
+        kernel = w2.shape[2:]
+        sigma2, cap2 = _dense_sigma(_matrix(w2)), min(w2.shape[0], math.prod(w2.shape[1:]), values["lokr_w2_a"].shape[0])
+        rank = values["lokr_w2_a"].shape[0]
+    else:
+        w2a, w2b = values["lokr_w2_a"], _matrix(values["lokr_w2_b"])
+        sigma2, cap2 = lowrank_singular_values(w2b, w2a), min(w2a.shape[0], w2b.shape[1], w2a.shape[1])
+        rank = w2a.shape[1]
+        kernel = values["lokr_w2_b"].shape[2:]
+    sigma = np.sort(np.outer(sigma1, sigma2).ravel())[::-1]
+    max_rank = cap1 * cap2
+    return _Built("conv" if kernel else "linear", rank if rank is not None else max_rank, max_rank, sigma=sigma)
 
 
 BATCH_MODULES = 32
 
 
 def _module_spectra(prepared: Sequence[_PreparedModule], source: _TensorSource) -> List[np.ndarray]:
-    """Singular values of every module's B·A: one batched eigh and one batched
-    svd per rank; the rare factor that needs Householder QR is re-read."""
-    spectra: List[Optional[np.ndarray]] = [None] * len(prepared)
+    """Singular values of every module's update: one batched eigh and one
+    batched svd per rank; the rare factor that needs Householder QR is re-read
+    (or taken from the computed factors), and directly computed spectra pass through."""
+    spectra: List[Optional[np.ndarray]] = [item.sigma for item in prepared]
     by_rank: Dict[int, List[int]] = {}
     for index, item in enumerate(prepared):
-        by_rank.setdefault(item.layout.rank, []).append(index)
+        if item.sigma is None:
+            by_rank.setdefault(item.layout.rank, []).append(index)
     # Batches of BATCH_MODULES keep the stacked r×r temporaries small (a few MB at r = 64).
     batches = [(rank, indices[start:start + BATCH_MODULES]) for rank, indices in by_rank.items()
                for start in range(0, len(indices), BATCH_MODULES)]
@@ -1109,14 +1488,14 @@ def _module_spectra(prepared: Sequence[_PreparedModule], source: _TensorSource) 
         factors, ok = batched_gram_factors(grams)
         for slot in np.flatnonzero(~ok):
             item = prepared[indices[slot % len(indices)]]
-            if slot < len(indices):
-                tall = _tall_factor(source, item.module.a_key, item.layout.a_matrix_shape, 0)
-                factors[slot] = gram_factor(tall, item.gram_a)
-                source.release(item.module.a_key)
+            side = 0 if slot < len(indices) else 1
+            if item.tall is not None:
+                tall = item.tall[side]
             else:
-                tall = _tall_factor(source, item.module.b_key, (item.b_shape[0], rank), 1)
-                factors[slot] = gram_factor(tall, item.gram_b)
-                source.release(item.module.b_key)
+                ref = item.layout.a if side == 0 else item.layout.b
+                tall = _tall_factor(source, ref)
+                source.release(ref.key)
+            factors[slot] = gram_factor(tall, item.gram_a if side == 0 else item.gram_b)
         sigma = core_singular_values(factors[len(indices):], factors[:len(indices)])
         for row, index in enumerate(indices):
             spectra[index] = sigma[row]
@@ -1125,9 +1504,8 @@ def _module_spectra(prepared: Sequence[_PreparedModule], source: _TensorSource) 
 
 def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum, config: AdapterConfig,
                    top_k: int) -> ModuleAudit:
-    name, rank = item.module.name, item.layout.rank
+    name, rank, scale = item.module.name, item.r, item.scale
     issues: List[str] = []
-    scale = module_scale(config, name, rank)
     if config.present and scale.config_r is not None and scale.config_r != rank:
         source_of_r = f"rank_pattern[{scale.rank_pattern_key!r}]" if scale.rank_pattern_key else "r"
         issues.append(f"{name}: stored rank {rank} disagrees with config {source_of_r} = {scale.config_r}; "
@@ -1138,20 +1516,23 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
     if not all(math.isfinite(v) for v in (spectrum.frob_sq, abs_scale * spectrum.sigma_max,
                                           abs_scale * math.sqrt(spectrum.frob_sq))):
         issues.append(f"{name}: a metric overflows float64 (scale {scale.scale!r}); reported as null")
+    # LoHa / LoKr: the rank budget is max_rank, not the stored dimension.
+    utilization = spectrum.utilization if item.module.family == "lora" else \
+        (spectrum.stable_rank / item.max_rank if item.max_rank else 0.0)
     return ModuleAudit(
         name=name, module_type=module_type(name), layer_index=layer_index(name), kind=item.layout.kind,
         r=rank, config_r=scale.config_r, alpha=scale.alpha, scale=scale.scale, scale_rule=scale.scale_rule,
         rank_pattern_key=scale.rank_pattern_key, alpha_pattern_key=scale.alpha_pattern_key,
-        params=math.prod(item.a_shape) + math.prod(item.b_shape), a_shape=item.a_shape, b_shape=item.b_shape,
+        params=item.params, a_shape=item.a_shape, b_shape=item.b_shape,
         dtype=item.dtype, lora_a_key=item.module.a_key, lora_b_key=item.module.b_key,
-        stable_rank=spectrum.stable_rank, effective_rank=spectrum.effective_rank, utilization=spectrum.utilization,
+        stable_rank=spectrum.stable_rank, effective_rank=spectrum.effective_rank, utilization=utilization,
         sigma_max=spectrum.sigma_max, frob_sq=spectrum.frob_sq,
         energy_rank_90=spectrum.energy_rank_90, energy_rank_95=spectrum.energy_rank_95,
         energy_rank_99=spectrum.energy_rank_99,
         delta_sigma_max=abs_scale * spectrum.sigma_max, delta_fro_norm=abs_scale * math.sqrt(spectrum.frob_sq),
         top_singular_values=tuple(float(s) for s in sigma[:top_k]) if top_k > 0 else None,
         lora_bias_key=item.module.bias_key, lora_bias_norm=item.bias_norm, dora_magnitude=item.magnitude,
-        issues=tuple(issues))
+        family=item.module.family, max_rank=item.max_rank, issues=tuple(issues))
 
 
 def _percentile(values: Sequence[float], q: float) -> Optional[float]:
@@ -1216,6 +1597,7 @@ class AuditResult:
     n_modules_skipped: int = 0
     adapter_format: str = "peft"
     config: AdapterConfig = field(default_factory=AdapterConfig)
+    format_metadata: Dict[str, str] = field(default_factory=dict)  # kohya ss_* training metadata
     udr_requested: bool = False
 
     def summary(self) -> Dict[str, Any]:
@@ -1256,6 +1638,7 @@ class AuditResult:
         """JSON-ready summary; ``include_layers`` adds per-module rows under ``layers``
         (``topk_layers`` keeps the N lowest-utilisation modules)."""
         out: Dict[str, Any] = {"schema": SCHEMA_VERSION, "format": self.adapter_format,
+                               "format_metadata": dict(self.format_metadata),
                                "adapter_name": self.adapter_name, "weights_path": self.weights_path,
                                "config_path": self.config_path, "other_adapters": list(self.other_adapters)}
         out.update(self.summary())
@@ -1289,25 +1672,100 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _audit(source: _TensorSource, keys: Iterable[str], config: AdapterConfig, issues: List[str],
+class AuditSetup(NamedTuple):
+    """How to read one file: its format, config, scale rule, and what to report about them."""
+
+    adapter_format: str
+    config: AdapterConfig
+    scale_rule: ScaleRule
+    issues: List[str]
+    format_metadata: Dict[str, str]
+
+
+def _diffusers_configs(metadata: Mapping[str, str], issues: List[str]) -> Dict[Optional[str], AdapterConfig]:
+    """diffusers writes the LoraConfig into the safetensors metadata
+    ``lora_adapter_metadata``; a pipeline save prefixes each field with its
+    component ("unet.r", "text_encoder.lora_alpha")."""
+    try:
+        document = json.loads(metadata["lora_adapter_metadata"])
+    except (ValueError, RecursionError) as error:
+        issues.append(f"config: lora_adapter_metadata is not valid JSON ({error})")
+        return {}
+    if not isinstance(document, dict):
+        issues.append("config: lora_adapter_metadata is not a JSON object")
+        return {}
+    grouped: Dict[Optional[str], Dict[str, Any]] = {}
+    for key, value in document.items():
+        component, _, field_name = key.partition(".")
+        if field_name and component in DIFFUSERS_COMPONENTS:
+            grouped.setdefault(component, {})[field_name] = value
+        else:
+            grouped.setdefault(None, {})[key] = value
+    configs = {}
+    for component, fields in grouped.items():
+        config, config_issues = parse_adapter_config(fields)
+        label = f"config ({component})" if component else "config"
+        issues.extend(issue.replace("config:", f"{label}:", 1) for issue in config_issues)
+        configs[component] = config
+    return configs
+
+
+def configure(adapter_format: str, raw_config: Any, load_issues: List[str],
+              metadata: Mapping[str, str]) -> AuditSetup:
+    """Pick the config and scale rule a format uses; never raises."""
+    format_metadata = {key: metadata[key] for key in KOHYA_METADATA if key in metadata}
+    if adapter_format in ("kohya", "lycoris", "diffusers-old"):
+        # These formats keep alpha per module in the weights; adapter_config.json is not theirs.
+        return AuditSetup(adapter_format, AdapterConfig(), kohya_scale, [], format_metadata)
+    if adapter_format == "mlx":
+        parameters = raw_config.get("lora_parameters") if isinstance(raw_config, Mapping) else None
+        scale = parameters.get("scale") if isinstance(parameters, Mapping) else None
+        issues = [issue for issue in load_issues if "no adapter_config.json" not in issue]
+        if scale is None or isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            issues.append(f"config: no usable MLX lora_parameters.scale ({scale!r}); scale taken as 1.0")
+            scale = None
+        return AuditSetup("mlx", AdapterConfig(present=raw_config is not None), absolute_scale(scale), issues,
+                          format_metadata)
+    issues = list(load_issues)
+    if adapter_format == "diffusers" and raw_config is None and "lora_adapter_metadata" in metadata:
+        issues = [issue for issue in issues if "no adapter_config.json" not in issue]
+        configs = _diffusers_configs(metadata, issues)
+        default = configs.get(None, AdapterConfig())
+
+        def rule(module: LoraModule, rank: int, alpha: Optional[float]) -> ModuleScale:
+            config = configs.get(module.component, default)
+            # Patterns were written against the component's own module names.
+            name = module.name[len(module.component) + 1:] if module.component else module.name
+            return module_scale(config, name, rank)
+
+        return AuditSetup(adapter_format, default if None in configs else next(iter(configs.values()), default),
+                          rule, issues, format_metadata)
+    config, config_issues = parse_adapter_config(raw_config)
+    issues.extend(config_issues)
+    if not config.present:
+        issues.append("config: no usable adapter config; r taken from the weights, scale = 1.0 for every module")
+    return AuditSetup(adapter_format, config, lambda module, rank, alpha: module_scale(config, module.name, rank),
+                      issues, format_metadata)
+
+
+def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues: List[str],
            top_k: int) -> Tuple[List[ModuleAudit], List[str], int]:
     """Stream the modules in blocks: each block's factors are reduced to r×r
     Grams one tensor at a time, then one batched r×r pass finishes the block,
     so only one block's Grams are ever held.  (Worker threads were measured
     and dropped: OpenBLAS serialises concurrent small BLAS calls, so they
     bought nothing on 2 cores.)"""
-    modules, non_lora = group_lora_keys(keys)
+    modules, non_lora = group_modules(setup.adapter_format, keys, lambda key: source.describe(key)[1])
     if not modules:
-        issues.append("no LoRA factors found (no lora_A/lora_B keys)")
-    if not config.present and modules:
-        issues.append("config: no usable adapter config; r taken from the weights, scale = 1.0 for every module")
+        issues.append("no LoRA factors found (no lora_A/lora_B, lora_down/lora_up, hada_, lokr_ or lora_a/lora_b keys)")
+    config = setup.config
     workspace = Workspace()
     prepared: List[_PreparedModule] = []
     spectra: List[np.ndarray] = []
     for start in range(0, len(modules), BATCH_MODULES):
         block_prepared = []
         for module in modules[start:start + BATCH_MODULES]:
-            item, module_issues = _prepare_module(module, source, workspace)
+            item, module_issues = _prepare_module(module, source, workspace, setup.scale_rule)
             issues.extend(module_issues)
             if item is not None:
                 block_prepared.append(item)
@@ -1318,7 +1776,7 @@ def _audit(source: _TensorSource, keys: Iterable[str], config: AdapterConfig, is
     padded = np.zeros((len(spectra), width))
     for row, sigma in enumerate(spectra):
         padded[row, :sigma.size] = sigma
-    ranks = np.array([item.layout.rank for item in prepared], dtype=np.int64)
+    ranks = np.array([item.r for item in prepared], dtype=np.int64)
     metrics = batched_spectrum_metrics(padded, ranks) if prepared else []
     layers = []
     for item, sigma, spectrum in zip(prepared, spectra, metrics):
@@ -1346,11 +1804,13 @@ def audit_lora_state_dict(tensors: Mapping[str, Any], config: Optional[Mapping[s
     >>> result.layers[0].name, result.layers[0].scale
     ('q_proj', 2.0)
     """
-    parsed, issues = parse_adapter_config(config)
-    layers, non_lora, skipped = _audit(_TensorSource.from_arrays(tensors), list(tensors), parsed, issues,
+    keys = list(tensors)
+    setup = configure(detect_format(keys, {}, config), config, [], {})
+    issues = list(setup.issues)
+    layers, non_lora, skipped = _audit(_TensorSource.from_arrays(tensors), keys, setup, issues,
                                        include_top_singular_values)
     return AuditResult(tuple(layers), tuple(issues), non_lora_tensors=tuple(non_lora),
-                       n_modules_skipped=skipped, config=parsed)
+                       n_modules_skipped=skipped, adapter_format=setup.adapter_format, config=setup.config)
 
 
 def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values: int = 0,
@@ -1371,16 +1831,17 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
     4
     """
     files = find_adapter_files(path, adapter=adapter, weights=weights, config=adapter_config)
-    raw_config, issues = load_adapter_config(files.config_path)
-    config, config_issues = parse_adapter_config(raw_config)
-    issues.extend(config_issues)
     sf = open_safetensors(files.weights_path)
-    layers, non_lora, skipped = _audit(_TensorSource.from_file(sf), list(sf.tensors), config, issues,
-                                       include_top_singular_values)
+    raw_config, load_issues = load_adapter_config(files.config_path)
+    keys = list(sf.tensors)
+    setup = configure(detect_format(keys, sf.metadata, raw_config), raw_config, load_issues, sf.metadata)
+    issues = list(setup.issues)
+    layers, non_lora, skipped = _audit(_TensorSource.from_file(sf), keys, setup, issues, include_top_singular_values)
     result = AuditResult(tuple(layers), tuple(issues), adapter_name=files.adapter_name,
                          weights_path=files.weights_path, config_path=files.config_path,
                          other_adapters=files.other_adapters, non_lora_tensors=tuple(non_lora),
-                         n_modules_skipped=skipped, config=config)
+                         n_modules_skipped=skipped, adapter_format=setup.adapter_format, config=setup.config,
+                         format_metadata=setup.format_metadata)
     if base_model is not None or base_norms is not None or base_norms_cache is not None:
         result = attach_udr(result, base_model=base_model, base_norms=base_norms,
                             base_norms_cache=base_norms_cache, progress=progress)
@@ -1580,7 +2041,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wasteful: int = 5) -> str:
     """A human-readable report: summary, by-type table, suggestions, issues, cheat sheet."""
     summary = result.to_summary_dict()
-    lines = [f"LoRA audit: {result.weights_path or '(in-memory state dict)'} [adapter {result.adapter_name!r}]"]
+    lines = [f"LoRA audit: {result.weights_path or '(in-memory state dict)'} [format {result.adapter_format}, "
+             f"adapter {result.adapter_name!r}]"]
+    if result.format_metadata:
+        lines.append("  training metadata: " + ", ".join(f"{k}={v}" for k, v in result.format_metadata.items()))
     if result.other_adapters:
         lines.append(f"  other adapters saved here: {', '.join(result.other_adapters)} (use --adapter NAME)")
     lines += [

@@ -4,11 +4,13 @@ This is the only file in the repository that imports torch, transformers or
 peft.  It is run once by a developer (never by the tests or CI):
 
     python -m venv /tmp/fixenv
-    /tmp/fixenv/bin/pip install torch==2.13.0 peft transformers safetensors numpy
+    /tmp/fixenv/bin/pip install torch==2.13.0 peft transformers safetensors numpy lycoris-lora diffusers
     /tmp/fixenv/bin/python tools/make_fixtures.py
 
 It builds tiny models from configs (no hub downloads), wraps them with the real
-PEFT library, gives the LoRA factors non-zero values with a decaying spectrum,
+PEFT library (and, for tests/fixtures/formats/, the real LyCORIS and diffusers
+libraries; kohya and MLX-LM files are written by their documented key layouts,
+since neither library installs here), gives the LoRA factors non-zero values with a decaying spectrum,
 saves the adapters exactly as ``save_pretrained`` writes them, and records the
 scalings and ranks PEFT itself used (read from the live model) in
 ``expected.json`` next to each adapter.  The tiny base models are saved too, for
@@ -17,6 +19,8 @@ the base-norms / UDR tests.
 import json
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -27,6 +31,7 @@ from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel,
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 PEFT_DIR = OUT / "peft"
+FORMATS_DIR = OUT / "formats"
 BASE_DIR = OUT / "base"
 
 
@@ -209,6 +214,186 @@ def make_bases():
         print(f"wrote {folder}: {sorted(p.name for p in folder.iterdir())}")
 
 
+def fill_random(module_tensors, gen, magnitude=0.1):
+    with torch.no_grad():
+        for tensor in module_tensors:
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * magnitude)
+
+
+def fresh_case(name):
+    target = FORMATS_DIR / name
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    return target
+
+
+class SmallNet(nn.Module):
+    """Linear layers (one square: the orientation trap) and a 3x3 conv."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.fc1 = nn.Linear(64, 96)
+        self.fc2 = nn.Linear(96, 48)
+        self.square = nn.Linear(48, 48)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+
+
+def make_lycoris():
+    """LoHa, LoKr (full and decomposed halves), LoCon with Tucker: saved by LyCORIS itself."""
+    from lycoris import LycorisNetwork, create_lycoris
+
+    cases = {
+        "lycoris_loha": dict(algo="loha", linear_dim=4, linear_alpha=2, conv_dim=4, conv_alpha=2),
+        "lycoris_lokr": dict(algo="lokr", linear_dim=4, linear_alpha=2, conv_dim=4, conv_alpha=2, factor=4),
+        "lycoris_lokr_full": dict(algo="lokr", linear_dim=10000, linear_alpha=1, factor=8),
+        "lycoris_locon_tucker": dict(algo="locon", linear_dim=4, linear_alpha=8, conv_dim=4, conv_alpha=2,
+                                     use_tucker=True),
+        "lycoris_loha_tucker": dict(algo="loha", linear_dim=4, linear_alpha=4, conv_dim=3, conv_alpha=1,
+                                    use_tucker=True),
+    }
+    for index, (name, options) in enumerate(cases.items()):
+        net = SmallNet()
+        LycorisNetwork.apply_preset({"target_name": ["fc1", "fc2", "square", "conv"]})
+        network = create_lycoris(net, 1.0, **options)
+        network.apply_to()
+        gen = torch.Generator().manual_seed(30 + index)
+        for module in network.loras:
+            fill_random([p for n, p in module.named_parameters() if not n.startswith("org")], gen)
+        target = fresh_case(name)
+        network.save_weights(str(target / f"{name}.safetensors"), torch.float32, {"ss_network_module": "lycoris.kohya"})
+        expected = {"note": f"LyCORIS {options}", "modules": {
+            module.lora_name: {"scale": float(module.scale)} for module in network.loras}}
+        (target / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {target}")
+
+
+def bf16_bits(array):
+    bits = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(torch.bfloat16).view(torch.int16)
+    return bits.numpy().view(np.uint16)
+
+
+def write_raw_safetensors(path, tensors, metadata=None):
+    """tensors: name -> (dtype code, numpy array of the stored values or raw bits)."""
+    header, blobs, offset = {}, [], 0
+    for name, (dtype, array) in tensors.items():
+        blob = np.ascontiguousarray(array).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
+
+
+def make_kohya():
+    """A kohya/A1111 file by the layout of sd-scripts networks/lora.py: bf16 factors,
+    alpha scalars in bf16 and fp16, one module without alpha, one with alpha 0, a
+    3x3 conv, a dora_scale, and the ss_* training metadata."""
+    rng = np.random.default_rng(40)
+    tensors, expected = {}, {}
+    layout = {
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": ((32, 32), 4, ("BF16", 8.0)),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1": ((64, 32), 4, ("F16", 2.0)),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": ((40, 40), 8, None),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2": ((40, 80), 8, ("F32", 0.0)),
+        "lora_unet_down_blocks_0_resnets_0_conv1": ((16, 8, 3, 3), 4, ("BF16", 1.0)),
+    }
+    for name, (shape, rank, alpha) in layout.items():
+        out_features, rest = shape[0], shape[1:]
+        down = rng.normal(size=(rank, *rest)).astype(np.float32) * 0.1
+        up = rng.normal(size=(out_features, rank) + (1,) * (len(rest) - 1)).astype(np.float32) * 0.1
+        tensors[f"{name}.lora_down.weight"] = ("BF16", bf16_bits(down))
+        tensors[f"{name}.lora_up.weight"] = ("BF16", bf16_bits(up))
+        scale = 1.0
+        if alpha is not None:
+            dtype, value = alpha
+            stored = {"BF16": bf16_bits(np.array(value)), "F16": np.array(value, dtype="<f2"),
+                      "F32": np.array(value, dtype="<f4")}[dtype]
+            tensors[f"{name}.alpha"] = (dtype, stored.reshape(()))
+            scale = value / rank if value else 1.0
+        expected[name] = {"scale": scale}
+    dora = rng.normal(size=(1, 32)).astype(np.float32)
+    tensors["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.dora_scale"] = ("F32", dora)
+    metadata = {"ss_network_dim": "4", "ss_network_alpha": "8.0", "ss_network_module": "networks.lora",
+                "ss_base_model_version": "sdxl_base_v1-0", "ss_output_name": "tiny"}
+    target = fresh_case("kohya_sdxl")
+    write_raw_safetensors(target / "tiny_lora.safetensors", tensors, metadata)
+    (target / "expected.json").write_text(json.dumps({"note": "kohya layout", "modules": expected},
+                                                     indent=1, sort_keys=True) + "\n")
+    print(f"wrote {target}")
+
+
+def make_mlx():
+    """MLX-LM adapters by mlx_lm/tuner/lora.py: lora_a (in×r), lora_b (r×out), transposed
+    relative to PEFT; a square layer (orientation trap); a SwitchLinear MoE layer with
+    (E, r, in) / (E, out, r) factors; a DoRA magnitude .m; lora_parameters.scale absolute."""
+    rng = np.random.default_rng(41)
+    tensors = {
+        "model.layers.0.self_attn.q_proj.lora_a": rng.normal(size=(48, 4)),
+        "model.layers.0.self_attn.q_proj.lora_b": rng.normal(size=(4, 48)) * 0.05,
+        "model.layers.0.self_attn.k_proj.lora_a": rng.normal(size=(48, 4)),
+        "model.layers.0.self_attn.k_proj.lora_b": rng.normal(size=(4, 16)) * 0.05,
+        "model.layers.0.self_attn.k_proj.m": rng.normal(size=(16,)) + 1.0,
+        "model.layers.0.mlp.switch_mlp.gate_proj.lora_a": rng.normal(size=(3, 4, 48)),
+        "model.layers.0.mlp.switch_mlp.gate_proj.lora_b": rng.normal(size=(3, 64, 4)) * 0.05,
+    }
+    target = fresh_case("mlx_lm")
+    write_raw_safetensors(target / "adapters.safetensors",
+                          {k: ("F32", v.astype("<f4")) for k, v in tensors.items()})
+    (target / "adapter_config.json").write_text(json.dumps({
+        "fine_tune_type": "dora", "num_layers": 1, "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0}},
+        indent=1))
+    print(f"wrote {target}")
+
+
+def make_diffusers():
+    """A tiny UNet with PEFT LoRA saved by diffusers' own save_lora_weights (component
+    prefix "unet.", LoraConfig in the lora_adapter_metadata header field), and an
+    old-style attention-processor file (…to_q_lora.down.weight)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(5)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                        rank_pattern={"to_k": 2}, alpha_pattern={"to_v": 2})
+    unet.add_adapter(config)
+    gen = torch.Generator().manual_seed(50)
+    modules = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer):
+            fill_random([module.lora_A["default"].weight, module.lora_B["default"].weight], gen)
+            modules[f"unet.{name}"] = {"scale": float(module.scaling["default"]), "r": int(module.r["default"])}
+    target = fresh_case("diffusers_unet")
+    StableDiffusionPipeline.save_lora_weights(str(target), unet_lora_layers=get_peft_model_state_dict(unet),
+                                              unet_lora_adapter_metadata=config.to_dict(), safe_serialization=True)
+    (target / "expected.json").write_text(json.dumps({"note": "diffusers save_lora_weights", "modules": modules},
+                                                     indent=1, sort_keys=True) + "\n")
+    print(f"wrote {target}")
+
+    rng = np.random.default_rng(42)
+    old = {}
+    for block in range(2):
+        prefix = f"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn{block + 1}.processor"
+        for proj, (out_features, in_features) in (("to_q", (8, 8)), ("to_k", (8, 8 if block == 0 else 8))):
+            old[f"{prefix}.{proj}_lora.down.weight"] = ("F32", (rng.normal(size=(4, in_features)) * 0.1).astype("<f4"))
+            old[f"{prefix}.{proj}_lora.up.weight"] = ("F32", (rng.normal(size=(out_features, 4)) * 0.1).astype("<f4"))
+    target = fresh_case("diffusers_old")
+    write_raw_safetensors(target / "pytorch_lora_weights.safetensors", old)
+    print(f"wrote {target}")
+
+
 if __name__ == "__main__":
     make_adapters()
     make_bases()
+    make_lycoris()
+    make_kohya()
+    make_mlx()
+    make_diffusers()
