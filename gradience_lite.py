@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import html
 import json
 import math
 import mmap
@@ -2091,7 +2092,449 @@ def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wa
     return "\n".join(lines)
 
 
-# ══ 8. CLI ═══════════════════════════════════════════════════════════════════
+# ── HTML report ──────────────────────────────────────────────────────────────
+# One self-contained file: inline CSS and SVG, no scripts, fonts or network.
+# Cells carry an SVG <title>, so hovering shows the module without JavaScript.
+
+_PALETTE = ((0.267, 0.005, 0.329), (0.283, 0.141, 0.458), (0.254, 0.265, 0.530), (0.207, 0.372, 0.553),
+            (0.164, 0.471, 0.558), (0.128, 0.567, 0.551), (0.135, 0.659, 0.518), (0.267, 0.749, 0.441),
+            (0.478, 0.821, 0.318), (0.741, 0.873, 0.150), (0.993, 0.906, 0.144))  # viridis
+
+
+def _colour(fraction: Optional[float]) -> str:
+    if fraction is None or not math.isfinite(fraction):
+        return "#dddddd"
+    position = min(max(fraction, 0.0), 1.0) * (len(_PALETTE) - 1)
+    low = int(position)
+    high = min(low + 1, len(_PALETTE) - 1)
+    mix = [(1 - (position - low)) * a + (position - low) * b for a, b in zip(_PALETTE[low], _PALETTE[high])]
+    return "#" + "".join(f"{int(round(c * 255)):02x}" for c in mix)
+
+
+def _heatmap_coordinates(name: str) -> Tuple[str, str]:
+    """(row, column): layer index × the module's path with that index wildcarded;
+    without a layer index, the enclosing block × the last two path components."""
+    match = _LAYER_INDEX.search(name) or ("." not in name and _FLAT_LAYER_INDEX.search(name))
+    if match:
+        return str(int(match.group(1))), name[:match.start(1)] + "*" + name[match.end(1):]
+    parts = name.split(".")
+    if len(parts) > 2:
+        return ".".join(parts[:-2]), ".".join(parts[-2:])
+    return "—", name
+
+
+def _svg_heatmap(layers: Sequence[ModuleAudit], value: Callable[[ModuleAudit], Optional[float]],
+                 scale: Callable[[float], float], label: str, caption: str) -> str:
+    cells = {_heatmap_coordinates(layer.name): layer for layer in layers}
+    rows = sorted({row for row, _ in cells}, key=lambda row: (row == "—", int(row) if row.isdigit() else 0, row))
+    columns = sorted({column for _, column in cells}, key=_natural_key)
+    shared = os.path.commonprefix(columns) if len(columns) > 1 else ""
+    shared = shared[:shared.rfind(".") + 1] if "." in shared else ""
+    size, top = 16, 150
+    left = 12 + 6 * min(max(len(row[-36:]) for row in rows), 36)
+    # Room on the right for the last column labels, which lean right as they rise.
+    width, height = left + size * len(columns) + 90, top + size * len(rows) + 10
+    parts = [f'<svg class="heatmap" role="img" aria-label="{html.escape(caption)}" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">']
+    for j, column in enumerate(columns):
+        x = left + j * size + size / 2
+        parts.append(f'<text class="col" x="{x:.1f}" y="{top - 6}" transform="rotate(-60 {x:.1f} {top - 6})">'
+                     f'{html.escape(column[len(shared):][-28:])}</text>')
+    for i, row in enumerate(rows):
+        parts.append(f'<text class="row" x="{left - 6}" y="{top + i * size + size * 0.75:.1f}">'
+                     f'{html.escape(row[-36:])}<title>{html.escape(row)}</title></text>')
+    for (row, column), layer in cells.items():
+        i, j = rows.index(row), columns.index(column)
+        raw = value(layer)
+        parts.append(f'<rect class="cell" x="{left + j * size}" y="{top + i * size}" width="{size - 1}" '
+                     f'height="{size - 1}" fill="{_colour(scale(raw) if raw is not None else None)}">'
+                     f'<title>{html.escape(layer.name)}: {label} {_fmt(raw)}</title></rect>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _svg_lines(series: Sequence[Tuple[str, Sequence[Tuple[float, float]]]], x_label: str, y_label: str,
+               caption: str) -> str:
+    width, height, pad, legend = 900, 260, 44, 300  # the legend sits right of the plot
+    points = [p for _, line in series for p in line]
+    if not points:
+        return "<p>(no data)</p>"
+    x_max = max(max(x for x, _ in points), 1.0)
+    y_max = max(max(y for _, y in points), 1e-12)
+    colours = ("#3b528b", "#21918c", "#5ec962", "#fde725", "#440154", "#e35932", "#9c179e", "#0d0887")
+    parts = [f'<svg class="chart" role="img" aria-label="{html.escape(caption)}" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
+             f'<line x1="{pad}" y1="{height - pad}" x2="{width - legend}" y2="{height - pad}" class="axis"/>',
+             f'<line x1="{pad}" y1="10" x2="{pad}" y2="{height - pad}" class="axis"/>',
+             f'<text x="{(width - legend) / 2:.0f}" y="{height - 8}" class="label">{html.escape(x_label)}</text>',
+             f'<text x="12" y="{height / 2:.0f}" class="label" transform="rotate(-90 12 {height / 2:.0f})">'
+             f'{html.escape(y_label)}</text>',
+             f'<text x="{pad - 4}" y="16" class="tick">{_fmt(y_max)}</text>',
+             f'<text x="{width - legend}" y="{height - pad + 14}" class="tick">{_fmt(x_max)}</text>']
+    for index, (name, line) in enumerate(series):
+        coords = " ".join(f"{pad + (width - legend - pad) * x / x_max:.1f},"
+                          f"{height - pad - (height - pad - 10) * y / y_max:.1f}" for x, y in line)
+        colour = colours[index % len(colours)]
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}">'
+                     f'<title>{html.escape(name)}</title></polyline>')
+        parts.append(f'<text x="{width - legend + 12}" y="{24 + 14 * index}" class="legend" fill="{colour}">'
+                     f'{html.escape(name[-46:])}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+_HTML_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
+td:first-child,th:first-child{text-align:left}.muted{color:#666}.issues li{font-family:monospace;font-size:12px}
+svg text{font:10px monospace;fill:#333}svg text.row{text-anchor:end}svg text.tick{text-anchor:end}
+svg .axis{stroke:#999}svg text.label{font:11px sans-serif;text-anchor:middle}.legendbar{display:flex;gap:2px}
+.scroll{overflow-x:auto}
+"""
+
+
+def render_html_report(result: AuditResult) -> str:
+    """A self-contained HTML page: summary, heatmaps (utilization, and UDR when
+    known) of layer × module, spectra of the strongest updates, energy
+    concentration over depth, and the issues.  No JavaScript."""
+    summary = result.to_summary_dict()
+    layers = list(result.layers)
+    rows = "".join(f"<tr><td>{html.escape(key)}</td><td>{html.escape(_fmt(summary.get(key)))}</td></tr>"
+                   for key in ("format", "n_layers", "n_modules_skipped", "total_lora_params", "stable_rank_mean",
+                               "stable_rank_median", "effective_rank_mean", "utilization_mean", "energy_rank_90_p50",
+                               "energy_rank_90_p90", "suggested_r_global_median", "suggested_r_global_90",
+                               "n_layers_with_udr", "udr_median", "udr_p90", "udr_max", "sdi_median"))
+    by_type = "".join(f"<tr><td>{kind}</td><td>{row['n_layers']}</td><td>{row['params']:,}</td>"
+                      f"<td>{_fmt(row['stable_rank_mean'])}</td><td>{_fmt(row['utilization_mean'])}</td>"
+                      f"<td>{_fmt(row['energy_rank_90_p50'])}</td><td>{_fmt(row['energy_rank_90_p90'])}</td></tr>"
+                      for kind, row in summary["by_type"].items())
+    sections = [
+        f"<h1>LoRA audit</h1><p class=\"muted\">{html.escape(str(result.weights_path or 'in-memory state dict'))}"
+        f" — format {html.escape(result.adapter_format)}, adapter {html.escape(result.adapter_name)}</p>",
+        f"<h2>Summary</h2><table>{rows}</table>",
+        "<h2>By module type</h2><table><tr><th>type</th><th>modules</th><th>params</th><th>stable rank</th>"
+        f"<th>utilization</th><th>k@90 p50</th><th>k@90 p90</th></tr>{by_type}</table>",
+        "<h2>Utilization by layer and module</h2><p class=\"muted\">stable rank / r; dark = little of the rank "
+        "budget used, yellow = all of it.</p><div class=\"scroll\">"
+        + _svg_heatmap(layers, lambda layer: layer.utilization, lambda u: u, "utilization", "utilization heatmap")
+        + "</div>",
+    ]
+    if any(layer.udr is not None for layer in layers):
+        sections.append(
+            "<h2>Update dominance (UDR) by layer and module</h2><p class=\"muted\">colour = SDI = log10 UDR from −3 "
+            "(dark) to +1 (yellow); grey = no base norm.</p><div class=\"scroll\">"
+            + _svg_heatmap(layers, lambda layer: layer.udr, lambda u: (math.log10(u + UDR_EPS) + 3) / 4, "UDR",
+                           "UDR heatmap") + "</div>")
+    strongest = sorted((layer for layer in layers if layer.top_singular_values and layer.sigma_max > 0),
+                       key=lambda layer: layer.delta_sigma_max, reverse=True)[:6]
+    spectra = [(layer.name, [(i + 1.0, s / layer.sigma_max) for i, s in enumerate(layer.top_singular_values)])
+               for layer in strongest]
+    sections.append("<h2>Singular-value spectra of the strongest updates</h2><p class=\"muted\">σᵢ/σ₁ of the six "
+                    "modules with the largest ‖ΔW‖₂.</p>" + _svg_lines(spectra, "index i", "σᵢ / σ₁", "spectra"))
+    depth: Dict[int, List[ModuleAudit]] = {}
+    for layer in layers:
+        if layer.layer_index is not None and layer.stable_rank > 0:
+            depth.setdefault(layer.layer_index, []).append(layer)
+    concentration = [("share of energy in σ₁ (1 / stable rank)",
+                      [(float(index), float(np.mean([1.0 / layer.stable_rank for layer in group])))
+                       for index, group in sorted(depth.items())]),
+                     ("k@90% / r", [(float(index), float(np.mean([layer.energy_rank_90 / max(layer.r, 1)
+                                                                  for layer in group])))
+                                    for index, group in sorted(depth.items())])]
+    sections.append("<h2>Energy concentration over depth</h2><p class=\"muted\">means over the modules of each "
+                    "layer.</p>" + _svg_lines(concentration, "layer index", "fraction", "energy over depth"))
+    issues = "".join(f"<li>{html.escape(issue)}</li>" for issue in result.issues) or "<li>none</li>"
+    sections.append(f"<h2>Issues</h2><ul class=\"issues\">{issues}</ul>")
+    sections.append("<h2>Reading UDR</h2><pre>" + html.escape("\n".join(CHEAT_SHEET)) + "</pre>")
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>LoRA audit</title>"
+            f"<style>{_HTML_STYLE}</style></head><body>" + "".join(sections) + "</body></html>\n")
+
+
+# ══ 8. compare runs ══════════════════════════════════════════════════════════
+# Two updates ΔW₁ = s₁B₁A₁ and ΔW₂ = s₂B₂A₂ of the same weight are compared
+# through r×r cross products only: ⟨ΔW₁, ΔW₂⟩_F = s₁s₂·tr((B₁ᵀB₂)(A₂A₁ᵀ)), and
+# the principal angles between their singular subspaces come from B₁ᵀB₂ and
+# A₁A₂ᵀ once each update's own r×r factorisation is known.
+
+COMPARE_SCHEMA = "gradience_lite.compare/1"
+DRIFT_SCHEMA = "gradience_lite.drift/1"
+SUMMARY_FIELDS = ("total_lora_params", "n_layers", "stable_rank_mean", "stable_rank_median", "effective_rank_mean",
+                  "utilization_mean", "energy_rank_90_p50", "energy_rank_90_p90", "udr_median", "udr_p90", "udr_max",
+                  "sdi_median")
+MODULE_FIELDS = ("r", "scale", "stable_rank", "utilization", "energy_rank_90", "delta_sigma_max", "delta_fro_norm",
+                 "udr", "sdi")
+
+
+class _UpdateBasis(NamedTuple):
+    """One update's r×r view: ΔW = s·Q_B·U·diag(σ)·Vᵀ·Q_Aᵀ, with the maps from the
+    factors' coordinates to its orthonormal singular bases (never m- or n-sized)."""
+
+    a: np.ndarray  # A (r×n), float64
+    b: np.ndarray  # B (m×r), float64
+    scale: float
+    to_left: np.ndarray  # r×k: B·to_left has orthonormal columns spanning range(ΔW)
+    to_right: np.ndarray  # r×k: Aᵀ·to_right spans range(ΔWᵀ)
+    frob_sq: float  # ‖ΔW‖_F²
+
+
+def _whitening(gram: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(R, W) with RᵀR = gram and X·W orthonormal for X with XᵀX = gram (numerical rank only)."""
+    eigenvalues, eigenvectors = np.linalg.eigh(gram)
+    keep = eigenvalues > max(eigenvalues[-1], 0.0) * 1e-12
+    eigenvalues, eigenvectors = eigenvalues[keep], eigenvectors[:, keep]
+    return np.sqrt(eigenvalues)[:, None] * eigenvectors.T, eigenvectors / np.sqrt(eigenvalues)[None, :]
+
+
+def update_basis(a: np.ndarray, b: np.ndarray, scale: float) -> _UpdateBasis:
+    gram_b, gram_a = b.T @ b, a @ a.T
+    r_b, w_b = _whitening(gram_b)
+    r_a, w_a = _whitening(gram_a)
+    if r_b.size == 0 or r_a.size == 0:
+        empty = np.zeros((a.shape[0], 0))
+        return _UpdateBasis(a, b, scale, empty, empty, 0.0)
+    left, sigma, right_t = np.linalg.svd(r_b @ r_a.T)
+    keep = sigma > sigma[0] * 1e-12 if sigma.size else sigma > 0
+    return _UpdateBasis(a, b, scale, w_b @ left[:, keep], w_a @ right_t.T[:, keep],
+                        float(scale * scale * np.sum(sigma ** 2)))
+
+
+class UpdateOverlap(NamedTuple):
+    update_cosine: Optional[float]  # ⟨ΔW₁, ΔW₂⟩_F / (‖ΔW₁‖_F‖ΔW₂‖_F)
+    relative_difference: Optional[float]  # ‖ΔW₂ − ΔW₁‖_F / ‖ΔW₁‖_F
+    output_overlap: Optional[float]  # mean cos² of the principal angles between column spaces
+    input_overlap: Optional[float]  # … between row spaces
+    principal_cosines_out: Tuple[float, ...]
+    principal_cosines_in: Tuple[float, ...]
+
+
+def update_overlap(first: _UpdateBasis, second: _UpdateBasis, top: int = 8) -> UpdateOverlap:
+    """How two low-rank updates of the same weight relate, from r×r cross products.
+
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = rng.normal(size=(4, 30)), rng.normal(size=(20, 4))
+    >>> round(update_overlap(update_basis(a, b, 1.0), update_basis(a, b, 2.0)).update_cosine, 12)
+    1.0
+    """
+    cross_b = first.b.T @ second.b  # r₁×r₂
+    cross_a = first.a @ second.a.T  # r₁×r₂
+    inner = first.scale * second.scale * float(np.sum(cross_b * cross_a))
+    norms = math.sqrt(first.frob_sq) * math.sqrt(second.frob_sq)
+    cosine = inner / norms if norms > 0 else None
+    difference = math.sqrt(max(first.frob_sq + second.frob_sq - 2.0 * inner, 0.0)) / math.sqrt(first.frob_sq) \
+        if first.frob_sq > 0 else None
+
+    def principal(cross, left, right):
+        if left.shape[1] == 0 or right.shape[1] == 0:
+            return None, ()
+        cosines = np.clip(np.linalg.svd(left.T @ cross @ right, compute_uv=False), 0.0, 1.0)
+        return float(np.sum(cosines ** 2) / min(left.shape[1], right.shape[1])), tuple(float(c) for c in cosines[:top])
+
+    out_overlap, out_cosines = principal(cross_b, first.to_left, second.to_left)
+    in_overlap, in_cosines = principal(cross_a, first.to_right, second.to_right)
+    return UpdateOverlap(cosine, difference, out_overlap, in_overlap, out_cosines, in_cosines)
+
+
+def _factor_loaders(path: str) -> Dict[str, Callable[[], Tuple[np.ndarray, np.ndarray]]]:
+    """For each plain LoRA module of an adapter: a function returning (A r×n, B m×r) in float64."""
+    files = find_adapter_files(path)
+    sf = open_safetensors(files.weights_path)
+    raw_config, _ = load_adapter_config(files.config_path)
+    keys = list(sf.tensors)
+    source = _TensorSource.from_file(sf)
+    modules, _ = group_modules(detect_format(keys, sf.metadata, raw_config), keys, lambda key: source.describe(key)[1])
+    loaders = {}
+    for module in modules:
+        if module.family != "lora" or module.part("lora_mid.weight") or not module.a_key or not module.b_key \
+                or module.duplicate_keys or _check_tensors(module, source, (module.a_key, module.b_key)):
+            continue
+        layout, problem = _factor_layout(module, source.describe(module.a_key)[1], source.describe(module.b_key)[1])
+        if problem is None and layout.rank > 0:
+            loaders[module.name] = (lambda layout=layout: (_tall_factor(source, layout.a).T, _tall_factor(source, layout.b)))
+    return loaders
+
+
+def _audit_document(path: str) -> Tuple[Dict[str, Any], bool]:
+    """(audit document with layers, is it an adapter we can read factors from)."""
+    candidate = Path(path)
+    if candidate.is_file() and candidate.suffix.lower() == ".json":
+        try:
+            document = json.loads(candidate.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as error:
+            raise AdapterFormatError(f"{candidate}: not a readable audit JSON ({error})") from None
+        if not isinstance(document, dict) or not isinstance(document.get("layers"), list):
+            raise AdapterFormatError(f"{candidate}: not an audit document with per-module rows "
+                                     "(save one with `audit --json --layers`)")
+        return document, False
+    return audit_lora_peft_dir(path).to_summary_dict(include_layers=True), True
+
+
+def _subtract(later: Any, earlier: Any) -> Optional[float]:
+    numbers = (int, float)
+    if isinstance(later, numbers) and isinstance(earlier, numbers) and not isinstance(later, bool):
+        return float(later) - float(earlier)
+    return None
+
+
+def _udr_by_type(layers: Sequence[Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    table: Dict[str, Dict[str, Any]] = {}
+    for kind in ("attn", "mlp", "other"):
+        rows = [row for row in layers if row.get("module_type") == kind]
+        if not rows:
+            continue
+        udr = [row["udr"] for row in rows if isinstance(row.get("udr"), (int, float))]
+        table[kind] = {"n_layers": len(rows), "params": sum(int(row.get("params") or 0) for row in rows),
+                       "stable_rank_mean": _mean([row["stable_rank"] for row in rows]),
+                       "utilization_mean": _mean([row["utilization"] for row in rows]),
+                       "udr_median": _median(udr), "udr_p90": _percentile(udr, 90),
+                       "sdi_median": math.log10(_median(udr) + UDR_EPS) if udr else None}
+    return table
+
+
+def compare_adapters(path_a: str, path_b: str, *, overlaps: bool = True) -> Dict[str, Any]:
+    """Compare two adapters (directories or saved ``audit --json --layers`` documents).
+
+    Returns one JSON-ready document: both summaries side by side, per-module
+    deltas for modules present in both, modules only in one, and — when both
+    are adapters over the same base shapes — how their updates overlap.
+    """
+    (doc_a, adapter_a), (doc_b, adapter_b) = _audit_document(path_a), _audit_document(path_b)
+    rows_a = {row["name"]: row for row in doc_a["layers"] if isinstance(row, dict) and "name" in row}
+    rows_b = {row["name"]: row for row in doc_b["layers"] if isinstance(row, dict) and "name" in row}
+    common = [name for name in rows_a if name in rows_b]
+    issues: List[str] = []
+    loaders_a = _factor_loaders(path_a) if overlaps and adapter_a and adapter_b else {}
+    loaders_b = _factor_loaders(path_b) if loaders_a else {}
+    if overlaps and not (adapter_a and adapter_b):
+        issues.append("update overlaps need both sides to be adapters (a saved audit JSON has no factors)")
+    modules = []
+    for name in common:
+        row_a, row_b = rows_a[name], rows_b[name]
+        entry = {"name": name, "module_type": row_a.get("module_type"),
+                 "a": {field: row_a.get(field) for field in MODULE_FIELDS},
+                 "b": {field: row_b.get(field) for field in MODULE_FIELDS},
+                 "delta": {field: _subtract(row_b.get(field), row_a.get(field)) for field in MODULE_FIELDS},
+                 "overlap": None}
+        if name in loaders_a and name in loaders_b:
+            a1, b1 = loaders_a[name]()
+            a2, b2 = loaders_b[name]()
+            if (b1.shape[0], a1.shape[1]) != (b2.shape[0], a2.shape[1]):
+                issues.append(f"{name}: ΔW shapes differ ({b1.shape[0]}×{a1.shape[1]} vs {b2.shape[0]}×{a2.shape[1]}); "
+                              "no overlap")
+            else:
+                overlap = update_overlap(update_basis(a1, b1, float(row_a.get("scale") or 1.0)),
+                                         update_basis(a2, b2, float(row_b.get("scale") or 1.0)))
+                entry["overlap"] = overlap._asdict()
+        modules.append(entry)
+    overlapping = [m["overlap"] for m in modules if m["overlap"] is not None]
+
+    def stat(field, reducer):
+        values = [o[field] for o in overlapping if o[field] is not None]
+        return reducer(values) if values else None
+
+    document = {
+        "schema": COMPARE_SCHEMA,
+        "a": {"path": str(path_a), "format": doc_a.get("format"),
+              "summary": {field: doc_a.get(field) for field in SUMMARY_FIELDS}},
+        "b": {"path": str(path_b), "format": doc_b.get("format"),
+              "summary": {field: doc_b.get(field) for field in SUMMARY_FIELDS}},
+        "summary_delta": {field: _subtract(doc_b.get(field), doc_a.get(field)) for field in SUMMARY_FIELDS},
+        "by_type": {"a": _udr_by_type(list(rows_a.values())), "b": _udr_by_type(list(rows_b.values()))},
+        "n_common": len(common),
+        "only_in_a": [name for name in rows_a if name not in rows_b],
+        "only_in_b": [name for name in rows_b if name not in rows_a],
+        "overlap_summary": {"n_modules": len(overlapping),
+                            "update_cosine_mean": stat("update_cosine", _mean),
+                            "update_cosine_min": stat("update_cosine", min),
+                            "relative_difference_mean": stat("relative_difference", _mean),
+                            "output_overlap_mean": stat("output_overlap", _mean),
+                            "input_overlap_mean": stat("input_overlap", _mean)},
+        "modules": modules,
+        "issues": issues,
+    }
+    return json_safe(document)
+
+
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
+
+
+def checkpoint_series(paths: Sequence[str]) -> List[str]:
+    """Expand a training output folder into its ``checkpoint-N`` folders, ordered by N."""
+    if len(paths) != 1 or not Path(paths[0]).is_dir():
+        return list(paths)
+    found = [(int(match.group(1)), str(child)) for child in Path(paths[0]).iterdir()
+             if child.is_dir() and (match := _CHECKPOINT.search(child.name))]
+    return [path for _, path in sorted(found)] if found else list(paths)
+
+
+def training_drift(paths: Sequence[str]) -> Dict[str, Any]:
+    """How the update moves between consecutive checkpoints: one row per pair."""
+    rows = []
+    for earlier, later in zip(paths, paths[1:]):
+        comparison = compare_adapters(earlier, later)
+        summary = comparison["overlap_summary"]
+        match_a, match_b = _CHECKPOINT.search(Path(earlier).name), _CHECKPOINT.search(Path(later).name)
+        rows.append({"from": earlier, "to": later,
+                     "step_from": int(match_a.group(1)) if match_a else None,
+                     "step_to": int(match_b.group(1)) if match_b else None,
+                     "update_cosine_mean": summary["update_cosine_mean"],
+                     "update_cosine_min": summary["update_cosine_min"],
+                     "relative_change_mean": summary["relative_difference_mean"],
+                     "utilization_mean_from": comparison["a"]["summary"]["utilization_mean"],
+                     "utilization_mean_to": comparison["b"]["summary"]["utilization_mean"],
+                     "n_modules": summary["n_modules"], "issues": comparison["issues"]})
+    return json_safe({"schema": DRIFT_SCHEMA, "checkpoints": list(paths), "pairs": rows})
+
+
+def render_comparison(document: Mapping[str, Any], top: int = 10) -> str:
+    a, b = document["a"], document["b"]
+    lines = [f"A: {a['path']} [{a['format']}]", f"B: {b['path']} [{b['format']}]", "",
+             f"  {'metric':<26} {'A':>12} {'B':>12} {'B − A':>12}"]
+    for field in SUMMARY_FIELDS:
+        lines.append(f"  {field:<26} {_fmt(a['summary'][field]):>12} {_fmt(b['summary'][field]):>12} "
+                     f"{_fmt(document['summary_delta'][field]):>12}")
+    lines += ["", f"  {'type':<6} {'util A':>8} {'util B':>8} {'UDR p50 A':>10} {'UDR p50 B':>10}"]
+    for kind in ("attn", "mlp", "other"):
+        row_a, row_b = document["by_type"]["a"].get(kind), document["by_type"]["b"].get(kind)
+        if row_a or row_b:
+            lines.append(f"  {kind:<6} {_fmt((row_a or {}).get('utilization_mean')):>8} "
+                         f"{_fmt((row_b or {}).get('utilization_mean')):>8} {_fmt((row_a or {}).get('udr_median')):>10} "
+                         f"{_fmt((row_b or {}).get('udr_median')):>10}")
+    summary = document["overlap_summary"]
+    lines += ["", f"  modules in both: {document['n_common']}; only in A: {len(document['only_in_a'])}; "
+                  f"only in B: {len(document['only_in_b'])}"]
+    if summary["n_modules"]:
+        lines.append(f"  update overlap over {summary['n_modules']} modules: cosine mean {_fmt(summary['update_cosine_mean'])}"
+                     f" (min {_fmt(summary['update_cosine_min'])}), ‖ΔW_B − ΔW_A‖/‖ΔW_A‖ mean "
+                     f"{_fmt(summary['relative_difference_mean'])}, subspace overlap out {_fmt(summary['output_overlap_mean'])}"
+                     f" / in {_fmt(summary['input_overlap_mean'])}")
+        moved = sorted((m for m in document["modules"] if m["overlap"] and m["overlap"]["update_cosine"] is not None),
+                       key=lambda m: m["overlap"]["update_cosine"])[:top]
+        lines += ["", f"  modules whose updates differ most (lowest cosine, top {top}):"]
+        for m in moved:
+            lines.append(f"    {m['name']:<50} cos={_fmt(m['overlap']['update_cosine']):<8} "
+                         f"Δutil={_fmt(m['delta']['utilization']):<8} ΔUDR={_fmt(m['delta']['udr'])}")
+    for label, names in (("only in A", document["only_in_a"]), ("only in B", document["only_in_b"])):
+        if names:
+            lines.append(f"  {label}: " + ", ".join(names[:8]) + (" …" if len(names) > 8 else ""))
+    if document["issues"]:
+        lines += ["", "  issues:"] + [f"    - {issue}" for issue in document["issues"]]
+    return "\n".join(lines)
+
+
+def render_drift(document: Mapping[str, Any]) -> str:
+    lines = [f"training drift over {len(document['checkpoints'])} checkpoints", "",
+             f"  {'from → to':<28} {'cos mean':>9} {'cos min':>9} {'rel change':>11} {'util':>14}"]
+    for row in document["pairs"]:
+        label = f"{row['step_from']} → {row['step_to']}" if row["step_from"] is not None else \
+            f"{Path(row['from']).name} → {Path(row['to']).name}"
+        lines.append(f"  {label:<28} {_fmt(row['update_cosine_mean']):>9} {_fmt(row['update_cosine_min']):>9} "
+                     f"{_fmt(row['relative_change_mean']):>11} "
+                     f"{_fmt(row['utilization_mean_from']):>6} → {_fmt(row['utilization_mean_to']):<6}")
+    return "\n".join(lines)
+
+
+# ══ 9. CLI ═══════════════════════════════════════════════════════════════════
 
 class UsageError(Exception):
     """Bad command-line use: exit code 2 with a one-line message."""
@@ -2105,9 +2548,10 @@ class _ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="gradience-lite", description="Audit LoRA adapters with NumPy only.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    audit = commands.add_parser("audit", help="audit a PEFT adapter directory or weights file")
-    audit.add_argument("path", nargs="?", help="adapter directory (or adapter_model.safetensors)")
-    audit.add_argument("--peft-dir", help="adapter directory (same as the positional PATH)")
+    audit = commands.add_parser("audit", help="audit adapter directories or weights files")
+    audit.add_argument("paths", nargs="*", metavar="PATH",
+                       help="adapter directory or .safetensors file; several (or --jsonl) make a batch")
+    audit.add_argument("--peft-dir", help="adapter directory (same as a positional PATH)")
     audit.add_argument("--adapter", help="named adapter saved in a subfolder (default: the root adapter)")
     audit.add_argument("--adapter-config", help="explicit adapter_config.json")
     audit.add_argument("--weights", help="explicit adapter weights (.safetensors)")
@@ -2116,10 +2560,19 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--top-wasteful", type=int, default=5, metavar="N", help="show the N lowest-utilization modules")
     audit.add_argument("--top-singular-values", type=int, default=0, metavar="K", help="report the first K singular values")
     audit.add_argument("--append", metavar="RUN.jsonl", help="append a metrics event to a telemetry JSONL file")
+    audit.add_argument("--html", metavar="REPORT.html", help="also write a self-contained HTML report")
     audit.add_argument("--base-model", metavar="PATH_OR_ID", help="base model dir/file, offline hub id, or 'auto'")
     audit.add_argument("--base-norms", metavar="FILE", help="precomputed base norms (read-only)")
     audit.add_argument("--base-norms-cache", metavar="FILE", help="base norms cache: read, compute what is missing, write back")
     audit.add_argument("--no-udr", action="store_true", help="skip UDR even if a base is given")
+    audit.add_argument("--jsonl", metavar="OUT.jsonl", help="batch: write one JSON line per adapter")
+    audit.add_argument("--jobs", type=int, default=1, metavar="N", help="batch: audit N adapters in parallel processes")
+    compare = commands.add_parser("compare", help="compare two adapters (or saved audit JSON), or a run's checkpoints")
+    compare.add_argument("paths", nargs="+", metavar="PATH",
+                         help="A B (adapters or audit JSON); or checkpoints in order; or one folder of checkpoint-N")
+    compare.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    compare.add_argument("--top", type=int, default=10, metavar="N", help="list the N modules that changed most")
+    compare.add_argument("--no-overlap", action="store_true", help="skip the update overlaps (metrics only)")
     return parser
 
 
@@ -2150,28 +2603,109 @@ def append_metrics_event(result: AuditResult, path: str) -> Dict[str, Any]:
     return event
 
 
-def _run_audit(args: argparse.Namespace) -> int:
-    path = args.path or args.peft_dir
-    if path is None and args.weights is None:
-        raise UsageError("audit needs an adapter directory (PATH or --peft-dir) or --weights")
-    for name in ("top_wasteful", "top_singular_values"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+def _udr_options(args: argparse.Namespace) -> Dict[str, Optional[str]]:
     wants_udr = not args.no_udr and (args.base_model or args.base_norms or args.base_norms_cache)
+    return {"base_model": args.base_model if wants_udr else None, "base_norms": args.base_norms if wants_udr else None,
+            "base_norms_cache": args.base_norms_cache if wants_udr else None}
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    paths = list(args.paths) + ([args.peft_dir] if args.peft_dir else [])
+    if not paths and args.weights is None:
+        raise UsageError("audit needs an adapter directory (PATH or --peft-dir) or --weights")
+    for name in ("top_wasteful", "top_singular_values", "jobs"):
+        if getattr(args, name) < (1 if name == "jobs" else 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {1 if name == 'jobs' else 0}")
+    if len(paths) > 1 or args.jsonl:
+        return _run_batch(args, paths)
+    # The HTML report plots spectra, so it asks for them when the user did not.
+    top_k = args.top_singular_values or (64 if args.html else 0)
     result = audit_lora_peft_dir(
-        path if path is not None else args.weights, include_top_singular_values=args.top_singular_values,
-        adapter=args.adapter, weights=args.weights, adapter_config=args.adapter_config,
-        base_model=args.base_model if wants_udr else None, base_norms=args.base_norms if wants_udr else None,
-        base_norms_cache=args.base_norms_cache if wants_udr else None,
+        paths[0] if paths else args.weights, include_top_singular_values=top_k,
+        adapter=args.adapter, weights=args.weights, adapter_config=args.adapter_config, **_udr_options(args),
         progress=lambda message: print(message, file=sys.stderr))
     if args.json:
         document = result.to_summary_dict(include_layers=args.layers)
         print(json.dumps(document, indent=2, allow_nan=False))
     else:
         print(render_text_report(result, show_layers=args.layers, top_wasteful=args.top_wasteful))
+    if args.html:
+        Path(args.html).write_text(render_html_report(result), encoding="utf-8")
+        print(f"wrote HTML report to {args.html}", file=sys.stderr)
     if args.append:
         append_metrics_event(result, args.append)
         print(f"appended metrics event to {args.append}", file=sys.stderr)
+    return 0
+
+
+def batch_audit_line(path: str, options: Mapping[str, Any]) -> Dict[str, Any]:
+    """One batch result: the summary (flattened) with ``path`` and ``ok``, or the error.
+
+    Never raises for a bad adapter, so a batch continues past failures.
+    """
+    started = time.perf_counter()
+    try:
+        result = audit_lora_peft_dir(path, include_top_singular_values=options.get("top_singular_values", 0),
+                                     base_model=options.get("base_model"), base_norms=options.get("base_norms"),
+                                     base_norms_cache=options.get("base_norms_cache"))
+        line = {"path": path, "ok": True, **result.to_summary_dict(include_layers=options.get("layers", False))}
+    except AdapterFormatError as error:
+        line = {"path": path, "ok": False, "error": str(error)}
+    except Exception as error:  # noqa: BLE001 — one adapter's bug must not end a batch of thousands
+        line = {"path": path, "ok": False, "error": f"internal error: {type(error).__name__}: {error}"}
+    line["seconds"] = round(time.perf_counter() - started, 4)
+    return line
+
+
+def _run_batch(args: argparse.Namespace, paths: Sequence[str]) -> int:
+    """Audit many adapters, one JSON line each (in the order they finish, with
+    ``index`` = input position), continuing past failures; exit 1 if any failed."""
+    options = {"layers": args.layers, "top_singular_values": args.top_singular_values, **_udr_options(args)}
+    output = open(args.jsonl, "w", encoding="utf-8") if args.jsonl else sys.stdout
+    failures, done, started = 0, 0, time.perf_counter()
+
+    def emit(index: int, line: Dict[str, Any]) -> None:
+        nonlocal failures, done
+        failures += not line["ok"]
+        done += 1
+        output.write(json.dumps({"index": index, **line}, allow_nan=False) + "\n")
+        output.flush()
+        status = "ok" if line["ok"] else f"FAILED: {line['error']}"
+        print(f"[{done}/{len(paths)}] {line['path']}: {status} ({line['seconds']:.2f} s; "
+              f"{time.perf_counter() - started:.1f} s elapsed)", file=sys.stderr)
+
+    try:
+        if args.jobs <= 1 or len(paths) == 1:
+            for index, path in enumerate(paths):
+                emit(index, batch_audit_line(path, options))
+        else:
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+                futures = {pool.submit(batch_audit_line, path, options): index for index, path in enumerate(paths)}
+                for future in as_completed(futures):
+                    emit(futures[future], future.result())
+    finally:
+        if output is not sys.stdout:
+            output.close()
+    print(f"audited {len(paths) - failures}/{len(paths)} adapters" + (f" into {args.jsonl}" if args.jsonl else ""),
+          file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    if args.top < 0:
+        raise UsageError("--top must be >= 0")
+    paths = checkpoint_series(args.paths)
+    if len(paths) < 2:
+        raise UsageError("compare needs two paths, or a folder of checkpoint-N folders")
+    if len(paths) == 2:
+        document = compare_adapters(paths[0], paths[1], overlaps=not args.no_overlap)
+        text = render_comparison(document, top=args.top)
+    else:
+        document = training_drift(paths)
+        text = render_drift(document)
+    print(json.dumps(document, indent=2, allow_nan=False) if args.json else text)
     return 0
 
 
@@ -2181,7 +2715,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "audit":
             return _run_audit(args)
-        raise UsageError("a command is required: audit")
+        if args.command == "compare":
+            return _run_compare(args)
+        raise UsageError("a command is required: audit or compare")
     except (UsageError, AdapterFormatError) as error:
         print(f"gradience-lite: error: {error}", file=sys.stderr)
         return 2
