@@ -9,12 +9,13 @@ The module reads top to bottom in the order data flows:
 
     1. safetensors bytes  → tensor records and decoded float arrays
     2. adapter files      → which weights / config / named adapter to read
-    3. PEFT config        → r, alpha, rsLoRA, rank/alpha patterns per module
-    4. PEFT keys          → LoRA module records (A, B, bias, DoRA magnitude)
+    3. config             → r, alpha, rsLoRA, rank/alpha patterns; kohya and MLX scale rules
+    4. keys               → module records for PEFT, diffusers, kohya, LyCORIS, MLX-LM
     5. low-rank spectra   → singular values of B·A from r×r problems
-    6. audit              → per-module records, summaries, UDR
-    7. reports            → JSON contract and text report
-    8. CLI                → ``python -m gradience_lite audit DIR``
+    6. audit              → per-module records (LoRA, LoHa, LoKr), summaries, UDR
+    7. reports            → JSON contract, text report, HTML report
+    8. compare            → two adapters side by side; drift over checkpoints
+    9. CLI                → ``python -m gradience_lite audit|compare …``
 
 Quick use::
 
@@ -46,12 +47,19 @@ __all__ = [
     "AdapterFormatError",
     "AuditResult",
     "ModuleAudit",
+    "attach_udr",
     "audit_lora_peft_dir",
     "audit_lora_state_dict",
+    "batch_audit_line",
+    "compare_adapters",
     "lowrank_singular_values",
     "main",
     "open_safetensors",
     "read_tensor",
+    "render_html_report",
+    "render_text_report",
+    "spectrum_metrics",
+    "training_drift",
 ]
 
 SCHEMA_VERSION = "gradience_lite.audit/1"
@@ -468,7 +476,7 @@ def find_adapter_files(path: str | os.PathLike, *, adapter: Optional[str] = None
                         tuple(o for o in others if o != adapter_name))
 
 
-# ══ 3. PEFT config ═══════════════════════════════════════════════════════════
+# ══ 3. config ════════════════════════════════════════════════════════════════
 
 # Pattern keys are user-written regular expressions and Python's re has no
 # time limit.  Keys that can backtrack catastrophically are matched literally
@@ -657,6 +665,10 @@ def module_scale(config: AdapterConfig, module_name: str, stored_r: int) -> Modu
                        rank_key.key if rank_key else None, alpha_key.key if alpha_key else None)
 
 
+# (module, stored rank, the module's stored alpha if its format keeps one) → its scale
+ScaleRule = Callable[["LoraModule", int, Optional[float]], ModuleScale]
+
+
 def kohya_scale(module: "LoraModule", rank: int, alpha: Optional[float]) -> ModuleScale:
     """kohya / LyCORIS: scale = alpha / r from the module's stored ``alpha``; a
     missing alpha (or 0) means alpha = r, i.e. scale 1.  LyCORIS LoKr with both
@@ -677,7 +689,7 @@ def absolute_scale(scale: Optional[float]) -> Callable[["LoraModule", int, Optio
     return rule
 
 
-# ══ 4. PEFT keys → LoRA modules ══════════════════════════════════════════════
+# ══ 4. keys → LoRA modules ═══════════════════════════════════════════════════
 
 PEFT_WRAPPER = "base_model.model."
 # An in-memory (unsaved) state dict still carries the adapter name: lora_A.default.weight.
@@ -890,6 +902,84 @@ _FLAT_LAYER_INDEX = re.compile(r"(?:^|_)(?:layers|layer|h|blocks|block)_(\d+)(?:
 def layer_index(name: str) -> Optional[int]:
     match = _LAYER_INDEX.search(name) or ("." not in name and _FLAT_LAYER_INDEX.search(name))
     return int(match.group(1)) if match else None
+
+
+# ── format + config → how to read one file ──────────────────────────────────
+
+class AuditSetup(NamedTuple):
+    """How to read one file: its format, config, scale rule, and what to report about them."""
+
+    adapter_format: str
+    config: AdapterConfig
+    scale_rule: ScaleRule
+    issues: List[str]
+    format_metadata: Dict[str, str]
+
+
+def _diffusers_configs(metadata: Mapping[str, str], issues: List[str]) -> Dict[Optional[str], AdapterConfig]:
+    """diffusers writes the LoraConfig into the safetensors metadata
+    ``lora_adapter_metadata``; a pipeline save prefixes each field with its
+    component ("unet.r", "text_encoder.lora_alpha")."""
+    try:
+        document = json.loads(metadata["lora_adapter_metadata"])
+    except (ValueError, RecursionError) as error:
+        issues.append(f"config: lora_adapter_metadata is not valid JSON ({error})")
+        return {}
+    if not isinstance(document, dict):
+        issues.append("config: lora_adapter_metadata is not a JSON object")
+        return {}
+    grouped: Dict[Optional[str], Dict[str, Any]] = {}
+    for key, value in document.items():
+        component, _, field_name = key.partition(".")
+        if field_name and component in DIFFUSERS_COMPONENTS:
+            grouped.setdefault(component, {})[field_name] = value
+        else:
+            grouped.setdefault(None, {})[key] = value
+    configs = {}
+    for component, fields in grouped.items():
+        config, config_issues = parse_adapter_config(fields)
+        label = f"config ({component})" if component else "config"
+        issues.extend(issue.replace("config:", f"{label}:", 1) for issue in config_issues)
+        configs[component] = config
+    return configs
+
+
+def configure(adapter_format: str, raw_config: Any, load_issues: List[str],
+              metadata: Mapping[str, str]) -> AuditSetup:
+    """Pick the config and scale rule a format uses; never raises."""
+    format_metadata = {key: metadata[key] for key in KOHYA_METADATA if key in metadata}
+    if adapter_format in ("kohya", "lycoris", "diffusers-old"):
+        # These formats keep alpha per module in the weights; adapter_config.json is not theirs.
+        return AuditSetup(adapter_format, AdapterConfig(), kohya_scale, [], format_metadata)
+    if adapter_format == "mlx":
+        parameters = raw_config.get("lora_parameters") if isinstance(raw_config, Mapping) else None
+        scale = parameters.get("scale") if isinstance(parameters, Mapping) else None
+        issues = [issue for issue in load_issues if "no adapter_config.json" not in issue]
+        if scale is None or isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            issues.append(f"config: no usable MLX lora_parameters.scale ({scale!r}); scale taken as 1.0")
+            scale = None
+        return AuditSetup("mlx", AdapterConfig(present=raw_config is not None), absolute_scale(scale), issues,
+                          format_metadata)
+    issues = list(load_issues)
+    if adapter_format == "diffusers" and raw_config is None and "lora_adapter_metadata" in metadata:
+        issues = [issue for issue in issues if "no adapter_config.json" not in issue]
+        configs = _diffusers_configs(metadata, issues)
+        default = configs.get(None, AdapterConfig())
+
+        def rule(module: LoraModule, rank: int, alpha: Optional[float]) -> ModuleScale:
+            config = configs.get(module.component, default)
+            # Patterns were written against the component's own module names.
+            name = module.name[len(module.component) + 1:] if module.component else module.name
+            return module_scale(config, name, rank)
+
+        return AuditSetup(adapter_format, default if None in configs else next(iter(configs.values()), default),
+                          rule, issues, format_metadata)
+    config, config_issues = parse_adapter_config(raw_config)
+    issues.extend(config_issues)
+    if not config.present:
+        issues.append("config: no usable adapter config; r taken from the weights, scale = 1.0 for every module")
+    return AuditSetup(adapter_format, config, lambda module, rank, alpha: module_scale(config, module.name, rank),
+                      issues, format_metadata)
 
 
 # ══ 5. low-rank spectra ══════════════════════════════════════════════════════
@@ -1270,9 +1360,6 @@ def _extras(module: LoraModule, source: _TensorSource) -> Tuple[Optional[float],
         magnitude = _dora_stats(source.load(module.magnitude_key))
         source.release(module.magnitude_key)
     return bias_norm, magnitude
-
-
-ScaleRule = Callable[[LoraModule, int, Optional[float]], "ModuleScale"]
 
 
 def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Optional[Workspace],
@@ -1671,82 +1758,6 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
     return value
-
-
-class AuditSetup(NamedTuple):
-    """How to read one file: its format, config, scale rule, and what to report about them."""
-
-    adapter_format: str
-    config: AdapterConfig
-    scale_rule: ScaleRule
-    issues: List[str]
-    format_metadata: Dict[str, str]
-
-
-def _diffusers_configs(metadata: Mapping[str, str], issues: List[str]) -> Dict[Optional[str], AdapterConfig]:
-    """diffusers writes the LoraConfig into the safetensors metadata
-    ``lora_adapter_metadata``; a pipeline save prefixes each field with its
-    component ("unet.r", "text_encoder.lora_alpha")."""
-    try:
-        document = json.loads(metadata["lora_adapter_metadata"])
-    except (ValueError, RecursionError) as error:
-        issues.append(f"config: lora_adapter_metadata is not valid JSON ({error})")
-        return {}
-    if not isinstance(document, dict):
-        issues.append("config: lora_adapter_metadata is not a JSON object")
-        return {}
-    grouped: Dict[Optional[str], Dict[str, Any]] = {}
-    for key, value in document.items():
-        component, _, field_name = key.partition(".")
-        if field_name and component in DIFFUSERS_COMPONENTS:
-            grouped.setdefault(component, {})[field_name] = value
-        else:
-            grouped.setdefault(None, {})[key] = value
-    configs = {}
-    for component, fields in grouped.items():
-        config, config_issues = parse_adapter_config(fields)
-        label = f"config ({component})" if component else "config"
-        issues.extend(issue.replace("config:", f"{label}:", 1) for issue in config_issues)
-        configs[component] = config
-    return configs
-
-
-def configure(adapter_format: str, raw_config: Any, load_issues: List[str],
-              metadata: Mapping[str, str]) -> AuditSetup:
-    """Pick the config and scale rule a format uses; never raises."""
-    format_metadata = {key: metadata[key] for key in KOHYA_METADATA if key in metadata}
-    if adapter_format in ("kohya", "lycoris", "diffusers-old"):
-        # These formats keep alpha per module in the weights; adapter_config.json is not theirs.
-        return AuditSetup(adapter_format, AdapterConfig(), kohya_scale, [], format_metadata)
-    if adapter_format == "mlx":
-        parameters = raw_config.get("lora_parameters") if isinstance(raw_config, Mapping) else None
-        scale = parameters.get("scale") if isinstance(parameters, Mapping) else None
-        issues = [issue for issue in load_issues if "no adapter_config.json" not in issue]
-        if scale is None or isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            issues.append(f"config: no usable MLX lora_parameters.scale ({scale!r}); scale taken as 1.0")
-            scale = None
-        return AuditSetup("mlx", AdapterConfig(present=raw_config is not None), absolute_scale(scale), issues,
-                          format_metadata)
-    issues = list(load_issues)
-    if adapter_format == "diffusers" and raw_config is None and "lora_adapter_metadata" in metadata:
-        issues = [issue for issue in issues if "no adapter_config.json" not in issue]
-        configs = _diffusers_configs(metadata, issues)
-        default = configs.get(None, AdapterConfig())
-
-        def rule(module: LoraModule, rank: int, alpha: Optional[float]) -> ModuleScale:
-            config = configs.get(module.component, default)
-            # Patterns were written against the component's own module names.
-            name = module.name[len(module.component) + 1:] if module.component else module.name
-            return module_scale(config, name, rank)
-
-        return AuditSetup(adapter_format, default if None in configs else next(iter(configs.values()), default),
-                          rule, issues, format_metadata)
-    config, config_issues = parse_adapter_config(raw_config)
-    issues.extend(config_issues)
-    if not config.present:
-        issues.append("config: no usable adapter config; r taken from the weights, scale = 1.0 for every module")
-    return AuditSetup(adapter_format, config, lambda module, rank, alpha: module_scale(config, module.name, rank),
-                      issues, format_metadata)
 
 
 def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues: List[str],

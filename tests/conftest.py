@@ -62,6 +62,22 @@ def dense_delta(a: np.ndarray, b: np.ndarray, scale: float, kind: str) -> np.nda
     return delta.T if kind == "embedding" else delta
 
 
+def fixture_deltas(case: Path) -> dict:
+    """name → (ΔW formed densely as PEFT forms it, PEFT's own record of r/alpha/scaling, A, B)
+    for every module of a PEFT fixture folder."""
+    expected = json.loads((case / "expected.json").read_text())["modules"]
+    tensors = oracle_load(case / "adapter_model.safetensors")
+    out = {}
+    for name, peft in expected.items():
+        prefix = f"base_model.model.{name}."
+        if prefix + "lora_A.weight" in tensors:
+            a, b, kind = tensors[prefix + "lora_A.weight"], tensors[prefix + "lora_B.weight"], "linear"
+        else:
+            a, b, kind = tensors[prefix + "lora_embedding_A"], tensors[prefix + "lora_embedding_B"], "embedding"
+        out[name] = (dense_delta(a, b, peft["scaling"], kind), peft, a, b)
+    return out
+
+
 def write_safetensors(path, tensors: dict, metadata=None, *, header_override=None, dtype_override=None) -> Path:
     """Write a safetensors file from NumPy arrays (bf16 given as uint16 bits via dtype_override)."""
     header, chunks, offset = {}, [], 0

@@ -12,7 +12,7 @@ import pytest
 
 import base_norms as bn
 import gradience_lite as gl
-from conftest import FIXTURES, PEFT_FIXTURES, ROOT, dense_delta, oracle_load, write_safetensors
+from conftest import FIXTURES, PEFT_FIXTURES, ROOT, fixture_deltas, oracle_load, write_safetensors
 
 BASES = FIXTURES / "base"
 
@@ -238,22 +238,14 @@ def test_layer_replication_maps_copies_to_their_source_layer():
 # ── UDR in the audit ─────────────────────────────────────────────────────────
 
 def udr_oracle(case, base):
-    expected = json.loads((PEFT_FIXTURES / case / "expected.json").read_text())["modules"]
-    adapter = oracle_load(PEFT_FIXTURES / case / "adapter_model.safetensors")
-    checkpoint = bn.resolve_base(BASES / base)
+    """name → (‖ΔW‖₂, ‖ΔW‖_F, ‖W_base‖₂, ‖W_base‖_F), all from dense float64 arrays."""
     weights = {}
-    for file in checkpoint.files:
+    for file in bn.resolve_base(BASES / base).files:
         weights.update(oracle_load(file))
     out = {}
-    for name, peft in expected.items():
-        prefix = f"base_model.model.{name}."
-        if prefix + "lora_A.weight" in adapter:
-            a, b, kind = adapter[prefix + "lora_A.weight"], adapter[prefix + "lora_B.weight"], "linear"
-        else:
-            a, b, kind = adapter[prefix + "lora_embedding_A"], adapter[prefix + "lora_embedding_B"], "embedding"
-        delta = dense_delta(a, b, peft["scaling"], kind)
-        base_weight = next(v for k, v in weights.items() if k.endswith(name.split(".", 1)[-1] + ".weight")
-                           and (k == name + ".weight" or k.endswith("." + name + ".weight") or name.endswith(k[:-7])))
+    for name, (delta, _, _, _) in fixture_deltas(PEFT_FIXTURES / case).items():
+        base_weight = next(v for k, v in weights.items()
+                           if k == name + ".weight" or k.endswith("." + name + ".weight") or name.endswith("." + k[:-7]))
         base_weight = base_weight.reshape(base_weight.shape[0], -1)
         out[name] = (np.linalg.norm(delta, 2), np.linalg.norm(delta),
                      np.linalg.svd(base_weight, compute_uv=False)[0], np.linalg.norm(base_weight))
@@ -402,3 +394,21 @@ def test_text_report_shows_udr_by_type_and_cheat_sheet():
     assert "UDR over 14 modules" in proc.stdout
     assert "attn   UDR p50" in proc.stdout and "mlp    UDR p50" in proc.stdout
     assert "UDR > 3" in proc.stdout
+
+
+def test_layer_replication_reads_the_source_layers_base_weight(tmp_adapter):
+    # PEFT layer_replication [[0, 2], [1, 2]]: layers 0, 1 of the base, then layer 1 again as layer 2.
+    rng = np.random.default_rng(8)
+    tensors = {}
+    for layer in range(3):
+        prefix = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+        tensors[f"{prefix}.lora_A.weight"] = rng.normal(size=(4, 32)).astype(np.float32) * 0.1
+        tensors[f"{prefix}.lora_B.weight"] = rng.normal(size=(32, 4)).astype(np.float32) * 0.01
+    folder = tmp_adapter(tensors, {"r": 4, "lora_alpha": 8, "layer_replication": [[0, 2], [1, 2]]})
+    result = gl.audit_lora_peft_dir(folder, base_model=str(BASES / "llama_fp32"))
+    base = oracle_load(BASES / "llama_fp32" / "model.safetensors")
+    expected = {layer: np.linalg.svd(base[f"model.layers.{source}.self_attn.q_proj.weight"], compute_uv=False)[0]
+                for layer, source in ((0, 0), (1, 1), (2, 1))}
+    for layer in result.layers:
+        assert layer.base_sigma_max == pytest.approx(expected[layer.layer_index], rel=1e-6)
+    assert not [issue for issue in result.issues if issue.startswith("udr")]

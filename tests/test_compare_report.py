@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import gradience_lite as gl
-from conftest import FIXTURES, PEFT_FIXTURES, ROOT, oracle_load, write_safetensors
+from conftest import FIXTURES, PEFT_FIXTURES, ROOT, fixture_deltas, oracle_load, write_safetensors
 
 BASES = FIXTURES / "base"
 
@@ -52,9 +52,7 @@ def test_update_overlap_matches_dense_on_random_low_rank_pairs():
 
 
 def peft_delta(case, name):
-    tensors = oracle_load(PEFT_FIXTURES / case / "adapter_model.safetensors")
-    scale = json.loads((PEFT_FIXTURES / case / "expected.json").read_text())["modules"][name]["scaling"]
-    return scale * tensors[f"base_model.model.{name}.lora_B.weight"] @ tensors[f"base_model.model.{name}.lora_A.weight"]
+    return fixture_deltas(PEFT_FIXTURES / case)[name][0]
 
 
 def test_compare_two_peft_adapters():

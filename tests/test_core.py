@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file as safetensors_load_numpy
 
 import gradience_lite as gl
-from conftest import (PEFT_FIXTURES, ROOT, dense_delta, oracle_decode_bf16, oracle_load, peft_cases,
+from conftest import (PEFT_FIXTURES, ROOT, fixture_deltas, oracle_decode_bf16, oracle_load, peft_cases,
                       to_bf16_bits, write_safetensors)
 
 REL = 1e-9
@@ -27,20 +27,9 @@ def audit_case(case, **kwargs):
 
 
 def oracle_spectra(case):
-    """name → (dense singular values of ΔW/scale, PEFT's scale) for every module of a fixture."""
-    expected = json.loads((case / "expected.json").read_text())["modules"]
-    tensors = oracle_load(case / "adapter_model.safetensors")
-    out = {}
-    for name, peft in expected.items():
-        prefix = f"base_model.model.{name}."
-        if prefix + "lora_A.weight" in tensors:
-            a, b, kind = tensors[prefix + "lora_A.weight"], tensors[prefix + "lora_B.weight"], "linear"
-        else:
-            a, b, kind = tensors[prefix + "lora_embedding_A"], tensors[prefix + "lora_embedding_B"], "embedding"
-        delta = dense_delta(a, b, peft["scaling"], kind)
-        sigma = np.linalg.svd(delta / peft["scaling"], compute_uv=False)
-        out[name] = (sigma, peft, delta, a, b)
-    return out
+    """name → (dense singular values of ΔW/scale, PEFT's record, ΔW, A, B) for every module of a fixture."""
+    return {name: (np.linalg.svd(delta / peft["scaling"], compute_uv=False), peft, delta, a, b)
+            for name, (delta, peft, a, b) in fixture_deltas(case).items()}
 
 
 # ── the safetensors reader ───────────────────────────────────────────────────
