@@ -269,10 +269,11 @@ def tensor_norms(sf: SafetensorsFile, name: str, *, tol: float = DEFAULT_TOL, ma
     matrix = as_matrix(values)
     if matrix is None:
         raise AdapterFormatError(f"{sf.path}: tensor {name!r} is {values.ndim}-D; no spectral norm")
-    if not np.isfinite(matrix).all():
+    fro_norm = frobenius_norm(matrix)
+    if not math.isfinite(fro_norm):  # float32 squares cannot overflow float64: a NaN/Inf is present
         raise AdapterFormatError(f"{sf.path}: tensor {name!r} contains NaN/Inf")
     result = spectral_norm(matrix, tol=tol, max_iter=max_iter, seed=seed)
-    return {"sigma_max": result.sigma_max, "fro_norm": frobenius_norm(matrix), "shape": list(info.shape),
+    return {"sigma_max": result.sigma_max, "fro_norm": fro_norm, "shape": list(info.shape),
             "dtype": info.dtype, "iterations": result.iterations, "converged": result.converged}
 
 

@@ -412,3 +412,12 @@ def test_layer_replication_reads_the_source_layers_base_weight(tmp_adapter):
     for layer in result.layers:
         assert layer.base_sigma_max == pytest.approx(expected[layer.layer_index], rel=1e-6)
     assert not [issue for issue in result.issues if issue.startswith("udr")]
+
+
+def test_a_base_weight_with_nan_is_an_error_not_a_number(tmp_path):
+    weight = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    weight[2, 3] = np.nan
+    path = write_safetensors(tmp_path / "m.safetensors", {"w.weight": weight, "ok.weight": np.eye(4, dtype=np.float32)})
+    document = bn.compute_base_norms(path)
+    assert "contains NaN/Inf" in document["errors"]["w.weight"]
+    assert document["norms"]["ok.weight"]["sigma_max"] == pytest.approx(1.0, rel=1e-6)
