@@ -1028,14 +1028,8 @@ def gram_factor(x: np.ndarray, gram: Optional[np.ndarray] = None) -> Optional[np
     factor = np.zeros((rank, rank))
     if not live.any():  # X is exactly zero
         return factor
-    column_norms = np.sqrt(np.diagonal(gram))
-    scaled = gram[np.ix_(live, live)] / np.outer(column_norms[live], column_norms[live]) \
-        if (column_norms[live] ** 2 >= GRAM_SAFE_MIN).all() else None
-    eigenvalues, eigenvectors = np.linalg.eigh(scaled) if scaled is not None else (None, None)
-    if scaled is not None and eigenvalues[0] > eigenvalues[-1] / CONDITION_LIMIT_SQ:
-        live_factor = (np.sqrt(eigenvalues)[:, None] * eigenvectors.T) * column_norms[live][None, :]
-    else:
-        live_factor = np.linalg.qr(x[:, live], mode="r")
+    live_factors, ok = batched_gram_factors(gram[np.ix_(live, live)][None])
+    live_factor = live_factors[0] if ok[0] else np.linalg.qr(x[:, live], mode="r")
     factor[:live_factor.shape[0], live] = live_factor[:rank]
     return factor
 
@@ -1232,9 +1226,9 @@ class FactorRef(NamedTuple):
 
 class _Factors(NamedTuple):
     kind: str  # "linear" | "embedding" | "conv"
-    rank: int
-    a: FactorRef  # plays PEFT's A (r×in)
-    b: FactorRef  # plays PEFT's B (out×r)
+    rank: int  # the size of the r×r problem
+    a: Optional[FactorRef] = None  # plays PEFT's A (r×in); None for factors computed in memory
+    b: Optional[FactorRef] = None  # plays PEFT's B (out×r)
 
 
 def _factor_layout(module: LoraModule, a_shape: Tuple[int, ...], b_shape: Tuple[int, ...]) -> Tuple[Optional[_Factors], Optional[str]]:
@@ -1464,7 +1458,7 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
     scale = scale_rule(module, built.rank, alpha)
     # The batched stage groups by the size of the r×r problem: r² for LoHa's Khatri–Rao route.
     inner = built.a.shape[0] if built.a is not None else built.rank
-    layout = _Factors(built.kind, inner, FactorRef("", (0, 0), 0), FactorRef("", (0, 0), 1))
+    layout = _Factors(built.kind, inner)
     a_shape = shapes.get("lora_down.weight") or shapes.get("hada_w1_b") or shapes.get("lokr_w1") or shapes.get("lokr_w1_a") or ()
     b_shape = shapes.get("lora_up.weight") or shapes.get("hada_w1_a") or shapes.get("lokr_w2") or shapes.get("lokr_w2_a") or ()
     common = dict(module=module, layout=layout, a_shape=a_shape, b_shape=b_shape, dtype="/".join(dtypes),
@@ -1657,6 +1651,7 @@ def _by_type(layers: Sequence[ModuleAudit]) -> Dict[str, Dict[str, Any]]:
         if not group:
             continue
         ranks90 = [layer.energy_rank_90 for layer in group]
+        udr = [layer.udr for layer in group if layer.udr is not None]
         table[kind] = {
             "n_layers": len(group),
             "params": sum(layer.params for layer in group),
@@ -1664,6 +1659,11 @@ def _by_type(layers: Sequence[ModuleAudit]) -> Dict[str, Dict[str, Any]]:
             "utilization_mean": _mean([layer.utilization for layer in group]),
             "energy_rank_90_p50": _percentile(ranks90, 50),
             "energy_rank_90_p90": _percentile(ranks90, 90),
+            "n_layers_with_udr": len(udr),
+            "udr_median": _median(udr),
+            "udr_p90": _percentile(udr, 90),
+            "udr_max": max(udr) if udr else None,
+            "sdi_median": math.log10(_median(udr) + UDR_EPS) if udr else None,
         }
     return table
 
@@ -1782,7 +1782,7 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
             if item is not None:
                 block_prepared.append(item)
         spectra.extend(_module_spectra(block_prepared, source))
-        prepared.extend(item._replace(gram_a=None, gram_b=None) for item in block_prepared)
+        prepared.extend(item._replace(gram_a=None, gram_b=None, tall=None) for item in block_prepared)
     # Trailing zeros change no metric, so spectra of mixed ranks share one batch.
     width = max((s.size for s in spectra), default=0)
     padded = np.zeros((len(spectra), width))
@@ -2077,11 +2077,10 @@ def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wa
         lines += ["", f"  UDR over {summary['n_layers_with_udr']} modules: mean {_fmt(summary['udr_mean'])}, "
                       f"median {_fmt(summary['udr_median'])}, p90 {_fmt(summary['udr_p90'])}, max {_fmt(summary['udr_max'])}; "
                       f"share > 0.1: {_fmt(summary['fraction_udr_gt_0_1'])}, > 0.3: {_fmt(summary['fraction_udr_gt_0_3'])}"]
-        for kind in ("attn", "mlp", "other"):
-            values = [layer.udr for layer in result.layers if layer.module_type == kind and layer.udr is not None]
-            if values:
-                lines.append(f"    {kind:<6} UDR p50 {_fmt(_median(values))}  p90 {_fmt(_percentile(values, 90))}  "
-                             f"max {_fmt(max(values))}  (SDI p50 {_fmt(math.log10(_median(values) + UDR_EPS))})")
+        for kind, row in summary["by_type"].items():
+            if row["n_layers_with_udr"]:
+                lines.append(f"    {kind:<6} UDR p50 {_fmt(row['udr_median'])}  p90 {_fmt(row['udr_p90'])}  "
+                             f"max {_fmt(row['udr_max'])}  (SDI p50 {_fmt(row['sdi_median'])})")
     if top_wasteful > 0 and result.layers:
         lines += ["", f"  most wasteful modules (lowest utilization, top {top_wasteful}):"]
         for layer in sorted(result.layers, key=lambda layer: layer.utilization)[:top_wasteful]:
@@ -2387,21 +2386,6 @@ def _subtract(later: Any, earlier: Any) -> Optional[float]:
     return None
 
 
-def _udr_by_type(layers: Sequence[Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    table: Dict[str, Dict[str, Any]] = {}
-    for kind in ("attn", "mlp", "other"):
-        rows = [row for row in layers if row.get("module_type") == kind]
-        if not rows:
-            continue
-        udr = [row["udr"] for row in rows if isinstance(row.get("udr"), (int, float))]
-        table[kind] = {"n_layers": len(rows), "params": sum(int(row.get("params") or 0) for row in rows),
-                       "stable_rank_mean": _mean([row["stable_rank"] for row in rows]),
-                       "utilization_mean": _mean([row["utilization"] for row in rows]),
-                       "udr_median": _median(udr), "udr_p90": _percentile(udr, 90),
-                       "sdi_median": math.log10(_median(udr) + UDR_EPS) if udr else None}
-    return table
-
-
 def compare_adapters(path_a: str, path_b: str, *, overlaps: bool = True) -> Dict[str, Any]:
     """Compare two adapters (directories or saved ``audit --json --layers`` documents).
 
@@ -2422,9 +2406,9 @@ def compare_adapters(path_a: str, path_b: str, *, overlaps: bool = True) -> Dict
     for name in common:
         row_a, row_b = rows_a[name], rows_b[name]
         entry = {"name": name, "module_type": row_a.get("module_type"),
-                 "a": {field: row_a.get(field) for field in MODULE_FIELDS},
-                 "b": {field: row_b.get(field) for field in MODULE_FIELDS},
-                 "delta": {field: _subtract(row_b.get(field), row_a.get(field)) for field in MODULE_FIELDS},
+                 "a": {metric: row_a.get(metric) for metric in MODULE_FIELDS},
+                 "b": {metric: row_b.get(metric) for metric in MODULE_FIELDS},
+                 "delta": {metric: _subtract(row_b.get(metric), row_a.get(metric)) for metric in MODULE_FIELDS},
                  "overlap": None}
         if name in loaders_a and name in loaders_b:
             a1, b1 = loaders_a[name]()
@@ -2439,18 +2423,18 @@ def compare_adapters(path_a: str, path_b: str, *, overlaps: bool = True) -> Dict
         modules.append(entry)
     overlapping = [m["overlap"] for m in modules if m["overlap"] is not None]
 
-    def stat(field, reducer):
-        values = [o[field] for o in overlapping if o[field] is not None]
+    def stat(metric, reducer):
+        values = [o[metric] for o in overlapping if o[metric] is not None]
         return reducer(values) if values else None
 
     document = {
         "schema": COMPARE_SCHEMA,
         "a": {"path": str(path_a), "format": doc_a.get("format"),
-              "summary": {field: doc_a.get(field) for field in SUMMARY_FIELDS}},
+              "summary": {metric: doc_a.get(metric) for metric in SUMMARY_FIELDS}},
         "b": {"path": str(path_b), "format": doc_b.get("format"),
-              "summary": {field: doc_b.get(field) for field in SUMMARY_FIELDS}},
-        "summary_delta": {field: _subtract(doc_b.get(field), doc_a.get(field)) for field in SUMMARY_FIELDS},
-        "by_type": {"a": _udr_by_type(list(rows_a.values())), "b": _udr_by_type(list(rows_b.values()))},
+              "summary": {metric: doc_b.get(metric) for metric in SUMMARY_FIELDS}},
+        "summary_delta": {metric: _subtract(doc_b.get(metric), doc_a.get(metric)) for metric in SUMMARY_FIELDS},
+        "by_type": {"a": doc_a.get("by_type") or {}, "b": doc_b.get("by_type") or {}},
         "n_common": len(common),
         "only_in_a": [name for name in rows_a if name not in rows_b],
         "only_in_b": [name for name in rows_b if name not in rows_a],
@@ -2501,9 +2485,9 @@ def render_comparison(document: Mapping[str, Any], top: int = 10) -> str:
     a, b = document["a"], document["b"]
     lines = [f"A: {a['path']} [{a['format']}]", f"B: {b['path']} [{b['format']}]", "",
              f"  {'metric':<26} {'A':>12} {'B':>12} {'B − A':>12}"]
-    for field in SUMMARY_FIELDS:
-        lines.append(f"  {field:<26} {_fmt(a['summary'][field]):>12} {_fmt(b['summary'][field]):>12} "
-                     f"{_fmt(document['summary_delta'][field]):>12}")
+    for metric in SUMMARY_FIELDS:
+        lines.append(f"  {metric:<26} {_fmt(a['summary'][metric]):>12} {_fmt(b['summary'][metric]):>12} "
+                     f"{_fmt(document['summary_delta'][metric]):>12}")
     lines += ["", f"  {'type':<6} {'util A':>8} {'util B':>8} {'UDR p50 A':>10} {'UDR p50 B':>10}"]
     for kind in ("attn", "mlp", "other"):
         row_a, row_b = document["by_type"]["a"].get(kind), document["by_type"]["b"].get(kind)

@@ -6,6 +6,7 @@ float64 SVD of the formed ΔW.
 """
 import json
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,6 +61,16 @@ def dense_delta(a: np.ndarray, b: np.ndarray, scale: float, kind: str) -> np.nda
         return scale * (b.reshape(b.shape[0], b.shape[1]) @ a.reshape(a.shape[0], -1))
     delta = scale * (b @ a)
     return delta.T if kind == "embedding" else delta
+
+
+def run_cli(*args, preamble: str = "", timeout: float = 120):
+    """Run ``python -m gradience_lite ARGS`` as a user would (or, with ``preamble``, the same
+    entry point after some setup code, e.g. blocking imports); returns the CompletedProcess."""
+    if preamble:
+        command = [sys.executable, "-c", preamble + "import sys, gradience_lite; sys.exit(gradience_lite.main(sys.argv[1:]))"]
+    else:
+        command = [sys.executable, "-m", "gradience_lite"]
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
 def fixture_deltas(case: Path) -> dict:

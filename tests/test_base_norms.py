@@ -2,7 +2,6 @@
 dense ΔW formed from the PEFT fixtures."""
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 
 import base_norms as bn
 import gradience_lite as gl
-from conftest import FIXTURES, PEFT_FIXTURES, ROOT, fixture_deltas, oracle_load, write_safetensors
+from conftest import run_cli, FIXTURES, PEFT_FIXTURES, ROOT, fixture_deltas, oracle_load, write_safetensors
 
 BASES = FIXTURES / "base"
 
@@ -351,9 +350,7 @@ def test_unconverged_norms_give_null_udr_and_an_issue(tmp_path):
 
 
 def test_missing_base_still_completes_the_audit():
-    proc = subprocess.run([sys.executable, "-m", "gradience_lite", "audit", str(PEFT_FIXTURES / "llama_fp32_qv"),
-                           "--json", "--layers", "--base-model", "/nonexistent/base"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = run_cli("audit", str(PEFT_FIXTURES / "llama_fp32_qv"), "--json", "--layers", "--base-model", "/nonexistent/base", timeout=120)
     assert proc.returncode == 0, proc.stderr
     document = json.loads(proc.stdout)
     assert all(row["udr"] is None for row in document["layers"])
@@ -380,16 +377,13 @@ def test_hub_id_base_resolves_through_the_cache(tmp_path, monkeypatch):
 
 
 def test_no_udr_flag_skips_the_base():
-    proc = subprocess.run([sys.executable, "-m", "gradience_lite", "audit", str(PEFT_FIXTURES / "llama_fp32_qv"),
-                           "--json", "--base-model", str(BASES / "llama_fp32"), "--no-udr"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = run_cli("audit", str(PEFT_FIXTURES / "llama_fp32_qv"), "--json", "--base-model", str(BASES / "llama_fp32"), "--no-udr", timeout=120)
     assert proc.returncode == 0
     assert json.loads(proc.stdout)["n_layers_with_udr"] == 0
 
 
 def test_text_report_shows_udr_by_type_and_cheat_sheet():
-    proc = subprocess.run([sys.executable, "-m", "gradience_lite", "audit", str(PEFT_FIXTURES / "llama_bf16_all_linear"),
-                           "--base-model", str(BASES / "llama_fp32")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = run_cli("audit", str(PEFT_FIXTURES / "llama_bf16_all_linear"), "--base-model", str(BASES / "llama_fp32"), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "UDR over 14 modules" in proc.stdout
     assert "attn   UDR p50" in proc.stdout and "mlp    UDR p50" in proc.stdout

@@ -5,14 +5,13 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 import zlib
 
 import numpy as np
 import pytest
 
 import gradience_lite as gl
-from conftest import FIXTURES, PEFT_FIXTURES, ROOT, fixture_deltas, oracle_load, write_safetensors
+from conftest import FIXTURES, PEFT_FIXTURES, fixture_deltas, run_cli, oracle_load, write_safetensors
 
 BASES = FIXTURES / "base"
 
@@ -86,26 +85,21 @@ def test_an_adapter_compared_with_itself_overlaps_fully():
 
 def test_compare_with_a_saved_audit_json(tmp_path):
     saved = tmp_path / "audit.json"
-    proc = subprocess.run([sys.executable, "-m", "gradience_lite", "audit", str(PEFT_FIXTURES / "llama_fp32_qv"),
-                           "--json", "--layers"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    proc = run_cli("audit", str(PEFT_FIXTURES / "llama_fp32_qv"), "--json", "--layers", timeout=60)
     saved.write_text(proc.stdout)
-    proc = subprocess.run([sys.executable, "-m", "gradience_lite", "compare", str(saved),
-                           str(PEFT_FIXTURES / "llama_rslora"), "--json"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=60)
+    proc = run_cli("compare", str(saved), str(PEFT_FIXTURES / "llama_rslora"), "--json", timeout=60)
     assert proc.returncode == 0, proc.stderr
     document = json.loads(proc.stdout)
     assert document["n_common"] == 4 and document["overlap_summary"]["n_modules"] == 0
     assert any("saved audit JSON" in issue for issue in document["issues"])
-    text = subprocess.run([sys.executable, "-m", "gradience_lite", "compare", str(saved),
-                           str(PEFT_FIXTURES / "llama_rslora")], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    text = run_cli("compare", str(saved), str(PEFT_FIXTURES / "llama_rslora"), timeout=60)
     assert "utilization_mean" in text.stdout and "only in B" in text.stdout
 
 
 def test_compare_refuses_what_is_not_an_audit(tmp_path):
     bogus = tmp_path / "x.json"
     bogus.write_text('{"hello": 1}')
-    proc = subprocess.run([sys.executable, "-m", "gradience_lite", "compare", str(bogus), str(bogus)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    proc = run_cli("compare", str(bogus), str(bogus), timeout=60)
     assert proc.returncode == 2 and "not an audit document" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -129,8 +123,7 @@ def make_checkpoints(root, steps=(100, 200, 1000)):
 
 def test_drift_over_checkpoints_in_step_order(tmp_path):
     saved = make_checkpoints(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "gradience_lite", "compare", str(tmp_path), "--json"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = run_cli("compare", str(tmp_path), "--json", timeout=120)
     assert proc.returncode == 0, proc.stderr
     document = json.loads(proc.stdout)
     assert [(p["step_from"], p["step_to"]) for p in document["pairs"]] == [(100, 200), (200, 1000)]
@@ -143,8 +136,7 @@ def test_drift_over_checkpoints_in_step_order(tmp_path):
     d1, d2 = (2.0 * saved[s][f"base_model.model.{name}.lora_B.weight"] @ saved[s][f"base_model.model.{name}.lora_A.weight"]
               for s in (100, 200))
     assert mine == pytest.approx(np.sum(d1 * d2) / np.linalg.norm(d1) / np.linalg.norm(d2), abs=1e-9)
-    text = subprocess.run([sys.executable, "-m", "gradience_lite", "compare", str(tmp_path)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120).stdout
+    text = run_cli("compare", str(tmp_path), timeout=120).stdout
     assert "100 → 200" in text and "200 → 1000" in text
 
 
@@ -153,8 +145,7 @@ def test_drift_over_checkpoints_in_step_order(tmp_path):
 def write_report(tmp_path, case="llama_patterns", base="llama12_bf16_sharded"):
     report = tmp_path / "report.html"
     args = ["audit", str(PEFT_FIXTURES / case), "--html", str(report)] + (["--base-model", str(BASES / base)] if base else [])
-    proc = subprocess.run([sys.executable, "-m", "gradience_lite", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+    proc = run_cli(*args, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return report
 
@@ -256,8 +247,7 @@ def test_batch_audits_in_parallel_and_continues_past_failures(tmp_path):
     out = tmp_path / "out.jsonl"
     paths = [PEFT_FIXTURES / "llama_fp16", tmp_path / "missing", FIXTURES / "formats" / "mlx_lm",
              PEFT_FIXTURES / "llama_patterns"]
-    proc = subprocess.run([sys.executable, "-m", "gradience_lite", "audit", *map(str, paths), "--jsonl", str(out),
-                           "--jobs", "2"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = run_cli("audit", *map(str, paths), "--jsonl", str(out), "--jobs", "2", timeout=120)
     assert proc.returncode == 1  # one adapter failed
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(line["index"] for line in lines) == [0, 1, 2, 3]
@@ -272,9 +262,7 @@ def test_batch_audits_in_parallel_and_continues_past_failures(tmp_path):
 
 
 def test_batch_to_stdout_with_layers():
-    proc = subprocess.run([sys.executable, "-m", "gradience_lite", "audit", str(PEFT_FIXTURES / "llama_fp16"),
-                           str(PEFT_FIXTURES / "llama_dora"), "--layers"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+    proc = run_cli("audit", str(PEFT_FIXTURES / "llama_fp16"), str(PEFT_FIXTURES / "llama_dora"), "--layers", timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [len(line["layers"]) for line in sorted(lines, key=lambda l: l["index"])] == [4, 4]

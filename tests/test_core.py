@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file as safetensors_load_numpy
 
 import gradience_lite as gl
-from conftest import (PEFT_FIXTURES, ROOT, fixture_deltas, oracle_decode_bf16, oracle_load, peft_cases,
+from conftest import (PEFT_FIXTURES, ROOT, run_cli, fixture_deltas, oracle_decode_bf16, oracle_load, peft_cases,
                       to_bf16_bits, write_safetensors)
 
 REL = 1e-9
@@ -355,16 +355,8 @@ def test_metrics_event_shape():
 
 # ── the CLI ──────────────────────────────────────────────────────────────────
 
-def run_cli(*args, env=None, preamble=""):
-    code = preamble + "import sys, gradience_lite; sys.exit(gradience_lite.main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=120)
-
-
 def test_cli_json_is_one_document_on_stdout():
-    proc = subprocess.run([sys.executable, "-m", "gradience_lite", "audit", str(PEFT_FIXTURES / "llama_patterns"),
-                           "--json", "--layers", "--top-singular-values", "3"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = run_cli("audit", str(PEFT_FIXTURES / "llama_patterns"), "--json", "--layers", "--top-singular-values", "3", timeout=120)
     assert proc.returncode == 0, proc.stderr
     document = json.loads(proc.stdout)
     assert document["n_layers"] == 48 and len(document["layers"]) == 48

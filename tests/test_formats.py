@@ -2,7 +2,6 @@
 files, each recognised from its keys and checked against ΔW formed densely
 with NumPy by the format's documented convention."""
 import json
-import math
 
 import numpy as np
 import pytest

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradience_lite as gl
-from conftest import FIXTURES, ROOT, write_safetensors
+from conftest import run_cli, FIXTURES, ROOT, write_safetensors
 
 HEALTHY = "base_model.model.model.layers.0.self_attn.q_proj"
 DAMAGED = "base_model.model.model.layers.1.self_attn.q_proj"
@@ -34,11 +34,6 @@ def make_file_bytes(header, data=b"", header_size=None):
     blob = header if isinstance(header, bytes) else json.dumps(header).encode()
     size = len(blob) if header_size is None else header_size
     return struct.pack("<Q", size) + blob + data
-
-
-def run_cli(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "gradience_lite", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=timeout)
 
 
 def strict_json(text):
