@@ -89,8 +89,10 @@ MAX_DIMENSION = 1 << 40
 
 def _decode_bf16(raw: np.ndarray, out: np.ndarray) -> None:
     # bfloat16 is the top half of an IEEE float32: shift the bits into place,
-    # widening straight into the float32 output (no uint32 temporary).
-    np.left_shift(raw, np.uint32(16), out=out.view(np.uint32))
+    # widening straight into the float32 output (no uint32 temporary).  The loop
+    # dtype is named: NumPy 1.x's value-based casting would otherwise demote the
+    # scalar 16 to uint16 and shift every value out of its 16 bits (all zeros).
+    np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
 
 
 @functools.lru_cache(maxsize=None)
