@@ -30,8 +30,8 @@ import functools
 import hashlib
 import html
 import json
+import io
 import math
-import mmap
 import os
 import re
 import stat
@@ -85,6 +85,13 @@ MAX_HEADER_BYTES = 100 * 1000 * 1000  # the reference implementation's own bound
 # A dimension beyond 2**40 cannot describe a real tensor; refusing it up front
 # keeps every later product of dimensions a sane Python int.
 MAX_DIMENSION = 1 << 40
+# Real tensors have at most 5 axes (conv3d kernels); NumPy refuses more than 32.
+MAX_NDIM = 8
+# Entries per header.  The largest real files stay far below (a 70B all-linear
+# adapter has 1,120 tensors, a LyCORIS full SDXL file ~10k, a base shard a few
+# thousand); each entry costs ~1 KB of Python objects, so the cap keeps a
+# header's records under ~100 MB however the header is crafted.
+MAX_HEADER_ENTRIES = 100_000
 
 
 def _decode_bf16(raw: np.ndarray, out: np.ndarray) -> None:
@@ -173,14 +180,19 @@ class TensorInfo(NamedTuple):
 
 
 class SafetensorsFile(NamedTuple):
-    """A memory-mapped safetensors file: header records plus the mapping."""
+    """An open safetensors file: header records plus a handle for positional reads.
+
+    Tensors are read with ``pread`` rather than a memory mapping: a file that
+    another process truncates while we read it then gives a short read (a
+    clean error naming the file) instead of SIGBUS killing the process.
+    """
 
     path: str
     tensors: Dict[str, TensorInfo]
     metadata: Dict[str, str]
     header_sha256: str
     file_size: int
-    mapped: Optional[mmap.mmap]  # None for a file with an empty data section
+    handle: Optional[io.FileIO]  # None for a file with an empty data section
 
 
 def _reject_duplicate_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
@@ -199,6 +211,8 @@ def _parse_shape(raw_shape: Any) -> Tuple[Optional[Tuple[int, ...]], Optional[st
         return None, f"shape {raw_shape} has a negative dimension"
     if any(d > MAX_DIMENSION for d in raw_shape):
         return None, f"shape {raw_shape} is absurd (a dimension above 2**40)"
+    if len(raw_shape) > MAX_NDIM:
+        return None, f"shape has {len(raw_shape)} axes, over the MAX_NDIM cap ({MAX_NDIM})"
     return tuple(raw_shape), None
 
 
@@ -209,6 +223,9 @@ def _parse_header(path: str, header: Dict[str, Any], data_start: int, data_size:
         raise AdapterFormatError(f"{path}: __metadata__ is not an object")
     metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
 
+    if len(header) > MAX_HEADER_ENTRIES:
+        raise AdapterFormatError(f"{path}: header has {len(header)} entries, over the MAX_HEADER_ENTRIES cap "
+                                 f"({MAX_HEADER_ENTRIES})")
     tensors: Dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if not isinstance(entry, dict) or "data_offsets" not in entry:
@@ -265,26 +282,35 @@ def open_safetensors(path: str | os.PathLike) -> SafetensorsFile:
     ['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight']
     """
     path = str(path)
+    handle = None
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
             raise AdapterFormatError(f"{path}: not a regular file")
-        with open(path, "rb") as handle:
-            file_size = os.fstat(handle.fileno()).st_size
-            if file_size < 8:
-                raise AdapterFormatError(f"{path}: file is {'empty' if file_size == 0 else 'too short'} "
-                                         f"({file_size} bytes), not a safetensors file")
-            header_size = int.from_bytes(handle.read(8), "little")
-            if header_size > MAX_HEADER_BYTES:
-                raise AdapterFormatError(f"{path}: header length {header_size} exceeds the {MAX_HEADER_BYTES}-byte limit")
-            if 8 + header_size > file_size:
-                raise AdapterFormatError(f"{path}: header length {header_size} runs past the end of the "
-                                         f"{file_size}-byte file (truncated or not safetensors)")
-            header_bytes = handle.read(header_size)
-            data_start = 8 + header_size
-            data_size = file_size - data_start
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if data_size > 0 else None
+        handle = open(path, "rb", buffering=0)
+        file_size = os.fstat(handle.fileno()).st_size
+        if file_size < 8:
+            raise AdapterFormatError(f"{path}: file is {'empty' if file_size == 0 else 'too short'} "
+                                     f"({file_size} bytes), not a safetensors file")
+        header_size = int.from_bytes(_read_exact(handle, path, 0, 8), "little")
+        # The length is the file's first 8 bytes: never print it, whatever file
+        # this is (a symlink or a config may point us at a secret).
+        if header_size > MAX_HEADER_BYTES or 8 + header_size > file_size:
+            raise AdapterFormatError(f"{path}: not a safetensors file (its first 8 bytes are not a header length "
+                                     f"that fits this {file_size}-byte file; truncated or another format)")
+        header_bytes = _read_exact(handle, path, 8, header_size)
+        data_start = 8 + header_size
+        data_size = file_size - data_start
     except OSError as error:
+        if handle is not None:
+            handle.close()
         raise AdapterFormatError(f"{path}: cannot read ({error.strerror or error})") from None
+    except AdapterFormatError:
+        if handle is not None:
+            handle.close()
+        raise
+    if data_size == 0:
+        handle.close()
+        handle = None
     try:
         header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except UnicodeDecodeError:
@@ -296,18 +322,49 @@ def open_safetensors(path: str | os.PathLike) -> SafetensorsFile:
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{path}: header is a JSON {type(header).__name__}, not an object")
     tensors, metadata = _parse_header(path, header, data_start, data_size)
-    return SafetensorsFile(path, tensors, metadata, hashlib.sha256(header_bytes).hexdigest(), file_size, mapped)
+    return SafetensorsFile(path, tensors, metadata, hashlib.sha256(header_bytes).hexdigest(), file_size, handle)
 
 
-def raw_view(sf: SafetensorsFile, info: TensorInfo) -> np.ndarray:
-    """The tensor's bytes as a read-only array view into the mapping (no copy)."""
+def _read_exact(handle: io.FileIO, path: str, offset: int, count: int, into: Optional[memoryview] = None) -> Any:
+    """``count`` bytes at ``offset`` (into ``into`` when given); a short read is
+    an error naming the file: it shrank after its header was read."""
+    target = into if into is not None else memoryview(bytearray(count))
+    done = 0
+    while done < count:
+        if hasattr(os, "preadv"):
+            got = os.preadv(handle.fileno(), [target[done:count]], offset + done)
+        else:  # no positional reads (Windows): seek + read on our own handle
+            handle.seek(offset + done)
+            got = handle.readinto(target[done:count])
+        if not got:
+            raise AdapterFormatError(f"{path}: file changed while being read (byte {offset + done} is gone; "
+                                     "truncated by another process?)")
+        done += got
+    return target if into is not None else bytes(target)
+
+
+def raw_view(sf: SafetensorsFile, info: TensorInfo, workspace: Optional["Workspace"] = None,
+             index: Optional[int] = None) -> np.ndarray:
+    """The tensor's stored values as an array, read with one positional read
+    (only slab ``index`` along the first axis when given: one expert).
+
+    With ``workspace`` the bytes land in its reused buffer (valid until the
+    next raw read into it); without, in a new array.
+    """
     if info.problem is not None:
         raise AdapterFormatError(f"{sf.path}: tensor {info.name!r}: {info.problem}")
     storage = DTYPES[info.dtype].storage
-    count = math.prod(info.shape)
+    shape, start = info.shape, info.start
+    if index is not None:
+        shape = info.shape[1:]
+        start += index * math.prod(shape) * storage.itemsize
+    count = math.prod(shape)
     if count == 0:
-        return np.zeros(info.shape, dtype=storage)
-    return np.frombuffer(sf.mapped, dtype=storage, count=count, offset=info.start).reshape(info.shape)
+        return np.zeros(shape, dtype=storage)
+    nbytes = count * storage.itemsize
+    buffer = workspace.take(nbytes, _RAW_BYTES) if workspace is not None else np.empty(nbytes, np.uint8)
+    _read_exact(sf.handle, sf.path, start, nbytes, memoryview(buffer).cast("B"))
+    return buffer.view(storage).reshape(shape)
 
 
 class Workspace:
@@ -323,11 +380,14 @@ class Workspace:
         self._buffers: Dict[Any, np.ndarray] = {}
 
     def take(self, count: int, dtype: Any) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        buffer = self._buffers.get(dtype)
+        key = dtype if dtype is _RAW_BYTES else np.dtype(dtype)
+        buffer = self._buffers.get(key)
         if buffer is None or buffer.size < count:
-            buffer = self._buffers[dtype] = np.empty(count, dtype=dtype)
+            buffer = self._buffers[key] = np.empty(count, dtype=np.uint8 if key is _RAW_BYTES else key)
         return buffer[:count]
+
+
+_RAW_BYTES = "raw bytes"  # the Workspace slot for stored bytes, apart from any decoded dtype
 
 
 def decode(raw: np.ndarray, dtype_name: str, dtype: Any = np.float64,
@@ -370,17 +430,9 @@ def read_tensor(sf: SafetensorsFile, name: str, dtype: Any = np.float64,
 
 
 def release_pages(sf: SafetensorsFile, info: TensorInfo) -> None:
-    """Drop a tensor's mapped pages from this process's resident set.
-
-    Touched pages of a file mapping count toward RSS until unmapped; advising
-    the kernel we are done keeps peak memory at about one tensor, however large
-    the file.  The data stays in the page cache, so re-reading is cheap.
-    """
-    if sf.mapped is None or not hasattr(mmap, "MADV_DONTNEED") or info.end <= info.start:
-        return
-    page = mmap.PAGESIZE
-    start = (info.start // page) * page
-    sf.mapped.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+    """Nothing to release: tensors are read into the caller's buffers, never
+    mapped, so no file pages count toward this process's resident set.  Kept
+    so callers written for the mapped reader (base_norms) need no change."""
 
 
 # ══ 2. adapter files ═════════════════════════════════════════════════════════
@@ -1182,13 +1234,14 @@ class ModuleAudit:
 class _TensorSource:
     """Uniform access to tensors in a safetensors file or an in-memory dict.
 
-    ``describe(key)`` → (dtype name, shape, problem); ``raw(key)`` → the stored
-    values as an array view (decode with :func:`decode`); ``release(key)``
-    drops a file tensor's pages once it has been reduced.
+    ``describe(key)`` → (dtype name, shape, problem); ``raw(key, index=None)``
+    → the stored values (slab ``index`` of the first axis when given) as an
+    array (decode with :func:`decode`); ``release(key)`` drops what was kept
+    of a tensor once it has been reduced.
     """
 
     def __init__(self, describe: Callable[[str], Tuple[str, Tuple[int, ...], Optional[str]]],
-                 raw: Callable[[str], np.ndarray], release: Callable[[str], None] = lambda key: None):
+                 raw: Callable[..., np.ndarray], release: Callable[[str], None] = lambda key: None):
         self.describe, self.raw, self.release = describe, raw, release
 
     def load(self, key: str) -> np.ndarray:
@@ -1200,7 +1253,8 @@ class _TensorSource:
         def describe(key):
             info = sf.tensors[key]
             return info.dtype, info.shape, info.problem
-        return cls(describe, lambda key: raw_view(sf, sf.tensors[key]), lambda key: release_pages(sf, sf.tensors[key]))
+        stored = Workspace()  # one reused buffer for stored bytes: each raw() overwrites the last
+        return cls(describe, lambda key, index=None: raw_view(sf, sf.tensors[key], stored, index))
 
     @classmethod
     def from_arrays(cls, tensors: Mapping[str, Any]) -> "_TensorSource":
@@ -1209,7 +1263,8 @@ class _TensorSource:
             kind = array.dtype.kind
             dtype = array.dtype.name.upper() if kind in "fiub" else array.dtype.name
             return dtype, tuple(array.shape), None if kind in "fiub" else f"unsupported dtype {array.dtype.name}"
-        return cls(describe, lambda key: np.asarray(tensors[key]))
+        return cls(describe, lambda key, index=None: np.asarray(tensors[key]) if index is None
+                   else np.asarray(tensors[key])[index])
 
 
 def _is_float(dtype: str) -> bool:
@@ -1297,8 +1352,7 @@ CHUNK_ELEMENTS = 1 << 18  # 2 MiB of float64: bounded memory, and large enough t
 
 
 def _stored_matrix(source: _TensorSource, ref: FactorRef) -> np.ndarray:
-    raw = source.raw(ref.key)
-    return (raw[ref.expert] if ref.expert is not None else raw).reshape(ref.shape)
+    return source.raw(ref.key, ref.expert).reshape(ref.shape)
 
 
 def _streamed_gram(source: _TensorSource, ref: FactorRef, workspace: Optional[Workspace]) -> np.ndarray:

@@ -53,8 +53,8 @@ def _valid_file_bytes():
 FILE_CASES = {
     "empty": (b"", "empty"),
     "seven bytes": (b"\x01" * 7, "too short"),
-    "header past end": (make_file_bytes(b"{}", header_size=4096), "runs past the end"),
-    "absurd header length": (struct.pack("<Q", 2 ** 63) + b"{}", "exceeds"),
+    "header past end": (make_file_bytes(b"{}", header_size=4096), "not a safetensors file"),
+    "absurd header length": (struct.pack("<Q", 2 ** 63) + b"{}", "not a safetensors file"),
     "header not utf-8": (make_file_bytes(b'{"\xff\xfe": 1}'), "not UTF-8"),
     "header not json": (make_file_bytes(b"{this is not json"), "not valid JSON"),
     "header is a list": (make_file_bytes(b"[1, 2, 3]"), "not an object"),
