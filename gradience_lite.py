@@ -810,9 +810,14 @@ def group_lora_keys(keys: Iterable[str]) -> Tuple[List[LoraModule], List[str]]:
     return modules, others
 
 
+# Numbers in names are read with [0-9]{1,9} only: str.isdigit() accepts "²" and
+# int() refuses it, and a 5,000-digit index is over int()'s own limit.
+_INDEX_DIGITS = re.compile(r"[0-9]{1,9}")
+
+
 def _natural_key(name: str) -> List[Any]:
     # "layers.10" after "layers.9": order modules the way a reader expects.
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
+    return [(0, int(part), "") if _INDEX_DIGITS.fullmatch(part) else (1, 0, part) for part in name.split(".")]
 
 
 # ── other formats: kohya / LyCORIS / diffusers / MLX ────────────────────────
@@ -874,6 +879,12 @@ def _group_kohya_keys(keys: Iterable[str]) -> Tuple[List[LoraModule], List[str]]
     return modules, others
 
 
+# MLX SwitchLinear stores experts along a leading axis, one module each.  Real
+# MoE models have at most 256 routed experts (DeepSeek-V3); a header claiming
+# 10**7 (with zero bytes behind them) would otherwise create 10**7 modules.
+MAX_EXPERTS = 4096
+
+
 def _group_mlx_keys(keys: Iterable[str], shape_of: Callable[[str], Tuple[int, ...]]
                     ) -> Tuple[List[LoraModule], List[str]]:
     parts: Dict[str, Dict[str, str]] = {}
@@ -888,7 +899,7 @@ def _group_mlx_keys(keys: Iterable[str], shape_of: Callable[[str], Tuple[int, ..
     for name, roles in sorted(parts.items(), key=lambda item: _natural_key(item[0])):
         a_key, b_key, m_key = roles.get("lora_a"), roles.get("lora_b"), roles.get("m")
         a_shape = shape_of(a_key) if a_key else ()
-        if len(a_shape) == 3:  # LoRASwitchLinear: (E, r, in) / (E, out, r), one update per expert
+        if len(a_shape) == 3 and a_shape[0] <= MAX_EXPERTS:  # LoRASwitchLinear: (E, r, in) / (E, out, r), one update per expert
             modules.extend(LoraModule(f"{name}[{expert}]", "linear", a_key, b_key, layout="mlx", expert=expert)
                            for expert in range(a_shape[0]))
         else:
@@ -930,7 +941,7 @@ def module_type(name: str) -> str:
     an attention block).  kohya names flatten the path with underscores
     ("…_self_attn_q_proj"), so for them underscore-delimited markers are used.
     """
-    name = re.sub(r"\[\d+\]$", "", name).lower()  # an MLX expert index
+    name = re.sub(r"\[[0-9]{1,9}\]$", "", name).lower()  # an MLX expert index
     if "." not in name and "_" in name:
         flat = f"_{name}_"
         attn = max((flat.rfind(marker) for marker in _FLAT_ATTN), default=-1)
@@ -947,10 +958,10 @@ def module_type(name: str) -> str:
     return "attn" if attn > mlp else "mlp"
 
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoder_layers|decoder_layers)\.(\d+)(?:\.|$)")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoder_layers|decoder_layers)\.([0-9]{1,9})(?:\.|$)")
 
 
-_FLAT_LAYER_INDEX = re.compile(r"(?:^|_)(?:layers|layer|h|blocks|block)_(\d+)(?:_|$)")
+_FLAT_LAYER_INDEX = re.compile(r"(?:^|_)(?:layers|layer|h|blocks|block)_([0-9]{1,9})(?:_|$)")
 
 
 def layer_index(name: str) -> Optional[int]:
@@ -1051,6 +1062,54 @@ def configure(adapter_format: str, raw_config: Any, load_issues: List[str],
 # Zero columns (dead rank directions) are dropped: they add nothing to B·A.
 
 CONDITION_LIMIT_SQ = 1e10  # κ(scaled X)² above which the Gram route is not accurate enough
+
+# ── the resource budget ──
+# Sizes come from headers and configs an attacker writes, so every allocation
+# and every superlinear step is checked against a cap *before* it happens.
+# Exceeding a cap is a module issue (or exit 2 for a whole file) naming it.
+#
+# The r×r route costs r³: ~1 s at r = 1024 on one core, ~8 s at 2048.  The
+# largest ranks in published adapters (PiSSA / rsLoRA sweeps) are 1024.
+MAX_RANK = 1024
+# Elements of any matrix rebuilt from small factors (Tucker lora_mid, LoHa /
+# LoKr halves, a dense ΔW): 2**24 float64 = 128 MiB, about the largest conv
+# kernel of an SDXL UNet (1280 × 1280·3·3 = 14.7M).
+MAX_DENSE_ELEMENTS = 1 << 24
+# A dense SVD of an m×n matrix costs ~m·n·min(m, n) flops; 2**32 is a
+# 1600×1600 SVD, a few seconds.  Larger dense spectra are refused.
+MAX_DENSE_WORK = 1 << 32
+
+
+class ResourceCapExceeded(ValueError):
+    """A size from the file or config asks for more work or memory than a named cap allows."""
+
+
+def check_dense(shape: Sequence[int], what: str, svd: bool = False) -> None:
+    """Refuse (before allocating) a dense matrix over MAX_DENSE_ELEMENTS, or its
+    SVD over MAX_DENSE_WORK."""
+    elements = math.prod(shape)
+    if elements > MAX_DENSE_ELEMENTS:
+        raise ResourceCapExceeded(f"{what} would have {elements} elements, over the MAX_DENSE_ELEMENTS cap "
+                                  f"({MAX_DENSE_ELEMENTS})")
+    if svd and len(shape) == 2 and elements * min(shape) > MAX_DENSE_WORK:
+        raise ResourceCapExceeded(f"the SVD of {what} ({shape[0]}×{shape[1]}) is over the MAX_DENSE_WORK cap "
+                                  f"({MAX_DENSE_WORK} flops)")
+
+
+def product_singular_values(b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """Singular values of B·A formed densely (for r > min(m, n), where ΔW is no
+    larger than its factors).  Each factor is scaled to max |entry| 1 first, so
+    the product cannot overflow and LAPACK never sees Inf; the scales multiply
+    back at the end (Inf only where σ itself exceeds float64)."""
+    check_dense((b.shape[0], a.shape[1]), "ΔW", svd=True)
+    if b.shape[0] == 0 or a.shape[1] == 0:
+        return np.zeros(0)
+    scale_b, scale_a = float(np.max(np.abs(b), initial=0.0)), float(np.max(np.abs(a), initial=0.0))
+    if scale_b == 0.0 or scale_a == 0.0:
+        return np.zeros(min(b.shape[0], a.shape[1]))
+    sigma = np.linalg.svd((b / scale_b) @ (a / scale_a), compute_uv=False)
+    with np.errstate(over="ignore"):
+        return sigma * scale_b * scale_a
 # A column whose squared norm is below this may have lost digits to underflow
 # in the Gram (values ~1e-150); such factors take the Householder route too.
 GRAM_SAFE_MIN = 1e-280
@@ -1107,8 +1166,25 @@ def batched_gram_factors(grams: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def core_singular_values(factors_b: np.ndarray, factors_a: np.ndarray) -> np.ndarray:
-    """Singular values (descending) of B·A from stacks of R_B and R_A: svd of R_B·R_Aᵀ."""
-    return np.linalg.svd(factors_b @ np.swapaxes(factors_a, -1, -2), compute_uv=False)
+    """Singular values (descending) of B·A from stacks of R_B and R_A: svd of R_B·R_Aᵀ.
+
+    Each R is scaled to max |entry| 1 first: R_B·R_Aᵀ of factors near 1e300
+    would overflow, and LAPACK given Inf prints to stdout and returns NaN.  The
+    scales multiply back afterwards (Inf only where σ itself exceeds float64;
+    the caller reports that module).
+    """
+    def unit(factors):
+        scale = np.max(np.abs(factors), axis=(-2, -1), initial=0.0)
+        scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+        return factors / scale[..., None, None], scale
+
+    (scaled_b, scale_b), (scaled_a, scale_a) = unit(factors_b), unit(factors_a)
+    core = scaled_b @ np.swapaxes(scaled_a, -1, -2)
+    finite = np.isfinite(core).all(axis=(-2, -1))
+    core = np.where(finite[..., None, None], core, 0.0)  # NaN factors: the caller has already refused them
+    with np.errstate(over="ignore", invalid="ignore"):
+        sigma = np.linalg.svd(core, compute_uv=False) * (scale_b * scale_a)[..., None]
+    return np.where(finite[..., None], sigma, np.nan)
 
 
 def lowrank_singular_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -1122,11 +1198,17 @@ def lowrank_singular_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     >>> bool(np.allclose(lowrank_singular_values(a, b), np.linalg.svd(b @ a, compute_uv=False)[:4]))
     True
     """
-    factor_a = gram_factor(np.asarray(a, dtype=np.float64).T)
-    factor_b = gram_factor(np.asarray(b, dtype=np.float64))
-    if factor_a is None or factor_b is None:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("lowrank_singular_values: factors contain NaN or Inf")
-    return core_singular_values(factor_b, factor_a)
+    if a.shape[0] > min(a.shape[1], b.shape[0]):  # the r×r route would be larger than B·A itself
+        sigma = np.zeros(a.shape[0])
+        dense = product_singular_values(b, a)
+        sigma[:dense.size] = dense
+        return sigma
+    if a.shape[0] > MAX_RANK:
+        raise ResourceCapExceeded(f"rank {a.shape[0]} is over the MAX_RANK cap ({MAX_RANK})")
+    return core_singular_values(gram_factor(b), gram_factor(a.T))
 
 
 class Spectrum(NamedTuple):
@@ -1151,18 +1233,22 @@ def batched_spectrum_metrics(sigma: np.ndarray, ranks: np.ndarray) -> List[Spect
     gives zeros everywhere.
     """
     sigma = np.asarray(sigma, dtype=np.float64)
-    energy = np.cumsum(np.square(sigma), axis=1)
-    frob_sq = energy[:, -1]
-    sigma_max = sigma[:, 0]
+    sigma_max = sigma[:, 0] if sigma.shape[1] else np.zeros(sigma.shape[0])
     nonzero = sigma_max > 0
     safe_max = np.where(nonzero, sigma_max, 1.0)
-    stable = np.where(nonzero, frob_sq / safe_max ** 2, 0.0)
-    positive = np.where(sigma > 1e-12, sigma, 0.0)
+    # Every metric but σ_max and ‖ΔW‖²_F is scale-free: compute them from σ/σ₁,
+    # whose squares cannot overflow (σ ~ 1e200 is finite; σ² is not).
+    unit = sigma / safe_max[:, None]
+    energy = np.cumsum(np.square(unit), axis=1) if sigma.shape[1] else np.zeros((sigma.shape[0], 1))
+    with np.errstate(over="ignore"):
+        frob_sq = energy[:, -1] * safe_max ** 2 * nonzero
+    stable = np.where(nonzero, energy[:, -1], 0.0)
+    positive = np.where(sigma > 1e-12, unit, 0.0)
     p = positive / np.where(nonzero, positive.sum(axis=1), 1.0)[:, None]
     entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
     effective = np.where(nonzero, np.exp(entropy), 0.0)
     # Count the prefix sums still below the threshold: k = that count + 1.
-    energy_ranks = [np.where(nonzero, (energy < t * frob_sq[:, None]).sum(axis=1) + 1, 0) for t in ENERGY_THRESHOLDS]
+    energy_ranks = [np.where(nonzero, (energy < t * energy[:, -1:]).sum(axis=1) + 1, 0) for t in ENERGY_THRESHOLDS]
     utilization = np.where(ranks > 0, stable / np.maximum(ranks, 1), 0.0)
     return [Spectrum(float(sigma_max[i]), float(frob_sq[i]), float(stable[i]), float(effective[i]),
                      float(utilization[i]), int(energy_ranks[0][i]), int(energy_ranks[1][i]), int(energy_ranks[2][i]))
@@ -1299,6 +1385,8 @@ def _factor_layout(module: LoraModule, a_shape: Tuple[int, ...], b_shape: Tuple[
             return None, f"MLX switch factors A{list(a_shape)} / B{list(b_shape)} are not (E, r, in) / (E, out, r)"
         a_shape, b_shape = a_shape[1:], b_shape[1:]  # per expert: PEFT orientation
     elif module.layout == "mlx":
+        if len(a_shape) == 3 and a_shape[0] > MAX_EXPERTS:
+            return None, f"MLX switch factors claim {a_shape[0]} experts, over the MAX_EXPERTS cap ({MAX_EXPERTS})"
         if len(a_shape) != 2 or len(b_shape) != 2:
             return None, f"MLX factors lora_a{list(a_shape)} / lora_b{list(b_shape)} are not 2-D"
         if a_shape[1] != b_shape[0]:
@@ -1439,6 +1527,15 @@ def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Option
         return None, [f"{name}: {problem}; not audited"]
     if layout.rank == 0:
         return None, [f"{name}: rank r = 0 (empty factors); not audited"]
+    length_a, length_b = layout.a.shape[1 - layout.a.rank_axis], layout.b.shape[1 - layout.b.rank_axis]
+    if min(length_a, length_b) == 0:
+        return None, [f"{name}: ΔW is empty (A{list(a_shape)} / B{list(b_shape)}); not audited"]
+    if layout.rank > min(length_a, length_b):
+        # An r×r Gram would be larger than ΔW itself (and than the bytes in the
+        # file: A [30000, 1] / B [1, 30000] claims a 30000² Gram); form ΔW instead.
+        return _prepare_wide(module, source, layout, a_shape, b_shape, a_dtype, b_dtype, scale_rule)
+    if layout.rank > MAX_RANK:
+        return None, [f"{name}: rank r = {layout.rank} is over the MAX_RANK cap ({MAX_RANK}); not audited"]
     grams = []
     for label, ref in (("lora_A", layout.a), ("lora_B", layout.b)):
         gram = _streamed_gram(source, ref, workspace)
@@ -1461,6 +1558,35 @@ def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Option
                            layout.rank, layout.rank, grams[0], grams[1], bias_norm, magnitude), []
 
 
+def _prepare_wide(module: LoraModule, source: _TensorSource, layout: _Factors, a_shape: Tuple[int, ...],
+                  b_shape: Tuple[int, ...], a_dtype: str, b_dtype: str, scale_rule: ScaleRule
+                  ) -> Tuple[Optional[_PreparedModule], List[str]]:
+    """r > min(m, n): the spectrum of ΔW = B·A formed densely, padded to r."""
+    name = module.name
+    factors = []
+    for label, ref in (("lora_A", layout.a), ("lora_B", layout.b)):
+        values = _tall_factor(source, ref)
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            return None, [f"{name}: {label} contains {bad} NaN/Inf values; not audited"]
+        factors.append(values)
+    try:
+        sigma = product_singular_values(factors[1], factors[0].T)
+    except ResourceCapExceeded as error:
+        return None, [f"{name}: {error}; not audited"]
+    padded = np.zeros(layout.rank)
+    padded[:sigma.size] = sigma
+    alpha, problem = _alpha_value(module, source)
+    if problem:
+        return None, [problem]
+    bias_norm, magnitude = _extras(module, source)
+    a_matrix, b_matrix = (layout.a.shape, layout.b.shape) if module.expert is not None else (a_shape, b_shape)
+    return _PreparedModule(module, layout, tuple(a_matrix), tuple(b_matrix),
+                           a_dtype if a_dtype == b_dtype else f"{a_dtype}/{b_dtype}",
+                           math.prod(a_matrix) + math.prod(b_matrix), scale_rule(module, layout.rank, alpha),
+                           layout.rank, layout.rank, None, None, bias_norm, magnitude, sigma=padded), []
+
+
 def _alpha_value(module: LoraModule, source: _TensorSource) -> Tuple[Optional[float], Optional[str]]:
     """The scalar ``alpha`` tensor kohya / LyCORIS store per module (any float dtype)."""
     key = module.part("alpha")
@@ -1476,6 +1602,12 @@ def _alpha_value(module: LoraModule, source: _TensorSource) -> Tuple[Optional[fl
 
 
 def _dense_sigma(delta: np.ndarray) -> np.ndarray:
+    """Singular values of a rebuilt matrix (its size was checked before it was built)."""
+    check_dense(delta.shape, "a rebuilt matrix", svd=True)
+    if delta.size == 0:
+        return np.zeros(0)
+    if not np.isfinite(delta).all():  # LAPACK must never see Inf; finite factors can overflow when combined
+        raise ResourceCapExceeded("the rebuilt matrix overflows float64")
     return np.linalg.svd(delta, compute_uv=False)
 
 
@@ -1504,8 +1636,11 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
     if problem:
         return None, [problem]
     try:
-        built = {"lora": _tucker_lora, "loha": _loha, "lokr": _lokr}[module.family](values)
-    except (KeyError, ValueError) as error:
+        with np.errstate(over="ignore", invalid="ignore"):
+            built = {"lora": _tucker_lora, "loha": _loha, "lokr": _lokr}[module.family](values)
+    except ResourceCapExceeded as error:
+        return None, [f"{name}: {error}; not audited"]
+    except (KeyError, ValueError, IndexError) as error:
         return None, [f"{name}: {module.family} factors do not fit together ({error}); not audited"]
     bias_norm, magnitude = _extras(module, source)
     dtypes = sorted({source.describe(key)[0] for key in factor_roles.values()})
@@ -1547,6 +1682,9 @@ def _tucker_lora(values: Dict[str, np.ndarray]) -> _Built:
     up, down, mid = _matrix(values["lora_up.weight"]), _matrix(values["lora_down.weight"]), values["lora_mid.weight"]
     if mid.ndim < 3 or mid.shape[0] != up.shape[1] or mid.shape[1] != down.shape[0]:
         raise ValueError(f"lora_mid {list(mid.shape)} does not join up {list(up.shape)} and down {list(down.shape)}")
+    check_dense((mid.shape[0], down.shape[1], *mid.shape[2:]), "the Tucker factor mid·down")
+    if mid.shape[0] > MAX_RANK:
+        raise ResourceCapExceeded(f"rank {mid.shape[0]} is over the MAX_RANK cap ({MAX_RANK})")
     a = np.einsum("ab...,bi->ai...", mid, down).reshape(mid.shape[0], -1)
     return _Built("conv", up.shape[1], min(up.shape[1], up.shape[0], a.shape[1]), a=a, b=up)
 
@@ -1556,24 +1694,39 @@ def _loha(values: Dict[str, np.ndarray]) -> _Built:
     # P·Q with P the row-wise Kronecker product of w1a and w2a (out×r₁r₂) and Q the
     # column-wise one of w1b and w2b (r₁r₂×in): the low-rank route with r² for r.
     w1a, w1b, w2a, w2b = (values[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
-    if "hada_t1" in values or "hada_t2" in values:  # Tucker LoHa: rebuild each half (LyCORIS rebuild_tucker)
-        half1 = np.einsum("ij...,jr,ip->pr...", values["hada_t1"], w1b, w1a)
-        half2 = np.einsum("ij...,jr,ip->pr...", values["hada_t2"], w2b, w2a)
-        delta = _matrix(half1 * half2)
-        return _Built("conv" if half1.ndim > 2 else "linear", w1b.shape[0], min(delta.shape),
-                      sigma=_dense_sigma(delta))
+    kind = "conv" if values["hada_w1_b"].ndim > 2 else "linear"
+    if "hada_t1" in values or "hada_t2" in values:  # Tucker LoHa (LyCORIS rebuild_tucker), each half still low-rank
+        rank = w1b.shape[0]
+        (w1a, w1b), (w2a, w2b) = (_tucker_product(values["hada_t1"], w1a, w1b),
+                                  _tucker_product(values["hada_t2"], w2a, w2b))
+        kind = "conv" if values["hada_t1"].ndim > 2 else "linear"
+    else:
+        rank = w1a.shape[1]
     w1b, w2b = _matrix(w1b), _matrix(w2b)
     if w1a.shape[0] != w2a.shape[0] or w1b.shape[1] != w2b.shape[1] or w1a.shape[1] != w1b.shape[0] \
             or w2a.shape[1] != w2b.shape[0]:
         raise ValueError(f"hada shapes {list(w1a.shape)}·{list(w1b.shape)} ⊙ {list(w2a.shape)}·{list(w2b.shape)}")
-    kind = "conv" if values["hada_w1_b"].ndim > 2 else "linear"
     inner = w1a.shape[1] * w2a.shape[1]
     max_rank = min(inner, w1a.shape[0], w1b.shape[1])
-    if inner >= min(w1a.shape[0], w1b.shape[1]):  # the r² route would be larger than ΔW itself
-        return _Built(kind, w1a.shape[1], max_rank, sigma=_dense_sigma((w1a @ w1b) * (w2a @ w2b)))
+    if inner >= min(w1a.shape[0], w1b.shape[1]) or inner > MAX_RANK:  # the r² route would be larger than ΔW
+        check_dense((w1a.shape[0], w1b.shape[1]), "LoHa's dense ΔW", svd=True)
+        return _Built(kind, rank, max_rank, sigma=_dense_sigma((w1a @ w1b) * (w2a @ w2b)))
+    check_dense((w1a.shape[0] + w1b.shape[1], inner), "LoHa's Khatri–Rao factors")
     p = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], inner)
     q = (w1b[:, None, :] * w2b[None, :, :]).reshape(inner, w1b.shape[1])
-    return _Built(kind, w1a.shape[1], max_rank, a=q, b=p)
+    return _Built(kind, rank, max_rank, a=q, b=p)
+
+
+def _tucker_product(core: np.ndarray, w_a: np.ndarray, w_b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """LyCORIS rebuild_tucker, einsum("ij...,jr,ip->pr...", core, w_b, w_a), as
+    the product P·Q of an out×R and an R×(in·∏kernel) factor, never the full
+    rebuilt half: P = w_aᵀ, Q = core ×₂ w_b."""
+    if core.ndim < 2 or core.shape[0] != w_a.shape[0] or core.shape[1] != w_b.shape[0] or w_a.ndim != 2 \
+            or w_b.ndim != 2:
+        raise ValueError(f"Tucker core {list(core.shape)} does not join {list(w_a.shape)} and {list(w_b.shape)}")
+    check_dense((core.shape[0], w_b.shape[1], *core.shape[2:]), "a Tucker half's factor")
+    q = np.einsum("ij...,jr->ir...", core, w_b)
+    return w_a.T, q.reshape(core.shape[0], -1)
 
 
 def _lokr(values: Dict[str, np.ndarray]) -> _Built:
@@ -1591,16 +1744,18 @@ def _lokr(values: Dict[str, np.ndarray]) -> _Built:
         w2 = values["lokr_w2"]
         kernel = w2.shape[2:]
         sigma2, cap2 = _dense_sigma(_matrix(w2)), min(w2.shape[0], math.prod(w2.shape[1:]))
-    elif "lokr_t2" in values:  # Tucker: W2 = t2 ×₁ w2_a ×₂ w2_b (LyCORIS rebuild_tucker)
-        w2 = np.einsum("ij...,ip,jr->pr...", values["lokr_t2"], values["lokr_w2_a"], values["lokr_w2_b"])
-        kernel = w2.shape[2:]
-        sigma2, cap2 = _dense_sigma(_matrix(w2)), min(w2.shape[0], math.prod(w2.shape[1:]), values["lokr_w2_a"].shape[0])
+    elif "lokr_t2" in values:  # Tucker: W2 = t2 ×₁ w2_a ×₂ w2_b (LyCORIS rebuild_tucker), as a low-rank product
+        t2 = values["lokr_t2"]
+        p, q = _tucker_product(t2, values["lokr_w2_a"], values["lokr_w2_b"])
+        kernel = t2.shape[2:]
+        sigma2, cap2 = lowrank_singular_values(q, p), min(p.shape[0], q.shape[1], p.shape[1])
         rank = values["lokr_w2_a"].shape[0]
     else:
         w2a, w2b = values["lokr_w2_a"], _matrix(values["lokr_w2_b"])
         sigma2, cap2 = lowrank_singular_values(w2b, w2a), min(w2a.shape[0], w2b.shape[1], w2a.shape[1])
         rank = w2a.shape[1]
         kernel = values["lokr_w2_b"].shape[2:]
+    check_dense((sigma1.size, sigma2.size), "LoKr's Kronecker spectrum")
     sigma = np.sort(np.outer(sigma1, sigma2).ravel())[::-1]
     max_rank = cap1 * cap2
     return _Built("conv" if kernel else "linear", rank if rank is not None else max_rank, max_rank, sigma=sigma)
@@ -1839,13 +1994,14 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
                 block_prepared.append(item)
         spectra.extend(_module_spectra(block_prepared, source))
         prepared.extend(item._replace(gram_a=None, gram_b=None, tall=None) for item in block_prepared)
-    # Trailing zeros change no metric, so spectra of mixed ranks share one batch.
-    width = max((s.size for s in spectra), default=0)
-    padded = np.zeros((len(spectra), width))
-    for row, sigma in enumerate(spectra):
-        padded[row, :sigma.size] = sigma
-    ranks = np.array([item.r for item in prepared], dtype=np.int64)
-    metrics = batched_spectrum_metrics(padded, ranks) if prepared else []
+    finite = [bool(np.isfinite(sigma).all()) for sigma in spectra]
+    for item, ok in zip(prepared, finite):
+        if not ok:
+            issues.append(f"{item.module.name}: the update's singular values overflow float64 "
+                          "(σ_max over 1.8e308); not audited")
+    prepared = [item for item, ok in zip(prepared, finite) if ok]
+    spectra = [sigma for sigma, ok in zip(spectra, finite) if ok]
+    metrics = _grouped_metrics(spectra, [item.r for item in prepared])
     layers = []
     for item, sigma, spectrum in zip(prepared, spectra, metrics):
         record = _module_record(item, sigma, spectrum, config, top_k)
@@ -1857,6 +2013,22 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
             if not any(match_pattern((pattern,), name) for name in names):
                 issues.append(f"config: {label} key {pattern.key!r} matches no audited module")
     return layers, non_lora, len(modules) - len(prepared)
+
+
+def _grouped_metrics(spectra: Sequence[np.ndarray], ranks: Sequence[int]) -> List[Spectrum]:
+    """Metrics of every spectrum, batched by length: trailing zeros would change
+    no metric, but padding one LoKr spectrum of 10⁶ values to every row would
+    multiply memory by the module count."""
+    by_length: Dict[int, List[int]] = {}
+    for index, sigma in enumerate(spectra):
+        by_length.setdefault(sigma.size, []).append(index)
+    metrics: List[Optional[Spectrum]] = [None] * len(spectra)
+    for indices in by_length.values():
+        rows = batched_spectrum_metrics(np.stack([spectra[i] for i in indices]),
+                                        np.array([ranks[i] for i in indices], dtype=np.int64))
+        for index, row in zip(indices, rows):
+            metrics[index] = row
+    return metrics
 
 
 def audit_lora_state_dict(tensors: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None, *,
@@ -1918,6 +2090,24 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
 
 # ── UDR: base norms matched to modules ──────────────────────────────────────
 
+# PEFT's layer_replication stacks copies of base layers; the largest models
+# have ~130 layers, so 4096 replicated layers is far beyond any real stack.
+MAX_REPLICATED_LAYERS = 4096
+
+
+def _layer_replication_problem(layer_replication: Any) -> Optional[str]:
+    """Why a layer_replication is refused before it is expanded (None if fine)."""
+    if not isinstance(layer_replication, list):
+        return None
+    spans = [span for span in layer_replication if isinstance(span, (list, tuple)) and len(span) == 2
+             and all(isinstance(v, int) and not isinstance(v, bool) for v in span)]
+    total = sum(max(0, end - start) for start, end in spans)
+    if total > MAX_REPLICATED_LAYERS:
+        return (f"config: layer_replication spans {total} layers, over the MAX_REPLICATED_LAYERS cap "
+                f"({MAX_REPLICATED_LAYERS}); replicated layers are not mapped to their source")
+    return None
+
+
 def _layer_replication_map(layer_replication: Any) -> Dict[int, int]:
     """New layer index → source layer index for PEFT's ``layer_replication``.
 
@@ -1925,7 +2115,7 @@ def _layer_replication_map(layer_replication: Any) -> Dict[int, int]:
     order; the copies share the source layer's base weight.
     """
     mapping: Dict[int, int] = {}
-    if not isinstance(layer_replication, list):
+    if not isinstance(layer_replication, list) or _layer_replication_problem(layer_replication):
         return mapping
     for span in layer_replication:
         if (isinstance(span, (list, tuple)) and len(span) == 2 and all(isinstance(v, int) for v in span)):
@@ -2006,6 +2196,9 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
     import base_norms  # only audits that ask for UDR pay for it
 
     issues: List[str] = []
+    replication_problem = _layer_replication_problem(layer_replication)
+    if replication_problem:
+        issues.append(f"udr: {replication_problem}")
     replication = _layer_replication_map(layer_replication)
     wanted = {module: base_module_name(module, replication) for module in module_names}
     records: Dict[str, Dict[str, Any]] = {}
@@ -2192,7 +2385,8 @@ def _heatmap_coordinates(name: str) -> Tuple[str, str]:
 def _svg_heatmap(layers: Sequence[ModuleAudit], value: Callable[[ModuleAudit], Optional[float]],
                  scale: Callable[[float], float], label: str, caption: str) -> str:
     cells = {_heatmap_coordinates(layer.name): layer for layer in layers}
-    rows = sorted({row for row, _ in cells}, key=lambda row: (row == "—", int(row) if row.isdigit() else 0, row))
+    rows = sorted({row for row, _ in cells},
+                  key=lambda row: (row == "—", int(row) if _INDEX_DIGITS.fullmatch(row) else 0, row))
     columns = sorted({column for _, column in cells}, key=_natural_key)
     shared = os.path.commonprefix(columns) if len(columns) > 1 else ""
     shared = shared[:shared.rfind(".") + 1] if "." in shared else ""
@@ -2506,7 +2700,7 @@ def compare_adapters(path_a: str, path_b: str, *, overlaps: bool = True) -> Dict
     return json_safe(document)
 
 
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
+_CHECKPOINT = re.compile(r"checkpoint-([0-9]{1,9})$")
 
 
 def checkpoint_series(paths: Sequence[str]) -> List[str]:
