@@ -532,22 +532,42 @@ def find_adapter_files(path: str | os.PathLike, *, adapter: Optional[str] = None
 
 # ══ 3. config ════════════════════════════════════════════════════════════════
 
-# Pattern keys are user-written regular expressions and Python's re has no
-# time limit.  Keys that can backtrack catastrophically are matched literally
-# instead (with an issue): a quantified group holding a quantifier or an
-# alternation ("(a+)+", "(a|aa)+"), or more than two unbounded quantifiers
-# (".*.*.*x" is polynomial of that degree in the name's length).  Names longer
-# than MAX_NAME_LENGTH are never matched against patterns.
-_QUANTIFIED_GROUP = re.compile(r"\((?:[^()\\]|\\.)*[*+}|](?:[^()\\]|\\.)*\)[*+{]")
-_UNBOUNDED_QUANTIFIER = re.compile(r"(?<!\\)(?:[*+]|\{\d*,\})")
-MAX_PATTERN_LENGTH = 1000
-MAX_NAME_LENGTH = 1000
+# Pattern keys are user-written regular expressions, and Python's re has no
+# time limit.  A key is compiled only when a small parser finds it inside a
+# safe subset — what PEFT's docs and EVA's generated configs use: literals,
+# escapes of punctuation and \d \w \s (and capitals), ".", character classes,
+# "*" "+" "?" on a single atom, unquantified non-nested groups "(…)" / "(?:…)"
+# of alternatives, and anchors "^" "$".  Anything else (quantified or nested
+# groups, counted repeats, back-references, look-arounds) is matched
+# literally, with an issue.  Within the subset, backtracking is polynomial of
+# degree (unbounded quantifiers + 1) in the name's length, so both are capped,
+# and the whole audit's matching runs under a time budget.
+MAX_PATTERN_LENGTH = 1000  # characters in one key
+MAX_UNBOUNDED_PER_KEY = 2  # "*" / "+" in one key: ".*layers\.\d+" needs two
+MAX_CHOICES_PER_KEY = 8  # "?" and "|": each may double the paths tried
+# Names this long are never matched against patterns (the longest real module
+# names, diffusers UNet paths with the PEFT wrapper, are ~100 characters).
+MAX_NAME_LENGTH = 256
+MAX_PATTERN_KEYS = 500_000  # per field; EVA writes one key per module (a 256-expert MoE: ~50k)
+MAX_PATTERN_CHARS = 8_000_000  # all keys of one field together (the config itself is capped at 10 MB)
+# Keys with regex syntax are tried one by one against every name; literal keys
+# are looked up in a dict.  Past this many keys in a field, literal keys take
+# the dict route (where "." matches only "."), with an issue.
+MAX_REGEX_KEYS = 64
+MAX_PATTERN_SECONDS = 3.0  # regex matching time for one audit; past it, modules are refused with an issue
+_REGEX_SYNTAX = frozenset("\\^$*+?{}[]|()")
+
+
+def _is_literal_key(key: str) -> bool:
+    """A key with no regex syntax but "." and the anchors "^…" / "…$"."""
+    core = key[1:] if key.startswith("^") else key
+    return _REGEX_SYNTAX.isdisjoint(core[:-1] if core.endswith("$") else core)
 
 
 class PatternKey(NamedTuple):
     key: str  # as written in the config
     value: Any
-    regex: "re.Pattern[str]"
+    regex: "Optional[re.Pattern[str]]"  # None: a literal key looked up in a dict (see PatternKeys)
 
 
 @dataclass(frozen=True)
@@ -569,41 +589,191 @@ class AdapterConfig:
     layer_replication: Any = None
 
 
+def _unsafe_regex(key: str) -> Optional[str]:
+    """Why ``key`` is outside the safe regex subset (None when it is inside)."""
+    position, depth, unbounded, choices, after_atom = 0, 0, 0, 0, False
+    while position < len(key):
+        char = key[position]
+        if char == "\\":
+            escaped = key[position + 1:position + 2]
+            if not escaped or (escaped.isalnum() and escaped not in "dwsDWS"):
+                return f"escape \\{escaped}"
+            position, after_atom = position + 2, True
+        elif char == "[":
+            end = position + 1 + (key[position + 1:position + 2] == "^")
+            end += key[end:end + 1] == "]"
+            while end < len(key) and key[end] != "]":
+                end += 2 if key[end] == "\\" else 1
+            if end >= len(key):
+                return "an unclosed ["
+            position, after_atom = end + 1, True
+        elif char in "*+?":
+            if not after_atom:
+                return f"{char!r} after a group or another quantifier"
+            unbounded += char != "?"
+            choices += char == "?"
+            position, after_atom = position + 1, False
+        elif char == "(":
+            if depth:
+                return "a nested group"
+            if key.startswith("(?", position) and not key.startswith("(?:", position):
+                return "a group extension (?…)"
+            position, depth, after_atom = position + (3 if key.startswith("(?:", position) else 1), 1, False
+        elif char == ")":
+            if not depth:
+                return "an unbalanced )"
+            position, depth, after_atom = position + 1, 0, False  # so a quantified group is refused
+        elif char == "{":
+            return "a counted repeat {…}"
+        else:
+            choices += char == "|"
+            position, after_atom = position + 1, char not in "|^$"
+    if depth:
+        return "an unclosed ("
+    if unbounded > MAX_UNBOUNDED_PER_KEY:
+        return f"{unbounded} unbounded quantifiers (the cap MAX_UNBOUNDED_PER_KEY is {MAX_UNBOUNDED_PER_KEY})"
+    if choices > MAX_CHOICES_PER_KEY:
+        return f"{choices} optional parts (the cap MAX_CHOICES_PER_KEY is {MAX_CHOICES_PER_KEY})"
+    return None
+
+
 def _compile_pattern_key(key: str) -> Tuple["re.Pattern[str]", Optional[str]]:
     # PEFT (peft.utils.other.get_pattern_key): re.match(rf"(.*\.)?({key})$", name),
     # i.e. the key must match a dot-aligned tail of the module name through its end.
     if len(key) > MAX_PATTERN_LENGTH:
         return re.compile(r"(.*\.)?(" + re.escape(key) + r")$"), f"pattern key is over {MAX_PATTERN_LENGTH} characters; matched literally"
-    if _QUANTIFIED_GROUP.search(key) or len(_UNBOUNDED_QUANTIFIER.findall(key)) > 2:
+    unsafe = _unsafe_regex(key)
+    if unsafe:
         return (re.compile(r"(.*\.)?(" + re.escape(key) + r")$"),
-                f"pattern key {key!r} could backtrack catastrophically; matched literally")
+                f"pattern key {key!r} uses {unsafe}, outside the safe regex subset "
+                "(could backtrack catastrophically); matched literally")
     try:
         return re.compile(r"(.*\.)?(" + key + r")$"), None
     except re.error as error:
         return re.compile(r"(.*\.)?(" + re.escape(key) + r")$"), f"pattern key {key!r} is not a valid regular expression ({error}); matched literally"
 
 
-def _parse_patterns(raw: Any, field_name: str, cast: Callable[[Any], Any], issues: List[str]) -> Tuple[PatternKey, ...]:
+class _PatternBudget:
+    """Seconds of regex matching left for one audit (shared by its pattern fields)."""
+
+    def __init__(self, seconds: float = MAX_PATTERN_SECONDS) -> None:
+        self.left = seconds
+
+    def spend(self, since: float) -> None:
+        self.left -= time.perf_counter() - since
+        if self.left < 0:
+            raise ResourceCapExceeded(f"pattern matching ran past the MAX_PATTERN_SECONDS budget "
+                                      f"({MAX_PATTERN_SECONDS} s)")
+
+
+class PatternKeys(tuple):
+    """A field's pattern keys in config order (a tuple of :class:`PatternKey`),
+    indexed for matching: literal keys in dicts, regex keys in order."""
+
+    literal: Dict[str, int]  # a dot-aligned tail → index of the first such key
+    anchored: Dict[str, int]  # "^name" keys: the whole name → index
+    regexes: List[Tuple[int, PatternKey]]
+    matched: set  # indices of keys that matched some name so far
+    budget: _PatternBudget
+
+    @classmethod
+    def build(cls, keys: Sequence[PatternKey], budget: Optional[_PatternBudget] = None) -> "PatternKeys":
+        """Keys whose ``regex`` is None go to the dicts; the rest are tried in order."""
+        table = cls(keys)
+        table.literal, table.anchored, table.regexes, table.matched = {}, {}, [], set()
+        table.budget = budget or _PatternBudget()
+        for index, pattern in enumerate(keys):
+            if pattern.regex is None:
+                text = pattern.key[:-1] if pattern.key.endswith("$") else pattern.key
+                target, text = (table.anchored, text[1:]) if text.startswith("^") else (table.literal, text)
+                target.setdefault(text, index)
+            else:
+                table.regexes.append((index, pattern))
+        return table
+
+    def first_match(self, name: str) -> Optional[PatternKey]:
+        best = self.anchored.get(name)
+        if self.literal:
+            for tail in _dot_tails(name):
+                index = self.literal.get(tail)
+                if index is not None:
+                    self.matched.add(index)
+                    best = index if best is None else min(best, index)
+        for index, pattern in self.regexes:
+            if best is not None and index > best:
+                break
+            started = time.perf_counter()
+            hit = pattern.regex.match(name)
+            self.budget.spend(started)
+            if hit:
+                best = index
+                break
+        if best is not None:
+            self.matched.add(best)
+        return self[best] if best is not None else None
+
+
+def _dot_tails(name: str) -> Iterable[str]:
+    # PEFT's "(.*\.)?" prefix: a key must match the name, or its part after some ".".
+    yield name
+    position = name.find(".")
+    while position >= 0:
+        yield name[position + 1:]
+        position = name.find(".", position + 1)
+
+
+def _parse_patterns(raw: Any, field_name: str, cast: Callable[[Any], Any], issues: List[str],
+                    budget: Optional[_PatternBudget] = None) -> Tuple[PatternKey, ...]:
     if raw in (None, {}):
         return ()
     if not isinstance(raw, dict):
         issues.append(f"config: {field_name} is not an object; ignored")
         return ()
-    keys = []
-    for key, value in raw.items():  # JSON order is PEFT's lookup order (first match wins)
+    items = list(raw.items())
+    if len(items) > MAX_PATTERN_KEYS:
+        issues.append(f"config: {field_name} has {len(items)} keys, over the MAX_PATTERN_KEYS cap "
+                      f"({MAX_PATTERN_KEYS}); the keys after that are ignored")
+        items = items[:MAX_PATTERN_KEYS]
+    total = 0
+    for count, (key, _) in enumerate(items):
+        total += len(str(key))
+        if total > MAX_PATTERN_CHARS:
+            issues.append(f"config: {field_name} keys total over the MAX_PATTERN_CHARS cap ({MAX_PATTERN_CHARS} "
+                          f"characters); the {len(items) - count} keys after that are ignored")
+            items = items[:count]
+            break
+    literal_by_dict = len(items) > MAX_REGEX_KEYS
+    keys, regex_keys = [], 0
+    for key, value in items:  # JSON order is PEFT's lookup order (first match wins)
         try:
             value = cast(value)
         except (TypeError, ValueError):
             issues.append(f"config: {field_name}[{key!r}] = {value!r} is not a number; ignored")
             continue
-        regex, problem = _compile_pattern_key(str(key))
+        key = str(key)
+        if literal_by_dict and _is_literal_key(key):
+            keys.append(PatternKey(key, value, None))  # looked up in a dict, never compiled
+            continue
+        regex_keys += 1
+        if regex_keys > MAX_REGEX_KEYS:
+            regex, problem = re.compile(r"(.*\.)?(" + re.escape(key) + r")$"), None
+            if regex_keys == MAX_REGEX_KEYS + 1:
+                problem = (f"more than MAX_REGEX_KEYS ({MAX_REGEX_KEYS}) keys use regex syntax; "
+                           f"from {key!r} on they are matched literally")
+        else:
+            regex, problem = _compile_pattern_key(key)
         if problem:
             issues.append(f"config: {field_name}: {problem}")
-        keys.append(PatternKey(str(key), value, regex))
-    return tuple(keys)
+        keys.append(PatternKey(key, value, regex))
+    if literal_by_dict:
+        issues.append(f"config: {field_name} has {len(keys)} keys; those without regex syntax are looked up as "
+                      "exact module names or dot-aligned tails (a '.' in them matches only '.')")
+    return PatternKeys.build(keys, budget)
 
 
 def _positive_int(value: Any) -> int:
+    if type(value) is int and value > 0:  # the common case, first: EVA configs hold 10⁵ of them
+        return value
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
             or value != int(value) or value <= 0):
         raise ValueError(value)
@@ -649,12 +819,13 @@ def parse_adapter_config(raw: Optional[Mapping[str, Any]]) -> Tuple[AdapterConfi
             issues.append(f"config: {name} = {value!r} is not true/false; taken as false")
             value = False
         flags[name] = value
+    budget = _PatternBudget()
     return AdapterConfig(
         present=True,
         r=values.get("r"),
         lora_alpha=values.get("lora_alpha"),
-        rank_pattern=_parse_patterns(raw.get("rank_pattern"), "rank_pattern", _positive_int, issues),
-        alpha_pattern=_parse_patterns(raw.get("alpha_pattern"), "alpha_pattern", _finite_number, issues),
+        rank_pattern=_parse_patterns(raw.get("rank_pattern"), "rank_pattern", _positive_int, issues, budget),
+        alpha_pattern=_parse_patterns(raw.get("alpha_pattern"), "alpha_pattern", _finite_number, issues, budget),
         peft_type=peft_type if isinstance(peft_type, str) else None,
         base_model_name_or_path=raw.get("base_model_name_or_path") if isinstance(raw.get("base_model_name_or_path"), str) else None,
         target_modules=raw.get("target_modules"),
@@ -683,10 +854,42 @@ def load_adapter_config(path: Optional[str]) -> Tuple[Optional[Dict[str, Any]], 
 
 
 def match_pattern(patterns: Sequence[PatternKey], module_name: str) -> Optional[PatternKey]:
-    """PEFT's rule: the first key (in config order) matching a dot-aligned tail wins."""
-    if len(module_name) > MAX_NAME_LENGTH:
+    """PEFT's rule: the first key (in config order) matching a dot-aligned tail wins.
+
+    Raises :class:`ResourceCapExceeded` once the audit's matching time budget is spent.
+    """
+    if not patterns or len(module_name) > MAX_NAME_LENGTH:
         return None
-    return next((p for p in patterns if p.regex.match(module_name)), None)
+    table = patterns if isinstance(patterns, PatternKeys) else PatternKeys.build(patterns)
+    return table.first_match(module_name)
+
+
+def unmatched_pattern_keys(patterns: Sequence[PatternKey], names: Sequence[str]) -> List[PatternKey]:
+    """Keys that match none of ``names`` (literal hits were recorded while matching)."""
+    if not patterns:
+        return []
+    table = patterns if isinstance(patterns, PatternKeys) else PatternKeys.build(patterns)
+    names = [name for name in names if len(name) <= MAX_NAME_LENGTH]
+    unmatched = []
+    for index, pattern in enumerate(table):
+        if index in table.matched:
+            continue
+        if pattern.regex is None:
+            unmatched.append(pattern)  # a dict key: every name was already looked up
+            continue
+        try:
+            for name in names:
+                started = time.perf_counter()
+                hit = pattern.regex.match(name)
+                table.budget.spend(started)
+                if hit:
+                    table.matched.add(index)
+                    break
+            else:
+                unmatched.append(pattern)
+        except ResourceCapExceeded:
+            break  # already reported on the modules it stopped
+    return unmatched
 
 
 class ModuleScale(NamedTuple):
@@ -1805,6 +2008,9 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
                       f"the stored rank is used for the scale")
     if spectrum.sigma_max == 0.0:
         issues.append(f"{name}: the update is zero (B·A = 0, e.g. a freshly initialised adapter)")
+    if len(name) > MAX_NAME_LENGTH and (config.rank_pattern or config.alpha_pattern):
+        issues.append(f"{name[:60]}…: name is over MAX_NAME_LENGTH ({MAX_NAME_LENGTH}) characters; "
+                      "rank_pattern / alpha_pattern not applied to it")
     abs_scale = abs(scale.scale)
     if not all(math.isfinite(v) for v in (spectrum.frob_sq, abs_scale * spectrum.sigma_max,
                                           abs_scale * math.sqrt(spectrum.frob_sq))):
@@ -1988,7 +2194,10 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
     for start in range(0, len(modules), BATCH_MODULES):
         block_prepared = []
         for module in modules[start:start + BATCH_MODULES]:
-            item, module_issues = _prepare_module(module, source, workspace, setup.scale_rule)
+            try:
+                item, module_issues = _prepare_module(module, source, workspace, setup.scale_rule)
+            except ResourceCapExceeded as error:  # e.g. the pattern-matching budget, spent inside the scale rule
+                item, module_issues = None, [f"{module.name}: {error}; not audited"]
             issues.extend(module_issues)
             if item is not None:
                 block_prepared.append(item)
@@ -2009,9 +2218,11 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
         layers.append(record)
     names = [layer.name for layer in layers]
     for patterns, label in ((config.rank_pattern, "rank_pattern"), (config.alpha_pattern, "alpha_pattern")):
-        for pattern in patterns:
-            if not any(match_pattern((pattern,), name) for name in names):
-                issues.append(f"config: {label} key {pattern.key!r} matches no audited module")
+        unmatched = unmatched_pattern_keys(patterns, names)
+        for pattern in unmatched[:20]:
+            issues.append(f"config: {label} key {pattern.key!r} matches no audited module")
+        if len(unmatched) > 20:
+            issues.append(f"config: {len(unmatched) - 20} more {label} keys match no audited module")
     return layers, non_lora, len(modules) - len(prepared)
 
 
