@@ -26,6 +26,7 @@ Quick use::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import html
@@ -34,6 +35,7 @@ import io
 import math
 import os
 import re
+import signal
 import stat
 import sys
 import time
@@ -491,6 +493,12 @@ def _weights_in_directory(root: Path, others: Sequence[str]) -> Path:
     raise AdapterFormatError(f"{root}: no {WEIGHTS_NAME} found{hint}")
 
 
+def _is_plain_name(name: str) -> bool:
+    """A single path component: ``--adapter ../x`` must not audit outside the adapter folder."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+            and not Path(name).is_absolute())
+
+
 def find_adapter_files(path: str | os.PathLike, *, adapter: Optional[str] = None,
                        weights: Optional[str] = None, config: Optional[str] = None) -> AdapterFiles:
     """Locate the weights and config to audit.
@@ -504,6 +512,9 @@ def find_adapter_files(path: str | os.PathLike, *, adapter: Optional[str] = None
     others = list_named_adapters(root) if root.is_dir() else ()
     adapter_name = "default"
     if adapter not in (None, "default"):
+        if not _is_plain_name(adapter):
+            raise AdapterFormatError(f"adapter name {adapter!r} is not a plain subfolder name "
+                                     "(no '/', '\\', '..' or absolute path)")
         if not root.is_dir() or not (root / adapter).is_dir():
             listed = ", ".join(others) or "none"
             raise AdapterFormatError(f"{root}: no adapter named {adapter!r} (named adapters here: {listed})")
@@ -2386,14 +2397,54 @@ class BaseNorms(NamedTuple):
     issues: List[str]
 
 
+# A norms file holds two numbers per base weight: a 405B model's is a few MB.
+MAX_NORMS_FILE_BYTES = 256 << 20
+
+
 def _load_norms_file(path: str, role: str, issues: List[str]) -> Optional[Dict[str, Any]]:
     import base_norms
 
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        issues.append(f"udr: {role} {path}: cannot read norms file ({error.strerror or error})")
+        return None
+    if not stat.S_ISREG(info.st_mode):  # /dev/zero would never end, a FIFO would block
+        issues.append(f"udr: {role} {path}: not a regular file")
+        return None
+    if info.st_size > MAX_NORMS_FILE_BYTES:
+        issues.append(f"udr: {role} {path}: {info.st_size} bytes, over the MAX_NORMS_FILE_BYTES cap "
+                      f"({MAX_NORMS_FILE_BYTES})")
+        return None
     try:
         return base_norms.load_norms(path)
     except base_norms.NormsFileError as error:
         issues.append(f"udr: {role} {error}")
         return None
+    except (TypeError, ValueError, AttributeError) as error:  # base_norms trusts some fields' types
+        issues.append(f"udr: {role} {path}: not a valid norms file ({type(error).__name__}: {error})")
+        return None
+
+
+def _weight_map_escape(root: str) -> Optional[str]:
+    """Why a sharded base's index is refused: a weight_map entry naming a file
+    outside the base directory (absolute, or with ".."); None when it is fine.
+    base_norms reports a damaged index itself."""
+    index = Path(root) / "model.safetensors.index.json"
+    try:
+        if not index.is_file() or index.stat().st_size > MAX_CONFIG_BYTES:
+            return None
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return None
+    if not isinstance(weight_map, dict):
+        return None
+    for shard in weight_map.values():
+        parts = str(shard).replace("\\", "/").split("/")
+        if not isinstance(shard, str) or shard.startswith(("/", "\\")) or ".." in parts or ":" in parts[0] \
+                or "\0" in shard:
+            return f"{index}: weight_map names {shard!r}, outside the base directory; base refused"
+    return None
 
 
 def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str] = None,
@@ -2420,6 +2471,9 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
     if base_model:
         try:
             checkpoint = base_norms.resolve_base(base_model)
+            escape = _weight_map_escape(checkpoint.root) if Path(checkpoint.root).is_dir() else None
+            if escape:
+                raise AdapterFormatError(escape)
             parameters = list(base_norms.list_parameters(checkpoint))
         except AdapterFormatError as error:
             issues.append(f"udr: {error}")
@@ -2442,7 +2496,12 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
         for name, error in computed["errors"].items():
             issues.append(f"udr: base weight {name}: {error}")
         if cache_file:
-            base_norms.update_cache(cache_file, computed)
+            try:
+                if Path(cache_file).exists() and not Path(cache_file).is_file():
+                    raise IsADirectoryError(0, "not a regular file")
+                base_norms.update_cache(cache_file, computed)
+            except OSError as error:
+                issues.append(f"udr: --base-norms-cache {cache_file}: cannot write ({error.strerror or error})")
     else:
         matches, match_issues = match_base_parameters(sorted(set(wanted.values())), records)
     issues.extend(match_issues)
@@ -2502,6 +2561,17 @@ CHEAT_SHEET = (
 )
 
 
+# Text goes to terminals: names and messages from a file must not carry
+# escape sequences (ANSI/OSC), line breaks that forge report lines, or bidi
+# overrides.  C0/C1 controls (but tab) and those code points print escaped.
+_TERMINAL_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\x1b``, ``\n``, ``\u202e``)."""
+    return _TERMINAL_UNSAFE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -2559,7 +2629,7 @@ def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wa
     if result.issues:
         lines += ["", f"  issues ({len(result.issues)}):"] + [f"    - {issue}" for issue in result.issues]
     lines += [""] + ["  " + line for line in CHEAT_SHEET]
-    return "\n".join(lines)
+    return "\n".join(terminal_safe(line) for line in lines)
 
 
 # ── HTML report ──────────────────────────────────────────────────────────────
@@ -2758,7 +2828,10 @@ def _whitening(gram: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def update_basis(a: np.ndarray, b: np.ndarray, scale: float) -> _UpdateBasis:
-    gram_b, gram_a = b.T @ b, a @ a.T
+    with np.errstate(over="ignore", invalid="ignore"):
+        gram_b, gram_a = b.T @ b, a @ a.T
+    if not (np.isfinite(gram_b).all() and np.isfinite(gram_a).all() and math.isfinite(scale)):
+        raise ResourceCapExceeded("factors too large to compare in float64 (their Gram matrices overflow)")
     r_b, w_b = _whitening(gram_b)
     r_a, w_a = _whitening(gram_a)
     if r_b.size == 0 or r_a.size == 0:
@@ -2825,18 +2898,47 @@ def _factor_loaders(path: str) -> Dict[str, Callable[[], Tuple[np.ndarray, np.nd
     return loaders
 
 
+MAX_AUDIT_JSON_BYTES = 1 << 30  # a saved audit of a 70B adapter with layers is ~2 MB
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    return None
+
+
+def _clean_audit_document(document: Mapping[str, Any]) -> Dict[str, Any]:
+    """A saved audit JSON as compare reads it: only the fields it uses, each of
+    the right type (others null), rows without a string name dropped — a
+    damaged or hand-edited document cannot crash the comparison."""
+    rows = []
+    for row in document["layers"]:
+        if isinstance(row, dict) and isinstance(row.get("name"), str):
+            rows.append({"name": row["name"],
+                         "module_type": row.get("module_type") if isinstance(row.get("module_type"), str) else None,
+                         **{metric: _number(row.get(metric)) for metric in MODULE_FIELDS}})
+    by_type = document.get("by_type") if isinstance(document.get("by_type"), dict) else {}
+    return {"format": document.get("format") if isinstance(document.get("format"), str) else None,
+            **{metric: _number(document.get(metric)) for metric in SUMMARY_FIELDS},
+            "by_type": {kind: {key: _number(value) for key, value in row.items()}
+                        for kind, row in by_type.items() if isinstance(kind, str) and isinstance(row, dict)},
+            "layers": rows}
+
+
 def _audit_document(path: str) -> Tuple[Dict[str, Any], bool]:
     """(audit document with layers, is it an adapter we can read factors from)."""
     candidate = Path(path)
     if candidate.is_file() and candidate.suffix.lower() == ".json":
         try:
+            if candidate.stat().st_size > MAX_AUDIT_JSON_BYTES:
+                raise AdapterFormatError(f"{candidate}: over the MAX_AUDIT_JSON_BYTES cap ({MAX_AUDIT_JSON_BYTES})")
             document = json.loads(candidate.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as error:
             raise AdapterFormatError(f"{candidate}: not a readable audit JSON ({error})") from None
         if not isinstance(document, dict) or not isinstance(document.get("layers"), list):
             raise AdapterFormatError(f"{candidate}: not an audit document with per-module rows "
                                      "(save one with `audit --json --layers`)")
-        return document, False
+        return _clean_audit_document(document), False
     return audit_lora_peft_dir(path).to_summary_dict(include_layers=True), True
 
 
@@ -2878,9 +2980,12 @@ def compare_adapters(path_a: str, path_b: str, *, overlaps: bool = True) -> Dict
                 issues.append(f"{name}: ΔW shapes differ ({b1.shape[0]}×{a1.shape[1]} vs {b2.shape[0]}×{a2.shape[1]}); "
                               "no overlap")
             else:
-                overlap = update_overlap(update_basis(a1, b1, float(row_a.get("scale") or 1.0)),
-                                         update_basis(a2, b2, float(row_b.get("scale") or 1.0)))
-                entry["overlap"] = overlap._asdict()
+                try:
+                    overlap = update_overlap(update_basis(a1, b1, float(row_a.get("scale") or 1.0)),
+                                             update_basis(a2, b2, float(row_b.get("scale") or 1.0)))
+                    entry["overlap"] = overlap._asdict()
+                except ResourceCapExceeded as error:
+                    issues.append(f"{name}: {error}; no overlap")
         modules.append(entry)
     overlapping = [m["overlap"] for m in modules if m["overlap"] is not None]
 
@@ -2975,7 +3080,7 @@ def render_comparison(document: Mapping[str, Any], top: int = 10) -> str:
             lines.append(f"  {label}: " + ", ".join(names[:8]) + (" …" if len(names) > 8 else ""))
     if document["issues"]:
         lines += ["", "  issues:"] + [f"    - {issue}" for issue in document["issues"]]
-    return "\n".join(lines)
+    return "\n".join(terminal_safe(line) for line in lines)
 
 
 def render_drift(document: Mapping[str, Any]) -> str:
@@ -2987,7 +3092,7 @@ def render_drift(document: Mapping[str, Any]) -> str:
         lines.append(f"  {label:<28} {_fmt(row['update_cosine_mean']):>9} {_fmt(row['update_cosine_min']):>9} "
                      f"{_fmt(row['relative_change_mean']):>11} "
                      f"{_fmt(row['utilization_mean_from']):>6} → {_fmt(row['utilization_mean_to']):<6}")
-    return "\n".join(lines)
+    return "\n".join(terminal_safe(line) for line in lines)
 
 
 # ══ 9. CLI ═══════════════════════════════════════════════════════════════════
@@ -3023,6 +3128,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--no-udr", action="store_true", help="skip UDR even if a base is given")
     audit.add_argument("--jsonl", metavar="OUT.jsonl", help="batch: write one JSON line per adapter")
     audit.add_argument("--jobs", type=int, default=1, metavar="N", help="batch: audit N adapters in parallel processes")
+    audit.add_argument("--timeout", type=float, metavar="SECONDS",
+                       help="give up on an adapter after this long (batch: that adapter's line fails, the rest go on)")
     compare = commands.add_parser("compare", help="compare two adapters (or saved audit JSON), or a run's checkpoints")
     compare.add_argument("paths", nargs="+", metavar="PATH",
                          help="A B (adapters or audit JSON); or checkpoints in order; or one folder of checkpoint-N")
@@ -3032,30 +3139,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_run_context(path: Path) -> Tuple[Optional[str], Optional[int]]:
-    """run_id and the last step already in a telemetry file (both None if absent)."""
+# --append grows a file we do not own: only a regular file (never /dev/full, a
+# FIFO or a directory), and not one already past 1 GiB.  Its run_id and last
+# step are read from the last MiB only, so the work does not grow with it.
+MAX_APPEND_FILE_BYTES = 1 << 30
+RUN_CONTEXT_BYTES = 1 << 20
+
+
+def _check_output_file(path: str, flag: str, max_bytes: Optional[int] = None) -> None:
+    """Refuse (exit 2, before any work) an output path that cannot be a regular file we may write."""
+    target = Path(path)
+    try:
+        if target.exists():
+            info = target.stat()
+            if not stat.S_ISREG(info.st_mode):
+                raise UsageError(f"{flag} {path}: not a regular file")
+            if max_bytes is not None and info.st_size > max_bytes:
+                raise UsageError(f"{flag} {path}: {info.st_size} bytes, over the MAX_APPEND_FILE_BYTES cap ({max_bytes})")
+            if not os.access(path, os.W_OK):
+                raise UsageError(f"{flag} {path}: not writable")
+        elif not target.parent.is_dir():
+            raise UsageError(f"{flag} {path}: folder {target.parent} does not exist")
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: {error.strerror or error}") from None
+
+
+def _read_run_context(path: Path) -> Tuple[Optional[str], Optional[int], bool]:
+    """run_id and the last step already in a telemetry file (None if absent),
+    and whether the file ends in a newline (an empty or absent file does)."""
     run_id, step = None, None
     if not path.exists():
-        return run_id, step
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict):
-                run_id = event.get("run_id") if isinstance(event.get("run_id"), str) else run_id
-                step = event.get("step") if isinstance(event.get("step"), int) else step
-    return run_id, step
+        return run_id, step, True
+    with path.open("rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, size - RUN_CONTEXT_BYTES))
+        tail = handle.read(RUN_CONTEXT_BYTES)
+    lines = tail.split(b"\n")
+    if size > RUN_CONTEXT_BYTES:
+        lines = lines[1:]  # the first line of the tail is cut
+    for line in lines:
+        try:
+            event = json.loads(line.decode("utf-8", errors="replace"))
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(event, dict):
+            run_id = event.get("run_id") if isinstance(event.get("run_id"), str) else run_id
+            step = event.get("step") if isinstance(event.get("step"), int) else step
+    return run_id, step, size == 0 or tail.endswith(b"\n")
 
 
 def append_metrics_event(result: AuditResult, path: str) -> Dict[str, Any]:
-    """Append the audit as a metrics event, reusing the file's run_id and last step."""
-    target = Path(path)
-    run_id, step = _read_run_context(target)
-    event = result.to_metrics_event(run_id or f"gradience-lite-{int(time.time())}", step)
-    with target.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(event, allow_nan=False) + "\n")
+    """Append the audit as a metrics event, reusing the file's run_id and last step.
+
+    A file whose last line lacks its newline gets one first, so the event never
+    glues onto it.  Raises :class:`AdapterFormatError` when the file cannot be
+    appended to (not a regular file, too large, not writable).
+    """
+    try:
+        _check_output_file(path, "--append", MAX_APPEND_FILE_BYTES)
+        target = Path(path)
+        run_id, step, ends_in_newline = _read_run_context(target)
+        event = result.to_metrics_event(run_id or f"gradience-lite-{int(time.time())}", step)
+        with target.open("a", encoding="utf-8") as handle:
+            handle.write(("" if ends_in_newline else "\n") + json.dumps(event, allow_nan=False) + "\n")
+    except UsageError as error:
+        raise AdapterFormatError(str(error)) from None
+    except OSError as error:
+        raise AdapterFormatError(f"--append {path}: cannot append ({error.strerror or error})") from None
     return event
 
 
@@ -3065,6 +3215,52 @@ def _udr_options(args: argparse.Namespace) -> Dict[str, Optional[str]]:
             "base_norms_cache": args.base_norms_cache if wants_udr else None}
 
 
+@contextlib.contextmanager
+def _stdout_fd_guarded() -> Iterable[None]:
+    """Point fd 1 at stderr while numerical work runs: LAPACK's error handler
+    (xerbla: "** On entry to DLASCL …") writes straight to fd 1 and would
+    corrupt the JSON a pipeline reads from stdout."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no fd 1 or 2 (a closed stream): nothing to protect
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+class AuditTimeout(Exception):
+    """--timeout ran out."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: Optional[float], what: str) -> Iterable[None]:
+    """Raise AuditTimeout after ``seconds`` (Unix interval timer; checked between Python steps)."""
+    if not seconds:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise AuditTimeout(f"{what}: timed out after {seconds:g} s (--timeout)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _progress(message: str) -> None:
+    print(terminal_safe(message), file=sys.stderr)
+
+
 def _run_audit(args: argparse.Namespace) -> int:
     paths = list(args.paths) + ([args.peft_dir] if args.peft_dir else [])
     if not paths and args.weights is None:
@@ -3072,37 +3268,65 @@ def _run_audit(args: argparse.Namespace) -> int:
     for name in ("top_wasteful", "top_singular_values", "jobs"):
         if getattr(args, name) < (1 if name == "jobs" else 0):
             raise UsageError(f"--{name.replace('_', '-')} must be >= {1 if name == 'jobs' else 0}")
+    if args.timeout is not None and not (0 < args.timeout <= MAX_TIMEOUT_SECONDS):
+        raise UsageError(f"--timeout must be > 0 and <= {MAX_TIMEOUT_SECONDS} seconds")
+    if args.timeout is not None and not hasattr(signal, "setitimer"):
+        raise UsageError("--timeout needs Unix interval timers (not available on this system)")
     if len(paths) > 1 or args.jsonl:
         return _run_batch(args, paths)
+    # Outputs are checked before the audit: a bad path must not surface after the JSON was printed.
+    if args.html:
+        _check_output_file(args.html, "--html")
+    if args.append:
+        _check_output_file(args.append, "--append", MAX_APPEND_FILE_BYTES)
     # The HTML report plots spectra, so it asks for them when the user did not.
     top_k = args.top_singular_values or (64 if args.html else 0)
-    result = audit_lora_peft_dir(
-        paths[0] if paths else args.weights, include_top_singular_values=top_k,
-        adapter=args.adapter, weights=args.weights, adapter_config=args.adapter_config, **_udr_options(args),
-        progress=lambda message: print(message, file=sys.stderr))
+    target = paths[0] if paths else args.weights
+    with _stdout_fd_guarded(), _time_limit(args.timeout, str(target)):
+        result = audit_lora_peft_dir(
+            target, include_top_singular_values=top_k,
+            adapter=args.adapter, weights=args.weights, adapter_config=args.adapter_config, **_udr_options(args),
+            progress=_progress)
+        html_report = render_html_report(result) if args.html else None
     if args.json:
         document = result.to_summary_dict(include_layers=args.layers)
         print(json.dumps(document, indent=2, allow_nan=False))
     else:
         print(render_text_report(result, show_layers=args.layers, top_wasteful=args.top_wasteful))
     if args.html:
-        Path(args.html).write_text(render_html_report(result), encoding="utf-8")
-        print(f"wrote HTML report to {args.html}", file=sys.stderr)
+        try:
+            Path(args.html).write_text(html_report, encoding="utf-8", errors="backslashreplace")
+        except OSError as error:
+            raise AdapterFormatError(f"--html {args.html}: cannot write ({error.strerror or error})") from None
+        print(f"wrote HTML report to {terminal_safe(args.html)}", file=sys.stderr)
     if args.append:
         append_metrics_event(result, args.append)
-        print(f"appended metrics event to {args.append}", file=sys.stderr)
+        print(f"appended metrics event to {terminal_safe(args.append)}", file=sys.stderr)
     return 0
+
+
+# What batch_audit_line understands; anything else is a caller's mistake.
+BATCH_OPTIONS = ("layers", "top_singular_values", "adapter", "base_model", "base_norms", "base_norms_cache")
+# Batch workers: one process per adapter, at most this many at once (beyond
+# it they only compete for cores and memory); per-adapter --timeout up to a day.
+MAX_JOBS = 64
+MAX_TIMEOUT_SECONDS = 86400.0
 
 
 def batch_audit_line(path: str, options: Mapping[str, Any]) -> Dict[str, Any]:
     """One batch result: the summary (flattened) with ``path`` and ``ok``, or the error.
 
-    Never raises for a bad adapter, so a batch continues past failures.
+    ``options`` may hold the keys in :data:`BATCH_OPTIONS` (others raise
+    ``ValueError``).  Never raises for a bad adapter, so a batch continues past failures.
     """
+    unknown = sorted(set(options) - set(BATCH_OPTIONS))
+    if unknown:
+        raise ValueError(f"batch_audit_line: unknown options {unknown}; known: {', '.join(BATCH_OPTIONS)}")
     started = time.perf_counter()
     try:
         result = audit_lora_peft_dir(path, include_top_singular_values=options.get("top_singular_values", 0),
-                                     base_model=options.get("base_model"), base_norms=options.get("base_norms"),
+                                     adapter=options.get("adapter"), base_model=options.get("base_model"),
+                                     base_norms=options.get("base_norms"),
                                      base_norms_cache=options.get("base_norms_cache"))
         line = {"path": path, "ok": True, **result.to_summary_dict(include_layers=options.get("layers", False))}
     except AdapterFormatError as error:
@@ -3113,39 +3337,164 @@ def batch_audit_line(path: str, options: Mapping[str, Any]) -> Dict[str, Any]:
     return line
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker exit when the batch's parent process dies (killed or crashed)."""
+    try:  # Linux: the kernel sends SIGKILL when the parent exits
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # elsewhere: watch the parent from a thread
+        import threading
+
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the guard was set
+        os._exit(1)
+
+
+def _batch_worker(connection: Any, path: str, options: Mapping[str, Any], parent_pid: int) -> None:
+    """One adapter in its own process: its crash or hang costs only its own line."""
+    _die_with_parent(parent_pid)
+    try:
+        os.dup2(2, 1)  # LAPACK messages must not reach the parent's JSONL stdout
+    except OSError:
+        pass
+    connection.send(batch_audit_line(path, options))
+    connection.close()
+
+
+class _Running(NamedTuple):
+    index: int
+    path: str
+    process: Any
+    connection: Any
+    started: float
+
+
+def _worker_failure(running: _Running, reason: str) -> Dict[str, Any]:
+    return {"path": running.path, "ok": False, "error": reason,
+            "seconds": round(time.perf_counter() - running.started, 4)}
+
+
+def _finished_line(running: _Running, timeout: Optional[float]) -> Optional[Dict[str, Any]]:
+    """The worker's line if it has one, a failure line if it died or ran out of time, else None."""
+    try:
+        if running.connection.poll():
+            line = running.connection.recv()
+            running.process.join()
+            return line
+    except (EOFError, OSError):
+        pass  # the worker died while sending: treated as a crash below
+    if not running.process.is_alive():
+        running.process.join()
+        code = running.process.exitcode
+        if code is not None and code < 0:
+            try:
+                signame = signal.Signals(-code).name
+            except ValueError:
+                signame = f"signal {-code}"
+            return _worker_failure(running, f"worker crashed ({signame}) while auditing this adapter")
+        return _worker_failure(running, f"worker exited with code {code} without a result")
+    if timeout is not None and time.perf_counter() - running.started > timeout:
+        running.process.kill()
+        running.process.join()
+        return _worker_failure(running, f"timed out after {timeout:g} s (--timeout); worker stopped")
+    return None
+
+
+def _audit_in_workers(paths: Sequence[str], options: Mapping[str, Any], jobs: int, timeout: Optional[float],
+                      emit: Callable[[int, Dict[str, Any]], None]) -> None:
+    """Each adapter in a fresh worker process (forked where the platform allows),
+    at most ``jobs`` at a time: a worker that crashes (SIGBUS, OOM kill) or
+    runs past ``timeout`` becomes a failure line for its own input, and every
+    other input still gets its line."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    pending = list(enumerate(paths))[::-1]
+    running: List[_Running] = []
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                index, path = pending.pop()
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(target=_batch_worker, args=(sender, path, options, os.getpid()),
+                                          daemon=True)
+                process.start()
+                sender.close()
+                running.append(_Running(index, path, process, receiver, time.perf_counter()))
+            wait([r.connection for r in running] + [r.process.sentinel for r in running],
+                 timeout=0.5 if timeout is not None else None)
+            still = []
+            for item in running:
+                line = _finished_line(item, timeout)
+                if line is None:
+                    still.append(item)
+                else:
+                    item.connection.close()
+                    emit(item.index, line)
+            running = still
+    finally:
+        for item in running:  # interrupted: leave no worker behind
+            item.process.kill()
+            item.process.join()
+
+
+def _refuse_in_batch(args: argparse.Namespace) -> None:
+    """Flags that apply to one adapter are refused in batch mode, never dropped."""
+    single = (("--weights", args.weights is not None), ("--adapter-config", args.adapter_config is not None),
+              ("--html", args.html is not None), ("--append", args.append is not None),
+              ("--top-wasteful", args.top_wasteful != 5))
+    refused = [flag for flag, given in single if given]
+    if refused:
+        raise UsageError(f"{', '.join(refused)} {'applies' if len(refused) == 1 else 'apply'} to one adapter "
+                         "and cannot be honoured in batch mode "
+                         "(several PATHs or --jsonl); audit that adapter on its own")
+
+
 def _run_batch(args: argparse.Namespace, paths: Sequence[str]) -> int:
     """Audit many adapters, one JSON line each (in the order they finish, with
     ``index`` = input position), continuing past failures; exit 1 if any failed."""
-    options = {"layers": args.layers, "top_singular_values": args.top_singular_values, **_udr_options(args)}
-    output = open(args.jsonl, "w", encoding="utf-8") if args.jsonl else sys.stdout
+    _refuse_in_batch(args)
+    if not paths:
+        raise UsageError("batch mode needs at least one PATH")
+    options = {"layers": args.layers, "top_singular_values": args.top_singular_values, "adapter": args.adapter,
+               **_udr_options(args)}
+    jobs = min(args.jobs, len(paths), MAX_JOBS)
+    if args.jsonl:
+        _check_output_file(args.jsonl, "--jsonl")
+        try:
+            output = open(args.jsonl, "w", encoding="utf-8")
+        except OSError as error:
+            raise UsageError(f"--jsonl {args.jsonl}: {error.strerror or error}") from None
+    else:
+        output = sys.stdout
     failures, done, started = 0, 0, time.perf_counter()
 
     def emit(index: int, line: Dict[str, Any]) -> None:
         nonlocal failures, done
         failures += not line["ok"]
         done += 1
-        output.write(json.dumps({"index": index, **line}, allow_nan=False) + "\n")
-        output.flush()
+        try:
+            output.write(json.dumps({"index": index, **line}, allow_nan=False) + "\n")
+            output.flush()
+        except OSError as error:
+            raise AdapterFormatError(f"{args.jsonl or 'stdout'}: cannot write ({error.strerror or error})") from None
         status = "ok" if line["ok"] else f"FAILED: {line['error']}"
-        print(f"[{done}/{len(paths)}] {line['path']}: {status} ({line['seconds']:.2f} s; "
-              f"{time.perf_counter() - started:.1f} s elapsed)", file=sys.stderr)
+        _progress(f"[{done}/{len(paths)}] {line['path']}: {status} ({line['seconds']:.2f} s; "
+                  f"{time.perf_counter() - started:.1f} s elapsed)")
 
     try:
-        if args.jobs <= 1 or len(paths) == 1:
-            for index, path in enumerate(paths):
-                emit(index, batch_audit_line(path, options))
-        else:
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-                futures = {pool.submit(batch_audit_line, path, options): index for index, path in enumerate(paths)}
-                for future in as_completed(futures):
-                    emit(futures[future], future.result())
+        _audit_in_workers(paths, options, jobs, args.timeout, emit)
     finally:
         if output is not sys.stdout:
             output.close()
-    print(f"audited {len(paths) - failures}/{len(paths)} adapters" + (f" into {args.jsonl}" if args.jsonl else ""),
-          file=sys.stderr)
+    _progress(f"audited {len(paths) - failures}/{len(paths)} adapters" + (f" into {args.jsonl}" if args.jsonl else ""))
     return 1 if failures else 0
 
 
@@ -3155,18 +3504,24 @@ def _run_compare(args: argparse.Namespace) -> int:
     paths = checkpoint_series(args.paths)
     if len(paths) < 2:
         raise UsageError("compare needs two paths, or a folder of checkpoint-N folders")
-    if len(paths) == 2:
-        document = compare_adapters(paths[0], paths[1], overlaps=not args.no_overlap)
-        text = render_comparison(document, top=args.top)
-    else:
-        document = training_drift(paths)
-        text = render_drift(document)
+    with _stdout_fd_guarded():
+        if len(paths) == 2:
+            document = compare_adapters(paths[0], paths[1], overlaps=not args.no_overlap)
+            text = render_comparison(document, top=args.top)
+        else:
+            document = training_drift(paths)
+            text = render_drift(document)
     print(json.dumps(document, indent=2, allow_nan=False) if args.json else text)
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``gradience-lite`` / ``python -m gradience_lite``; returns the exit code."""
+    for stream in (sys.stdout, sys.stderr):  # a lone surrogate in a name must not end the report
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):  # not a TextIOWrapper (e.g. captured by a test harness)
+            pass
     try:
         args = build_parser().parse_args(argv)
         if args.command == "audit":
@@ -3174,8 +3529,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "compare":
             return _run_compare(args)
         raise UsageError("a command is required: audit or compare")
-    except (UsageError, AdapterFormatError) as error:
-        print(f"gradience-lite: error: {error}", file=sys.stderr)
+    except (UsageError, AdapterFormatError, AuditTimeout) as error:
+        print(f"gradience-lite: error: {terminal_safe(str(error))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `... | head` closed the pipe: not an error of ours
         return 0
@@ -3183,7 +3538,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("gradience-lite: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 — the CLI promises one line, never a traceback
-        print(f"gradience-lite: internal error: {type(error).__name__}: {error} "
+        print(f"gradience-lite: internal error: {type(error).__name__}: {terminal_safe(str(error))} "
               "(a bug in gradience-lite; please report it with the command line)", file=sys.stderr)
         return 3
 
