@@ -4,12 +4,15 @@ wrong number — and whatever can still be audited is."""
 import json
 import math
 import os
+import re
+import resource
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -359,3 +362,576 @@ def test_concurrent_audits_share_a_cache_without_tearing_it(tmp_path):
     # A later audit reads the cache and agrees.
     again = strict_json(subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120).stdout)
     assert [row["udr"] for row in again["layers"]] == udr[0]
+
+
+# ══ round two: a crafted case per class, each in a limited subprocess ═══════
+# Every case runs `python -m gradience_lite` under RLIMIT_AS (2 GiB) and a
+# wall-clock limit, and asserts the exit code, a one-line message on stderr,
+# no traceback, and bounded time and peak RSS (from wait4's rusage).
+
+LIMIT_BYTES = 2 << 30
+MAX_SECONDS = 10.0
+MAX_RSS_MIB = 512.0
+
+
+class Limited(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    rss_mib: float
+
+
+def run_limited(*args, preamble="", timeout=60, env=None):
+    """The CLI in a child under RLIMIT_AS; (exit code, stdout, stderr, wall seconds, peak RSS MiB).
+
+    ``preamble`` runs before main() in the child (a test hook, e.g. to truncate
+    a file at a chosen moment); the CLI itself is unchanged.
+    """
+    code = preamble + "\nimport sys, gradience_lite\nsys.exit(gradience_lite.main(sys.argv[1:]))"
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=out, stderr=err,
+                                   env=env, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS,
+                                                                                   (LIMIT_BYTES, LIMIT_BYTES)))
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - started > timeout:
+                process.kill()
+                os.wait4(process.pid, 0)
+                raise AssertionError(f"gradience-lite {args} ran past {timeout} s")
+            time.sleep(0.02)
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Limited(process.returncode, out.read().decode("utf-8", "replace"),
+                       err.read().decode("utf-8", "replace"), seconds, usage.ru_maxrss / 1024.0)
+
+
+def assert_bounded(run, code, message=None):
+    """Exit ``code``, no traceback or internal error, within time and memory;
+    on exit 2, exactly one stderr line holding ``message``."""
+    assert run.returncode == code, (run.returncode, run.stderr[-2000:])
+    assert "Traceback" not in run.stderr and "internal error" not in run.stderr, run.stderr[-2000:]
+    assert run.seconds < MAX_SECONDS, run.seconds
+    assert run.rss_mib < MAX_RSS_MIB, run.rss_mib
+    if code == 2:
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert message is None or message in lines[0], lines[0]
+    return run
+
+
+def audit_json(run):
+    document = strict_json(run.stdout)
+    return document, " | ".join(document["issues"])
+
+
+def raw_file(path, entries, metadata=None):
+    """A safetensors file from (name, dtype, shape, bytes) entries, shapes taken as given."""
+    header, blobs, offset = {}, [], 0
+    for name, dtype, shape, blob in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    if metadata:
+        header["__metadata__"] = metadata
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(make_file_bytes(header, b"".join(blobs)))
+    return path
+
+
+def f16(shape, seed=0, scale=1.0):
+    return (np.random.default_rng(seed).normal(size=shape) * scale).astype("<f2").tobytes()
+
+
+# ── class 1: sizes from header and config, bounded before allocation ────────
+
+def test_zero_width_factors_claiming_a_huge_gram_allocate_nothing(tmp_path):
+    # 216 bytes that once asked for a 30000² Gram (6.7 GiB).
+    raw_file(tmp_path / "a" / "adapter_model.safetensors",
+             [(f"{HEALTHY}.lora_A.weight", "F32", [30000, 0], b""), (f"{HEALTHY}.lora_B.weight", "F32", [0, 30000], b"")])
+    run = assert_bounded(run_limited("audit", tmp_path / "a", "--json"), 0)
+    document, issues = audit_json(run)
+    assert document["n_modules_skipped"] == 1 and "ΔW is empty" in issues
+
+
+def test_rank_larger_than_the_layer_is_formed_densely_and_matches_the_oracle(tmp_path):
+    # A (10⁶, 1): the Gram would be 10¹² entries; ΔW is 1×1 and its σ is |b·a|.
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(300_000, 1)), rng.normal(size=(1, 300_000))
+    raw_file(tmp_path / "a" / "adapter_model.safetensors",
+             [(f"{HEALTHY}.lora_A.weight", "F32", [300_000, 1], a.astype("<f4").tobytes()),
+              (f"{HEALTHY}.lora_B.weight", "F32", [1, 300_000], b.astype("<f4").tobytes())])
+    run = assert_bounded(run_limited("audit", tmp_path / "a", "--json", "--layers"), 0)
+    layer = strict_json(run.stdout)["layers"][0]
+    oracle = abs((b.astype(np.float32).astype(np.float64) @ a.astype(np.float32).astype(np.float64)).item())
+    assert layer["sigma_max"] == pytest.approx(oracle, rel=1e-9) and layer["r"] == 300_000
+
+
+def test_rank_over_the_cap_is_a_module_issue(tmp_path):
+    r = gl.MAX_RANK + 1
+    raw_file(tmp_path / "a" / "adapter_model.safetensors",
+             [(f"{HEALTHY}.lora_A.weight", "F8_E4M3", [r, r], b"\x01" * r * r),
+              (f"{HEALTHY}.lora_B.weight", "F8_E4M3", [r, r], b"\x01" * r * r)])
+    document, issues = audit_json(assert_bounded(run_limited("audit", tmp_path / "a", "--json"), 0))
+    assert document["n_modules_skipped"] == 1 and "MAX_RANK" in issues
+
+
+def test_a_header_claiming_ten_million_experts_creates_no_modules(tmp_path):
+    raw_file(tmp_path / "a" / "adapters.safetensors",
+             [("model.layers.0.mlp.switch_mlp.up_proj.lora_a", "F32", [10 ** 7, 0, 4], b""),
+              ("model.layers.0.mlp.switch_mlp.up_proj.lora_b", "F32", [10 ** 7, 4, 0], b"")])
+    document, issues = audit_json(assert_bounded(run_limited("audit", tmp_path / "a", "--json"), 0))
+    assert document["n_modules_skipped"] == 1 and "MAX_EXPERTS" in issues
+
+
+def _kohya(tmp_path, module, entries):
+    return raw_file(tmp_path / "a" / "adapter_model.safetensors",
+                    [(f"{module}.{role}", dtype, shape, blob) for role, dtype, shape, blob in entries])
+
+
+def test_tucker_lora_mid_rebuild_over_the_dense_cap_is_refused(tmp_path):
+    # 28 KB of factors asking for a 4·10⁷-element rebuilt factor.
+    _kohya(tmp_path, "lora_unet_conv", [("lora_down.weight", "F16", [1, 4000, 1, 1], f16((1, 4000, 1, 1))),
+                                        ("lora_mid.weight", "F16", [1, 1, 100, 100], f16((1, 1, 100, 100), 1)),
+                                        ("lora_up.weight", "F16", [8, 1, 1, 1], f16((8, 1, 1, 1), 2))])
+    document, issues = audit_json(assert_bounded(run_limited("audit", tmp_path / "a", "--json"), 0))
+    assert document["n_modules_skipped"] == 1 and "MAX_DENSE_ELEMENTS" in issues
+
+
+def test_dense_loha_route_over_the_work_cap_is_refused(tmp_path):
+    # r₁·r₂ = 4096 ≥ 4000: only the dense route is exact, and its SVD is ~6·10¹⁰ flops.
+    _kohya(tmp_path, "lora_unet_proj", [("hada_w1_a", "F16", [4000, 64], f16((4000, 64))),
+                                        ("hada_w1_b", "F16", [64, 4000], f16((64, 4000), 1)),
+                                        ("hada_w2_a", "F16", [4000, 64], f16((4000, 64), 2)),
+                                        ("hada_w2_b", "F16", [64, 4000], f16((64, 4000), 3))])
+    document, issues = audit_json(assert_bounded(run_limited("audit", tmp_path / "a", "--json"), 0))
+    assert document["n_modules_skipped"] == 1 and "MAX_DENSE_WORK" in issues
+
+
+def test_tucker_loha_is_audited_through_low_rank_halves_and_matches_the_dense_rebuild(tmp_path):
+    # LyCORIS rebuild_tucker per half, Hadamard product, dense SVD: the oracle.
+    rng = np.random.default_rng(4)
+    t1, t2 = rng.normal(size=(3, 3, 3, 3)), rng.normal(size=(3, 3, 3, 3))
+    w1a, w1b, w2a, w2b = (rng.normal(size=(3, n)) for n in (40, 24, 40, 24))
+    half1 = np.einsum("ij...,jr,ip->pr...", t1, w1b, w1a)
+    half2 = np.einsum("ij...,jr,ip->pr...", t2, w2b, w2a)
+    oracle = np.linalg.svd((half1 * half2).reshape(40, -1), compute_uv=False)
+    sd = {"lora_unet_conv.hada_t1": t1, "lora_unet_conv.hada_t2": t2, "lora_unet_conv.hada_w1_a": w1a,
+          "lora_unet_conv.hada_w1_b": w1b, "lora_unet_conv.hada_w2_a": w2a, "lora_unet_conv.hada_w2_b": w2b}
+    result = gl.audit_lora_state_dict(sd, include_top_singular_values=9)
+    layer = result.layers[0]
+    assert layer.sigma_max == pytest.approx(oracle[0], rel=1e-9)
+    np.testing.assert_allclose(layer.top_singular_values, oracle[:9], rtol=1e-8, atol=1e-10 * oracle[0])
+
+
+def test_lokr_full_factor_over_the_work_cap_is_refused(tmp_path):
+    _kohya(tmp_path, "lora_unet_big", [("lokr_w1", "F8_E4M3", [2000, 2000], b"\x30" * 4_000_000),
+                                       ("lokr_w2", "F16", [2, 2], f16((2, 2)))])
+    document, issues = audit_json(assert_bounded(run_limited("audit", tmp_path / "a", "--json"), 0))
+    assert document["n_modules_skipped"] == 1 and "MAX_DENSE_WORK" in issues
+
+
+def test_layer_replication_span_over_the_cap_is_an_issue_not_a_loop(tmp_path, tmp_adapter):
+    folder = tmp_adapter(healthy_tensors(), {**CONFIG, "layer_replication": [[0, 10 ** 12]]})
+    norms = tmp_path / "norms.json"
+    norms.write_text(json.dumps({"model.layers.0.self_attn.q_proj": {"sigma_max": 2.0, "fro_norm": 3.0}}))
+    document, issues = audit_json(assert_bounded(run_limited("audit", folder, "--json", "--base-norms", norms), 0))
+    assert "MAX_REPLICATED_LAYERS" in issues
+
+
+def test_a_header_with_too_many_entries_is_refused(tmp_path):
+    header = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(gl.MAX_HEADER_ENTRIES + 1)}
+    (tmp_path / "adapter_model.safetensors").write_bytes(make_file_bytes(header))
+    assert_bounded(run_limited("audit", tmp_path), 2, "MAX_HEADER_ENTRIES")
+
+
+def test_a_tensor_with_too_many_axes_is_a_module_issue(tmp_path):
+    raw_file(tmp_path / "a" / "adapter_model.safetensors",
+             [(f"{HEALTHY}.lora_A.weight", "F32", [1] * 40, b"\0" * 4), (f"{HEALTHY}.lora_B.weight", "F32", [1, 1], b"\0" * 4)])
+    document, issues = audit_json(assert_bounded(run_limited("audit", tmp_path / "a", "--json"), 0))
+    assert "MAX_NDIM" in issues
+
+
+# ── class 2: patterns by construction ───────────────────────────────────────
+
+@pytest.mark.parametrize("key", ["((a)+)+", "(a?){32}a{32}", "(a|aa)+", ".*.*.*a", "(?=a)a", r"(a)\1"])
+def test_patterns_outside_the_safe_subset_are_literal_and_fast(tmp_adapter, key):
+    name = "a" * 31
+    tensors = {f"base_model.model.{name}.lora_A.weight": np.ones((4, 8), np.float32),
+               f"base_model.model.{name}.lora_B.weight": np.ones((8, 4), np.float32)}
+    folder = tmp_adapter(tensors, {**CONFIG, "rank_pattern": {key: 2}})
+    document, issues = audit_json(assert_bounded(run_limited("audit", folder, "--json", "--layers"), 0))
+    assert "matched literally" in issues
+    assert document["layers"][0]["rank_pattern_key"] is None
+
+
+@pytest.mark.parametrize("key,name,hit", [
+    ("^model.decoder.layers.0.encoder_attn.k_proj", "model.decoder.layers.0.encoder_attn.k_proj", True),
+    ("^model.decoder.layers.0.encoder_attn.k_proj", "x.model.decoder.layers.0.encoder_attn.k_proj", False),
+    (r"layers\.\d+\.mlp\.down_proj", "model.layers.12.mlp.down_proj", True),
+    ("(q|v)_proj", "model.layers.0.self_attn.v_proj", True),
+    ("[qk]_proj", "model.layers.0.self_attn.v_proj", False),
+    (r".*\.(q_proj|v_proj)$", "model.layers.0.self_attn.q_proj", True),
+    ("layers.0.q", "model.layers_0_q", False),  # dot-aligned tail only
+    ("layers.0.q", "model.layers_0.q", False),
+    ("0.q", "model.layers.0.q", True),
+])
+def test_safe_subset_matches_exactly_like_peft(key, name, hit):
+    # PEFT's get_pattern_key: re.match(rf"(.*\.)?({key})$", name) — the oracle, run here directly.
+    assert bool(re.match(rf"(.*\.)?({key})$", name)) == hit
+    config, issues = gl.parse_adapter_config({"r": 8, "lora_alpha": 8, "rank_pattern": {key: 2}})
+    assert not issues
+    assert (gl.match_pattern(config.rank_pattern, name) is not None) == hit
+
+
+def test_four_hundred_thousand_literal_keys_are_matched_by_dict_quickly(tmp_adapter):
+    keys = {f"l.{i}.{j}": 2 for i in range(400) for j in range(1000)}
+    keys["model.layers.0.self_attn.q_proj"] = 3
+    folder = tmp_adapter(healthy_tensors(), {**CONFIG, "rank_pattern": keys})
+    assert os.path.getsize(folder / "adapter_config.json") < 10 ** 7
+    document, issues = audit_json(assert_bounded(run_limited("audit", folder, "--json", "--layers"), 0))
+    layer = document["layers"][0]
+    assert layer["rank_pattern_key"] == "model.layers.0.self_attn.q_proj" and layer["config_r"] == 3
+    assert "looked up as exact module names" in issues
+
+
+def test_first_match_in_config_order_holds_across_dict_and_regex_keys():
+    keys = {f"k{i}": 1 for i in range(gl.MAX_REGEX_KEYS)}
+    keys.update({r"self_attn\.q_proj": 5, "q_proj": 6, "layers.0.self_attn.q_proj": 7})
+    config, _ = gl.parse_adapter_config({"r": 8, "lora_alpha": 8, "rank_pattern": keys})
+    assert gl.match_pattern(config.rank_pattern, "model.layers.0.self_attn.q_proj").value == 5
+    keys = dict(reversed(list(keys.items())))
+    config, _ = gl.parse_adapter_config({"r": 8, "lora_alpha": 8, "rank_pattern": keys})
+    assert gl.match_pattern(config.rank_pattern, "model.layers.0.self_attn.q_proj").value == 7
+
+
+# ── class 3: a file that shrinks while it is read ───────────────────────────
+
+TRUNCATE_AFTER_OPEN = """
+import os, gradience_lite as _gl
+_open = _gl.open_safetensors
+def _open_then_truncate(path):
+    sf = _open(path)
+    if "victim" in str(path):
+        os.truncate(path, sf.file_size // 2)  # another process cuts the file after its header was read
+    return sf
+_gl.open_safetensors = _open_then_truncate
+"""
+
+
+def _big_adapter(folder, modules=16):
+    rng = np.random.default_rng(9)
+    tensors = {}
+    for index in range(modules):
+        prefix = f"base_model.model.model.layers.{index}.self_attn.q_proj"
+        tensors[f"{prefix}.lora_A.weight"] = rng.normal(size=(8, 256)).astype(np.float32)
+        tensors[f"{prefix}.lora_B.weight"] = rng.normal(size=(256, 8)).astype(np.float32)
+    folder.mkdir(parents=True)
+    write_safetensors(folder / "adapter_model.safetensors", tensors)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    return folder
+
+
+def test_a_file_truncated_while_being_read_is_a_clean_exit_2(tmp_path):
+    victim = _big_adapter(tmp_path / "victim")
+    run = assert_bounded(run_limited("audit", victim, "--json", preamble=TRUNCATE_AFTER_OPEN), 2, "changed while being read")
+    assert "victim" in run.stderr and run.stdout == "" and run.returncode != -7
+
+
+def test_batch_truncation_fails_only_that_line(tmp_path):
+    good, victim = _big_adapter(tmp_path / "good"), _big_adapter(tmp_path / "victim")
+    run = assert_bounded(run_limited("audit", good, victim, good, "--jobs", "2", preamble=TRUNCATE_AFTER_OPEN), 1)
+    lines = sorted((json.loads(line) for line in run.stdout.splitlines()), key=lambda line: line["index"])
+    assert [line["ok"] for line in lines] == [True, False, True]
+    assert "changed while being read" in lines[1]["error"]
+
+
+CRASH_ON_VICTIM = """
+import os, signal, time, gradience_lite as _gl
+_line = _gl.batch_audit_line
+def _crashing(path, options):
+    if "victim" in path:
+        os.kill(os.getpid(), signal.SIGBUS)  # what a mapped file cut short used to do
+    if "sleeper" in path:
+        time.sleep(60)
+    return _line(path, options)
+_gl.batch_audit_line = _crashing
+"""
+
+
+def test_a_crashed_worker_is_a_failure_line_and_every_other_input_gets_its_line(tmp_path):
+    good, victim = _big_adapter(tmp_path / "good"), _big_adapter(tmp_path / "victim")
+    run = assert_bounded(run_limited("audit", good, victim, good, good, "--jobs", "2", preamble=CRASH_ON_VICTIM), 1)
+    lines = sorted((json.loads(line) for line in run.stdout.splitlines()), key=lambda line: line["index"])
+    assert [line["index"] for line in lines] == [0, 1, 2, 3]
+    assert [line["ok"] for line in lines] == [True, False, True, True]
+    assert "SIGBUS" in lines[1]["error"]
+
+
+def test_timeout_stops_one_adapter_and_the_batch_goes_on(tmp_path):
+    good, sleeper = _big_adapter(tmp_path / "good"), _big_adapter(tmp_path / "sleeper")
+    run = assert_bounded(run_limited("audit", sleeper, good, "--timeout", "2", "--jobs", "2",
+                                     preamble=CRASH_ON_VICTIM), 1)
+    lines = sorted((json.loads(line) for line in run.stdout.splitlines()), key=lambda line: line["index"])
+    assert [line["ok"] for line in lines] == [False, True] and "timed out" in lines[0]["error"]
+
+
+def test_timeout_on_a_single_audit_is_exit_2(tmp_path):
+    sleeper = _big_adapter(tmp_path / "sleeper")
+    preamble = ("import time, gradience_lite as _gl\n_audit = _gl._audit\n"
+                "_gl._audit = lambda *a, **k: (time.sleep(30), _audit(*a, **k))[1]\n")
+    assert_bounded(run_limited("audit", sleeper, "--timeout", "1", preamble=preamble), 2, "timed out after 1 s")
+
+
+def test_jobs_are_capped_at_the_number_of_inputs(tmp_path):
+    good = _big_adapter(tmp_path / "good")
+    preamble = ("import sys, gradience_lite as _gl\n_run = _gl._audit_in_workers\n"
+                "def _spy(paths, options, jobs, timeout, emit):\n"
+                "    print('jobs', jobs, file=sys.stderr)\n    return _run(paths, options, jobs, timeout, emit)\n"
+                "_gl._audit_in_workers = _spy\n")
+    run = assert_bounded(run_limited("audit", good, good, "--jobs", "40", preamble=preamble), 0)
+    assert "jobs 2" in run.stderr
+
+
+def test_batch_workers_die_with_their_parent(tmp_path):
+    good = _big_adapter(tmp_path / "good")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    preamble = ("import os, time, gradience_lite as _gl\n"
+                f"def _slow(path, options):\n    open(os.path.join({str(pids)!r}, str(os.getpid())), 'w').close()\n"
+                "    time.sleep(120)\n_gl.batch_audit_line = _slow\n")
+    parent = subprocess.Popen([sys.executable, "-c", preamble + "import sys; sys.exit(_gl.main(sys.argv[1:]))",
+                               "audit", str(good), str(good), "--jobs", "2"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while len(list(pids.iterdir())) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    workers = [int(p.name) for p in pids.iterdir()]
+    assert len(workers) == 2
+    parent.kill()
+    parent.wait()
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                return handle.read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 10
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers)
+
+
+@pytest.mark.parametrize("flag", [["--weights", "x.safetensors"], ["--html", "r.html"], ["--append", "run.jsonl"],
+                                  ["--adapter-config", "c.json"], ["--top-wasteful", "3"]])
+def test_batch_refuses_per_adapter_flags_it_cannot_honour(tmp_path, flag):
+    good = _big_adapter(tmp_path / "good")
+    assert_bounded(run_limited("audit", good, good, *flag), 2, "cannot be honoured in batch mode")
+
+
+def test_batch_honours_adapter(tmp_path):
+    folder = _big_adapter(tmp_path / "root")
+    _big_adapter(folder / "other")
+    run = assert_bounded(run_limited("audit", folder, folder, "--adapter", "other"), 0)
+    assert all(json.loads(line)["adapter_name"] == "other" for line in run.stdout.splitlines())
+
+
+# ── class 4: ordinary bad input never reaches exit 3 ────────────────────────
+
+def _named_adapter(tmp_adapter, names, config=CONFIG):
+    rng = np.random.default_rng(6)
+    tensors = {}
+    for name in names:
+        tensors[f"base_model.model.{name}.lora_A.weight"] = rng.normal(size=(4, 8)).astype(np.float32)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = rng.normal(size=(8, 4)).astype(np.float32)
+    return tmp_adapter(tensors, config)
+
+
+@pytest.mark.parametrize("name", ["model.layers." + "9" * 5000 + ".q_proj", "model.layers.².q_proj",
+                                  "model.layers.٣.q_proj", "model.layers.0.q\ud800proj"])
+@pytest.mark.parametrize("output", [["--json"], [], ["--html", "REPORT"]])
+def test_odd_names_never_stop_the_audit(tmp_path, tmp_adapter, name, output):
+    folder = _named_adapter(tmp_adapter, [name, "model.layers.1.q_proj"])
+    output = [str(tmp_path / "r.html") if item == "REPORT" else item for item in output]
+    run = assert_bounded(run_limited("audit", folder, "--layers", *output), 0)
+    if "--json" in output:
+        assert strict_json(run.stdout)["n_layers"] == 2
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.json").write_text(run.stdout) if "--json" in output else None
+
+
+def test_compare_with_odd_names_is_exit_0(tmp_adapter):
+    folder = _named_adapter(tmp_adapter, ["model.layers." + "9" * 5000 + ".q_proj", "model.layers.².q_proj"])
+    assert_bounded(run_limited("compare", folder, folder), 0)
+
+
+DAMAGED_DOCUMENTS = {
+    "name is a list": {"layers": [{"name": ["x"]}]},
+    "rows not objects": {"layers": [5, None, "x"]},
+    "metric of the wrong type": {"layers": [{"name": "m", "utilization": "high", "r": [1]}], "by_type": [1]},
+    "by_type rows not objects": {"layers": [], "by_type": {"attn": 3, "mlp": {"udr_median": "x"}}},
+    "summary of the wrong type": {"layers": [], "utilization_mean": {"a": 1}, "format": 7},
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_DOCUMENTS))
+@pytest.mark.parametrize("as_json", [True, False])
+def test_damaged_documents_given_to_compare_are_not_a_crash(tmp_path, case, as_json):
+    good = run_limited("audit", FIXTURES / "peft" / "llama_fp32_qv", "--json", "--layers")
+    (tmp_path / "good.json").write_text(good.stdout)
+    (tmp_path / "bad.json").write_text(json.dumps(DAMAGED_DOCUMENTS[case]))
+    extra = ["--json"] if as_json else []
+    run = assert_bounded(run_limited("compare", tmp_path / "bad.json", tmp_path / "good.json", *extra), 0)
+    if as_json:
+        strict_json(run.stdout)
+
+
+NORMS_FILES = {
+    "errors is a string": {"format": "gradience_lite.base_norms/1", "norms": {}, "errors": "ab"},
+    "errors is a number": {"format": "gradience_lite.base_norms/1", "norms": {}, "errors": 5},
+    "sigma 1e400": '{"model.layers.0.self_attn.q_proj": {"sigma_max": 1e400, "fro_norm": 1}}',
+    "norms a list": {"format": "gradience_lite.base_norms/1", "norms": [1]},
+    "files a list": {"format": "gradience_lite.base_norms/1", "norms": {}, "files": [1]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(NORMS_FILES))
+def test_damaged_norms_files_are_issues(tmp_path, tmp_adapter, case):
+    folder = tmp_adapter(healthy_tensors(), CONFIG)
+    norms = tmp_path / "norms.json"
+    content = NORMS_FILES[case]
+    norms.write_text(content if isinstance(content, str) else json.dumps(content))
+    document, issues = audit_json(assert_bounded(run_limited("audit", folder, "--json", "--base-norms", norms), 0))
+    assert document["n_layers_with_udr"] == 0 and "udr:" in issues
+
+
+def test_norms_from_a_device_or_folder_are_refused(tmp_path, tmp_adapter):
+    folder = tmp_adapter(healthy_tensors(), CONFIG)
+    document, issues = audit_json(assert_bounded(run_limited("audit", folder, "--json", "--base-norms", "/dev/zero"), 0))
+    assert "not a regular file" in issues
+    base = FIXTURES / "base" / "llama12_bf16_sharded"
+    document, issues = audit_json(assert_bounded(
+        run_limited("audit", FIXTURES / "peft" / "llama_patterns", "--json", "--base-model", base,
+                    "--base-norms-cache", tmp_path), 0))
+    assert "not a regular file" in issues and "--base-norms-cache" in issues
+
+
+@pytest.mark.parametrize("where", ["directory", "read-only", "device"])
+def test_append_to_something_not_appendable_is_exit_2_before_any_output(tmp_path, where):
+    target = {"directory": tmp_path, "read-only": tmp_path / "ro.jsonl", "device": "/dev/full"}[where]
+    if where == "read-only":
+        target.write_text("")
+        target.chmod(0o444)
+        if os.access(target, os.W_OK):
+            pytest.skip("running as a user who can write read-only files (root)")
+    run = assert_bounded(run_limited("audit", FIXTURES / "peft" / "llama_fp32_qv", "--json", "--append", target), 2,
+                         "--append")
+    assert run.stdout == ""
+
+
+def test_html_to_an_unwritable_path_is_exit_2_before_any_output(tmp_path):
+    run = assert_bounded(run_limited("audit", FIXTURES / "peft" / "llama_fp32_qv", "--json",
+                                     "--html", tmp_path / "missing" / "r.html"), 2, "--html")
+    assert run.stdout == ""
+    run = assert_bounded(run_limited("audit", FIXTURES / "peft" / "llama_fp32_qv", "--html", tmp_path), 2,
+                         "not a regular file")
+
+
+# ── class 5: output integrity ───────────────────────────────────────────────
+
+def test_append_adds_the_missing_newline(tmp_path):
+    telemetry = tmp_path / "run.jsonl"
+    telemetry.write_text('{"run_id": "r1", "step": 7, "event": "train"}')  # no final newline
+    assert_bounded(run_limited("audit", FIXTURES / "peft" / "llama_fp32_qv", "--append", telemetry), 0)
+    lines = telemetry.read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["step"] == 7
+    event = json.loads(lines[1])
+    assert event["run_id"] == "r1" and event["step"] == 7
+
+
+@pytest.mark.parametrize("scale", [1e150, 1e200, 1e300])
+def test_huge_factors_keep_stdout_json_and_never_report_zero(tmp_path, scale):
+    rng = np.random.default_rng(8)
+    a, b = rng.normal(size=(4, 16)) * scale, rng.normal(size=(12, 4)) * scale
+    folder = tmp_path / "a"
+    folder.mkdir()
+    write_safetensors(folder / "adapter_model.safetensors",
+                      {f"{HEALTHY}.lora_A.weight": a, f"{HEALTHY}.lora_B.weight": b,
+                       f"{DAMAGED}.lora_A.weight": a / scale, f"{DAMAGED}.lora_B.weight": b / scale})
+    run = assert_bounded(run_limited("audit", folder, "--json", "--layers"), 0)
+    assert "DLASCL" not in run.stdout + run.stderr
+    document, issues = audit_json(run)
+    rows = {row["name"]: row for row in document["layers"]}
+    healthy = HEALTHY[len("base_model.model."):]
+    oracle = np.linalg.svd((b / scale) @ (a / scale), compute_uv=False)
+    stable = float(np.sum(oracle ** 2) / oracle[0] ** 2)
+    if scale ** 2 * oracle[0] < 1e308:  # σ itself is finite: scale-free metrics are exact, σ² overflows → null
+        row = rows[healthy]
+        assert row["sigma_max"] == pytest.approx(scale ** 2 * oracle[0], rel=1e-9)
+        assert row["stable_rank"] == pytest.approx(stable, rel=1e-9) and row["frob_sq"] is None
+        assert "overflows float64" in issues
+    else:  # σ exceeds float64: the module is refused, never reported as 0
+        assert healthy not in rows and "overflow float64" in issues
+    assert rows[DAMAGED[len("base_model.model."):]]["stable_rank"] == pytest.approx(stable, rel=1e-9)
+
+
+def test_lapack_output_on_fd_1_cannot_reach_the_json(tmp_path):
+    # Whatever native code writes to fd 1 during the audit lands on stderr.
+    preamble = ("import os, gradience_lite as _gl\n_audit = _gl._audit\n"
+                "def _noisy(*a, **k):\n    os.write(1, b'** On entry to DLASCL parameter number 4 had an illegal value\\n')\n"
+                "    return _audit(*a, **k)\n_gl._audit = _noisy\n")
+    run = assert_bounded(run_limited("audit", FIXTURES / "peft" / "llama_fp32_qv", "--json", preamble=preamble), 0)
+    strict_json(run.stdout)
+    assert "DLASCL" in run.stderr
+
+
+def test_control_characters_in_names_are_escaped_in_text(tmp_adapter):
+    evil = "model.layers.0.q_proj\x1b]0;pwned\x07\n  modules audited: 999\x1b[2J"
+    folder = _named_adapter(tmp_adapter, [evil])
+    run = assert_bounded(run_limited("audit", folder, "--layers"), 0)
+    assert "\x1b" not in run.stdout and "\x07" not in run.stdout
+    assert not any(line.startswith("  modules audited: 999") for line in run.stdout.splitlines())
+    assert "\\x1b]0;pwned" in run.stdout
+
+
+# ── class 6: leaks and paths ────────────────────────────────────────────────
+
+def test_a_non_safetensors_file_is_never_echoed(tmp_path):
+    secret = "hf_SECRETTOKENabcdefgh1234567890"
+    (tmp_path / "token").write_text(secret)
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").symlink_to(tmp_path / "token")
+    run = assert_bounded(run_limited("audit", folder, "--json"), 2, "not a safetensors file")
+    leaked = int.from_bytes(secret.encode()[:8], "little")
+    assert "SECRET" not in run.stderr and str(leaked) not in run.stderr and "hf_" not in run.stderr
+
+
+@pytest.mark.parametrize("adapter", ["../other", "/tmp", "..", "a/b"])
+def test_adapter_must_be_a_plain_child_name(tmp_path, adapter):
+    folder = _big_adapter(tmp_path / "root")
+    _big_adapter(tmp_path / "other")
+    assert_bounded(run_limited("audit", folder, "--adapter", adapter), 2, "not a plain subfolder name")
+
+
+def test_weight_map_outside_the_base_directory_is_refused(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    outside = write_safetensors(tmp_path / "outside.safetensors",
+                                {"model.layers.0.self_attn.q_proj.weight": np.ones((12, 16), np.float32)})
+    (base / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.layers.0.self_attn.q_proj.weight": "../outside.safetensors"}}))
+    folder = tmp_path / "a"
+    folder.mkdir()
+    write_safetensors(folder / "adapter_model.safetensors", healthy_tensors())
+    (folder / "adapter_config.json").write_text(json.dumps(CONFIG))
+    document, issues = audit_json(assert_bounded(run_limited("audit", folder, "--json", "--base-model", base), 0))
+    assert outside.exists() and "outside the base directory" in issues and document["n_layers_with_udr"] == 0
