@@ -215,6 +215,10 @@ def _parse_shape(raw_shape: Any) -> Tuple[Optional[Tuple[int, ...]], Optional[st
         return None, f"shape {raw_shape} is absurd (a dimension above 2**40)"
     if len(raw_shape) > MAX_NDIM:
         return None, f"shape has {len(raw_shape)} axes, over the MAX_NDIM cap ({MAX_NDIM})"
+    # A zero axis makes a tensor empty, but NumPy still refuses to shape an
+    # empty array whose other axes multiply past its index range.
+    if math.prod(max(d, 1) for d in raw_shape) > MAX_DIMENSION:
+        return None, f"shape {raw_shape} is absurd (its non-zero axes multiply past 2**40)"
     return tuple(raw_shape), None
 
 
@@ -783,8 +787,10 @@ def _parse_patterns(raw: Any, field_name: str, cast: Callable[[Any], Any], issue
 
 
 def _positive_int(value: Any) -> int:
-    if type(value) is int and value > 0:  # the common case, first: EVA configs hold 10⁵ of them
-        return value
+    if type(value) is int:  # the common case, first: EVA configs hold 10⁵ of them (and -10**400 is no float)
+        if value > 0:
+            return value
+        raise ValueError(value)
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
             or value != int(value) or value <= 0):
         raise ValueError(value)
@@ -792,9 +798,15 @@ def _positive_int(value: Any) -> int:
 
 
 def _finite_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(value)
-    return float(value)
+    try:
+        number = float(value)  # an int of 400 digits overflows here
+    except OverflowError:
+        raise ValueError(value) from None
+    if not math.isfinite(number):
+        raise ValueError(value)
+    return number
 
 
 def parse_adapter_config(raw: Optional[Mapping[str, Any]]) -> Tuple[AdapterConfig, List[str]]:
@@ -1232,11 +1244,14 @@ def configure(adapter_format: str, raw_config: Any, load_issues: List[str],
         return AuditSetup(adapter_format, AdapterConfig(), kohya_scale, [], format_metadata)
     if adapter_format == "mlx":
         parameters = raw_config.get("lora_parameters") if isinstance(raw_config, Mapping) else None
-        scale = parameters.get("scale") if isinstance(parameters, Mapping) else None
+        raw_scale = parameters.get("scale") if isinstance(parameters, Mapping) else None
         issues = [issue for issue in load_issues if "no adapter_config.json" not in issue]
-        if scale is None or isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            issues.append(f"config: no usable MLX lora_parameters.scale ({scale!r}); scale taken as 1.0")
+        try:
+            scale = _finite_number(raw_scale) if raw_scale is not None else None
+        except ValueError:  # not a number, not finite, or an int past float range
             scale = None
+        if scale is None:
+            issues.append(f"config: no usable MLX lora_parameters.scale ({raw_scale!r}); scale taken as 1.0")
         return AuditSetup("mlx", AdapterConfig(present=raw_config is not None), absolute_scale(scale), issues,
                           format_metadata)
     issues = list(load_issues)
