@@ -26,12 +26,15 @@ Quick use::
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import functools
+import gc
 import hashlib
 import html
 import json
 import io
+import itertools
 import math
 import os
 import re
@@ -570,13 +573,20 @@ MAX_PATTERN_CHARS = 8_000_000  # all keys of one field together (the config itse
 # the dict route (where "." matches only "."), with an issue.
 MAX_REGEX_KEYS = 64
 MAX_PATTERN_SECONDS = 3.0  # regex matching time for one audit; past it, modules are refused with an issue
-_REGEX_SYNTAX = frozenset("\\^$*+?{}[]|()")
+_REGEX_SYNTAX = re.compile(r"[\\^$*+?{}\[\]|()]")
 
 
-def _is_literal_key(key: str) -> bool:
-    """A key with no regex syntax but "." and the anchors "^…" / "…$"."""
-    core = key[1:] if key.startswith("^") else key
-    return _REGEX_SYNTAX.isdisjoint(core[:-1] if core.endswith("$") else core)
+def _uses_regex_syntax(keys: Sequence[str]) -> List[bool]:
+    """For each key, whether it has regex syntax beyond "." and the anchors
+    "^…" / "…$": one scan over all keys joined (10⁵ keys in a few ms)."""
+    flags = [False] * len(keys)
+    starts = [0, *itertools.accumulate(len(key) + 1 for key in keys)]
+    for match in _REGEX_SYNTAX.finditer("\n".join(keys)):
+        index = bisect.bisect_right(starts, match.start()) - 1
+        position, key = match.start() - starts[index], keys[index]
+        if not ((match.group() == "^" and position == 0) or (match.group() == "$" and position == len(key) - 1)):
+            flags[index] = True
+    return flags
 
 
 class PatternKey(NamedTuple):
@@ -737,8 +747,27 @@ def _dot_tails(name: str) -> Iterable[str]:
         position = name.find(".", position + 1)
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterable[None]:
+    # Building 10⁵ small records creates no reference cycles, but the cyclic
+    # collector would rescan all of them again and again (a third of the time).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _parse_patterns(raw: Any, field_name: str, cast: Callable[[Any], Any], issues: List[str],
                     budget: Optional[_PatternBudget] = None) -> Tuple[PatternKey, ...]:
+    with _gc_paused():
+        return _parse_pattern_keys(raw, field_name, cast, issues, budget)
+
+
+def _parse_pattern_keys(raw: Any, field_name: str, cast: Callable[[Any], Any], issues: List[str],
+                        budget: Optional[_PatternBudget]) -> Tuple[PatternKey, ...]:
     if raw in (None, {}):
         return ()
     if not isinstance(raw, dict):
@@ -749,25 +778,24 @@ def _parse_patterns(raw: Any, field_name: str, cast: Callable[[Any], Any], issue
         issues.append(f"config: {field_name} has {len(items)} keys, over the MAX_PATTERN_KEYS cap "
                       f"({MAX_PATTERN_KEYS}); the keys after that are ignored")
         items = items[:MAX_PATTERN_KEYS]
-    total = 0
-    for count, (key, _) in enumerate(items):
-        total += len(str(key))
-        if total > MAX_PATTERN_CHARS:
-            issues.append(f"config: {field_name} keys total over the MAX_PATTERN_CHARS cap ({MAX_PATTERN_CHARS} "
-                          f"characters); the {len(items) - count} keys after that are ignored")
-            items = items[:count]
-            break
+    names = [str(key) for key, _ in items]
+    total = list(itertools.accumulate(len(name) for name in names))
+    if total and total[-1] > MAX_PATTERN_CHARS:
+        count = bisect.bisect_right(total, MAX_PATTERN_CHARS)
+        issues.append(f"config: {field_name} keys total over the MAX_PATTERN_CHARS cap ({MAX_PATTERN_CHARS} "
+                      f"characters); the {len(items) - count} keys after that are ignored")
+        items, names = items[:count], names[:count]
     literal_by_dict = len(items) > MAX_REGEX_KEYS
+    regex_syntax = _uses_regex_syntax(names) if literal_by_dict else [True] * len(names)
     keys, regex_keys = [], 0
-    for key, value in items:  # JSON order is PEFT's lookup order (first match wins)
+    for key, (_, value), has_syntax in zip(names, items, regex_syntax):  # JSON order is PEFT's (first match wins)
         try:
             value = cast(value)
         except (TypeError, ValueError):
             issues.append(f"config: {field_name}[{key!r}] = {value!r} is not a number; ignored")
             continue
-        key = str(key)
-        if literal_by_dict and _is_literal_key(key):
-            keys.append(PatternKey(key, value, None))  # looked up in a dict, never compiled
+        if not has_syntax:  # looked up in a dict, never compiled (tuple.__new__: 3× faster than PatternKey(…))
+            keys.append(tuple.__new__(PatternKey, (key, value, None)))
             continue
         regex_keys += 1
         if regex_keys > MAX_REGEX_KEYS:

@@ -148,8 +148,11 @@ def _damage_cases():
         "negative shape": ({a_key: good_a, b_key: good_b}, {"header_override": header_edit(**{a_key: {"shape": [-4, -16]}})},
                            "negative dimension"),
         "absurd shape": ({a_key: good_a, b_key: good_b},
-                         {"header_override": header_edit(**{a_key: {"shape": [10 ** 9, 10 ** 9]}})},
+                         {"header_override": header_edit(**{a_key: {"shape": [10 ** 5, 10 ** 5]}})},
                          "more than the whole data section"),
+        "absurd empty shape": ({a_key: good_a, b_key: good_b},
+                               {"header_override": header_edit(**{a_key: {"shape": [2 ** 31, 2 ** 31, 0]}})},
+                               "is absurd"),
         "overlapping offsets": ({a_key: good_a, b_key: good_b},
                                 {"header_override": lambda h: h[b_key].update(
                                     data_offsets=[h[a_key]["data_offsets"][0], h[a_key]["data_offsets"][0] + 192])},
