@@ -3374,10 +3374,17 @@ def batch_audit_line(path: str, options: Mapping[str, Any]) -> Dict[str, Any]:
         line = {"path": path, "ok": True, **result.to_summary_dict(include_layers=options.get("layers", False))}
     except AdapterFormatError as error:
         line = {"path": path, "ok": False, "error": str(error)}
+    except OSError as error:  # a path the file system refuses (too long, a loop, no permission)
+        line = {"path": path, "ok": False, "error": _os_error_text(error)}
     except Exception as error:  # noqa: BLE001 — one adapter's bug must not end a batch of thousands
         line = {"path": path, "ok": False, "error": f"internal error: {type(error).__name__}: {error}"}
     line["seconds"] = round(time.perf_counter() - started, 4)
     return line
+
+
+def _os_error_text(error: OSError) -> str:
+    name = error.filename if error.filename is not None else "a path"
+    return f"{name}: {error.strerror or error}"
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -3577,6 +3584,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except BrokenPipeError:  # `... | head` closed the pipe: not an error of ours
         return 0
+    except OSError as error:  # the file system refused a path we were given (too long, a loop, no permission)
+        print(f"gradience-lite: error: {terminal_safe(_os_error_text(error))}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("gradience-lite: interrupted", file=sys.stderr)
         return 130

@@ -1013,3 +1013,12 @@ def test_fuzz_config_fields_with_huge_values(tmp_path, config):
         result = gl.attach_udr(result, base_norms=str(norms))
         json.dumps(result.to_summary_dict(include_layers=True), allow_nan=False)
         assert time.perf_counter() - started < 2.0
+
+
+@pytest.mark.parametrize("position", ["path", "--weights", "--adapter-config", "--adapter", "--base-model", "compare"])
+def test_a_path_the_file_system_refuses_is_exit_2(position):
+    too_long = "x" * 5000  # ENAMETOOLONG from every os call
+    adapter = FIXTURES / "peft" / "llama_fp32_qv"
+    args = {"path": ["audit", too_long], "compare": ["compare", too_long, adapter]}.get(
+        position, ["audit", adapter, position, too_long])
+    assert_bounded(run_limited(*args), 2)
