@@ -515,6 +515,75 @@ class AdapterConfig:
     target_modules: Any = None
     modules_to_save: Any = None
     layer_replication: Any = None
+    lora_bias: bool = False
+    kasa: bool = False  # kasa_config set: ΔW = s·B·diag(lora_diag)·A
+    bd_lora: Optional["BdLora"] = None  # use_bdlora: which factor is block-diagonal, in how many blocks
+    target_parameters: Tuple[str, ...] = ()  # nn.Parameters wrapped by PEFT's ParamWrapper (MoE experts)
+    refusals: Tuple[str, ...] = ()  # fields that change ΔW in a way the audit cannot compute: no module is audited
+
+
+class BdLora(NamedTuple):
+    """PEFT's BdLoraConfig: modules whose name contains an ``a_patterns`` entry
+    have a block-diagonal lora_A, ``b_patterns`` a block-diagonal lora_B."""
+
+    a_patterns: Tuple[str, ...]
+    b_patterns: Tuple[str, ...]
+    nblocks: int
+
+
+class FieldRule(NamedTuple):
+    """What one LoraConfig field does to ΔW, and what the audit does about it."""
+
+    effect: str  # "none": ΔW unchanged;  "read": the audit implements it;  "note": audited, with an issue;  "refuse"
+    harmless: Tuple[Any, ...] = (None, False, {}, [])  # values with no effect (the default among them)
+    text: str = ""  # the issue, for "note" and "refuse"
+
+
+# Every field of PEFT 0.21.2's LoraConfig (peft/tuners/lora/config.py, with PeftConfig's
+# own fields), field by field: does it change the ΔW a module applies?  A key not in
+# this table is reported (PEFT 0.21.2 drops unknown keys with a warning, so a newer
+# PEFT's field may change ΔW in ways these numbers do not include).
+_BASE_CHANGING_INITS = "the base weight was modified at init (W − s·B₀·A₀ or a quantized residual)"
+LORA_CONFIG_FIELDS: Dict[str, FieldRule] = {
+    # PeftConfig metadata
+    "task_type": FieldRule("none"), "peft_type": FieldRule("read"), "auto_mapping": FieldRule("none"),
+    "peft_version": FieldRule("none"), "base_model_name_or_path": FieldRule("read"), "revision": FieldRule("none"),
+    "inference_mode": FieldRule("none"),
+    # scale and rank
+    "r": FieldRule("read"), "lora_alpha": FieldRule("read"), "use_rslora": FieldRule("read"),
+    "rank_pattern": FieldRule("read"), "alpha_pattern": FieldRule("read"),
+    # which modules are adapted (the saved tensors say it again)
+    "target_modules": FieldRule("none"), "exclude_modules": FieldRule("none"),
+    "layers_to_transform": FieldRule("none"), "layers_pattern": FieldRule("none"),
+    "modules_to_save": FieldRule("none"),  # whole modules saved: listed under non_lora_tensors
+    # training-time only: the eval forward and the merge are s·B·A
+    "lora_dropout": FieldRule("none"), "velora_config": FieldRule("none"), "monteclora_config": FieldRule("none"),
+    "runtime_config": FieldRule("none"), "megatron_config": FieldRule("none"), "megatron_core": FieldRule("none"),
+    "ensure_weight_tying": FieldRule("none"),  # tied copies store the same factors, ΔW = s·B·A each
+    "eva_config": FieldRule("none"), "loftq_config": FieldRule("none"), "corda_config": FieldRule("none"),
+    "lora_ga_config": FieldRule("none"),  # their effect is read from init_lora_weights
+    # ΔW transposed (fan_in_fan_out) or mapped to other base layers (layer_replication): same spectrum
+    "fan_in_fan_out": FieldRule("read"), "layer_replication": FieldRule("read"),
+    # variants the audit implements
+    "kasa_config": FieldRule("read"), "use_bdlora": FieldRule("read"), "target_parameters": FieldRule("read"),
+    "lora_bias": FieldRule("read"), "trainable_token_indices": FieldRule("read"),
+    "use_dora": FieldRule("note", text="use_dora: DoRA rescales each column of the merged weight by the magnitude "
+                          "vector (needs the base weight); the numbers are of the low-rank part s·B·A"),
+    "init_lora_weights": FieldRule("note", (True, False, "gaussian", "orthogonal", "eva", "mica"),
+                                   f"init_lora_weights: {_BASE_CHANGING_INITS}; ΔW is the adapter's s·B·A on that "
+                                   "modified base, not the change from the original base (save with "
+                                   "path_initial_model_for_weight_conversion for that)"),
+    "bias": FieldRule("note", ("none", None), "bias: the adapter also trains base biases (full tensors, listed "
+                      "under non_lora_tensors); they are not part of ΔW"),
+    "alora_invocation_tokens": FieldRule("note", text="alora_invocation_tokens: aLoRA applies ΔW only to tokens "
+                                         "from the invocation sequence on"),
+    "use_qalora": FieldRule("refuse", text="use_qalora: on GPTQ layers QALoRA pools the input in groups "
+                            "(qalora_group_size) before lora_A, on other layers it does nothing, and the adapter "
+                            "does not say which the base is"),
+    "qalora_group_size": FieldRule("none"),  # read with use_qalora
+    "arrow_config": FieldRule("refuse", text="arrow_config: Arrow routes each token through a mixture of task "
+                              "adapters; there is no single ΔW"),
+}
 
 
 def _compile_pattern_key(key: str) -> Tuple["re.Pattern[str]", Optional[str]]:
@@ -589,7 +658,7 @@ def parse_adapter_config(raw: Optional[Mapping[str, Any]]) -> Tuple[AdapterConfi
         except (TypeError, ValueError):
             issues.append(f"config: {name} = {raw[name]!r} is not a valid value; ignored")
     flags = {}
-    for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
+    for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
         value = raw.get(name, False)
         if value is None:
             value = False
@@ -608,8 +677,58 @@ def parse_adapter_config(raw: Optional[Mapping[str, Any]]) -> Tuple[AdapterConfi
         target_modules=raw.get("target_modules"),
         modules_to_save=raw.get("modules_to_save"),
         layer_replication=raw.get("layer_replication"),
+        kasa=raw.get("kasa_config") is not None,
+        bd_lora=_parse_bd_lora(raw.get("use_bdlora"), issues),
+        target_parameters=_parse_target_parameters(raw.get("target_parameters"), issues),
+        refusals=_check_fields(raw, issues) if peft_type in (None, "LORA") else (),
         **flags,
     ), issues
+
+
+def _check_fields(raw: Mapping[str, Any], issues: List[str]) -> Tuple[str, ...]:
+    """Hold every key against LORA_CONFIG_FIELDS: unknown keys and noted fields
+    become issues; the texts of refusing fields are returned."""
+    refusals = []
+    unknown = sorted(str(key) for key in raw if key not in LORA_CONFIG_FIELDS)
+    if unknown:
+        issues.append(f"config: {', '.join(unknown)}: not LoraConfig field(s) of PEFT 0.21.2 (written by another "
+                      "version?); PEFT 0.21.2 ignores them on load and so does this audit — if they change ΔW in the "
+                      "version that wrote them, the numbers do not include it")
+    for name, rule in LORA_CONFIG_FIELDS.items():
+        value = raw.get(name)
+        if rule.effect in ("note", "refuse") and not any(value == h and type(value) is type(h) for h in rule.harmless) \
+                and value is not None:
+            if rule.effect == "note":
+                issues.append(f"config: {rule.text} (value {value!r})")
+            else:
+                refusals.append(f"{rule.text} (value {value!r}); not audited")
+    return tuple(refusals)
+
+
+def _parse_bd_lora(raw: Any, issues: List[str]) -> Optional[BdLora]:
+    if raw is None:
+        return None
+    patterns = {}
+    if isinstance(raw, Mapping):
+        for side in ("target_modules_bd_a", "target_modules_bd_b"):
+            value = raw.get(side) or []
+            patterns[side] = tuple(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+        nblocks = raw.get("nblocks", 1)
+    if not isinstance(raw, Mapping) or None in patterns.values() or isinstance(nblocks, bool) \
+            or not isinstance(nblocks, int) or nblocks < 1:
+        issues.append(f"config: use_bdlora = {raw!r} is not a BdLoraConfig; block-diagonal modules cannot be told "
+                      "apart, no module is audited")
+        return BdLora((), (), 0)  # nblocks 0: refuse every module
+    return BdLora(patterns["target_modules_bd_a"], patterns["target_modules_bd_b"], nblocks)
+
+
+def _parse_target_parameters(raw: Any, issues: List[str]) -> Tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        issues.append(f"config: target_parameters = {raw!r} is not a list of names; ignored")
+        return ()
+    return tuple(raw)
 
 
 MAX_CONFIG_BYTES = 10 * 1000 * 1000
@@ -628,6 +747,11 @@ def load_adapter_config(path: Optional[str]) -> Tuple[Optional[Dict[str, Any]], 
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
         return None, [f"config: {path} could not be read ({type(error).__name__}: {error}); "
                       "r inferred from shapes, scale taken as 1.0"]
+
+
+def pattern_name(module_name: str) -> str:
+    """The name PEFT matched patterns against: an expert module "<path>.<param>[e]" shares its parameter's."""
+    return re.sub(r"\[\d+\]$", "", module_name)
 
 
 def match_pattern(patterns: Sequence[PatternKey], module_name: str) -> Optional[PatternKey]:
@@ -701,6 +825,7 @@ _LORA_KEY = re.compile(
     r"|(?P<embedding>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?"
     r"|lora_B(?:\.[^.]+)?\.(?P<bias>bias)"
     r"|(?P<magnitude>lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?"
+    r"|(?P<diag>lora_diag)(?:\.[^.]+)?"
     r")$")
 
 
@@ -715,8 +840,10 @@ class LoraModule(NamedTuple):
     family: str = "lora"  # "lora" | "loha" | "lokr"
     layout: str = "peft"  # "peft": A r×in, B out×r;  "mlx": A in×r, B r×out (SwitchLinear: per expert, PEFT-like)
     expert: Optional[int] = None  # index along a leading experts axis (MLX SwitchLinear)
-    parts: Tuple[Tuple[str, str], ...] = ()  # further tensors by role: "alpha", "mid", "hada_w1_a", "lokr_w1", …
+    parts: Tuple[Tuple[str, str], ...] = ()  # further tensors by role: "alpha", "mid", "hada_w1_a", "lokr_w1", "lora_diag", …
     component: Optional[str] = None  # diffusers pipeline component ("unet", "text_encoder", …)
+    experts: Optional[int] = None  # PEFT ParamWrapper: experts fused along the rank axis (layout "peft_experts")
+    blocks: Optional[Tuple[str, int]] = None  # BD-LoRA: ("lora_A" | "lora_B", number of diagonal blocks)
 
     def part(self, role: str) -> Optional[str]:
         return dict(self.parts).get(role)
@@ -746,6 +873,8 @@ def group_lora_keys(keys: Iterable[str]) -> Tuple[List[LoraModule], List[str]]:
         elif match["embedding"]:
             slot["kind"] = "embedding"
             role = "a_key" if match["embedding"].endswith("A") else "b_key"
+        elif match["diag"]:
+            role = "lora_diag"
         else:
             role = "bias_key" if match["bias"] else "magnitude_key"
         if role in slot:  # e.g. lora_A.weight and lora_A.default.weight: which one is real is unknowable
@@ -753,7 +882,8 @@ def group_lora_keys(keys: Iterable[str]) -> Tuple[List[LoraModule], List[str]]:
             continue
         slot[role] = key
     modules = [LoraModule(name, slot["kind"], slot.get("a_key"), slot.get("b_key"),
-                          slot.get("bias_key"), slot.get("magnitude_key"), tuple(slot.get("duplicates", ())))
+                          slot.get("bias_key"), slot.get("magnitude_key"), tuple(slot.get("duplicates", ())),
+                          parts=(("lora_diag", slot["lora_diag"]),) if "lora_diag" in slot else ())
                for name, slot in sorted(parts.items(), key=lambda item: _natural_key(item[0]))]
     return modules, others
 
@@ -858,6 +988,138 @@ def group_modules(adapter_format: str, keys: Sequence[str], shape_of: Callable[[
     return modules, others
 
 
+# ── LoraConfig fields that change how a PEFT module's factors combine ───────
+# PEFT 0.21.2, peft/tuners/lora/:
+#   KaSA (variants.py, KasaLinearVariant.forward): ΔW = s·B·diag(lora_diag)·A.
+#   BD-LoRA (variants.py, BlockDiagonalLinear / BdLoraLinearVariant): lora_A or
+#     lora_B is block-diagonal, its .weight holding the diagonal blocks stacked by rows.
+#   target_parameters (layer.py, ParamWrapper): E experts fused into one pair,
+#     lora_A (r·E, in) expert-major and lora_B (out, r·E) rank-major;
+#     ΔW_e = s·B[:, e::E]·A[e·r:(e+1)·r] (stored transposed when the experts are (E, in, out)).
+
+# PEFT wraps each targeted nn.Parameter of a module in its own ParamWrapper,
+# nested in the module's parameter-registration order (the first registered is
+# innermost); the saved keys only show the depth, one ".base_layer" per level.
+# transformers' expert modules register their input projection before down_proj.
+EXPERT_PARAMETER_ORDER = ("gate_up_proj", "up_proj", "down_proj")
+_WRAPPER_LEVEL = ".base_layer"
+
+
+def _targeted_parameters(path: str, target_parameters: Sequence[str]) -> Tuple[str, ...]:
+    # PEFT (tuners_utils._inject_parameters): "<module>.<param>" is targeted when it
+    # equals a listed name or ends with "." + that name.
+    found = []
+    for target in target_parameters:
+        parameter = target.rpartition(".")[2]
+        key = f"{path}.{parameter}"
+        if (key == target or key.endswith("." + target)) and parameter not in found:
+            found.append(parameter)
+    return tuple(found)
+
+
+def _parameter_wrappers(modules: Sequence[LoraModule], target_parameters: Sequence[str]
+                        ) -> Tuple[Dict[str, Tuple[str, str]], Dict[str, str]]:
+    """Saved module name → (module path, parameter name) for PEFT ParamWrappers,
+    and module name → why the parameter cannot be told."""
+    levels: Dict[str, Dict[int, str]] = {}
+    for module in modules:
+        path, depth = module.name, 0
+        while path.endswith(_WRAPPER_LEVEL):
+            path, depth = path[:-len(_WRAPPER_LEVEL)], depth + 1
+        if _targeted_parameters(path, target_parameters):
+            levels.setdefault(path, {})[depth] = module.name
+    owners, problems = {}, {}
+    for path, by_depth in levels.items():
+        targeted = _targeted_parameters(path, target_parameters)
+        if len(targeted) == 1 and set(by_depth) == {0}:
+            owners[by_depth[0]] = (path, targeted[0])
+        elif set(by_depth) == set(range(len(targeted))) and all(p in EXPERT_PARAMETER_ORDER for p in targeted):
+            innermost_first = sorted(targeted, key=EXPERT_PARAMETER_ORDER.index)
+            for depth, name in by_depth.items():
+                owners[name] = (path, innermost_first[len(targeted) - 1 - depth])
+        else:
+            for name in by_depth.values():
+                problems[name] = (f"target_parameters: {len(by_depth)} nested ParamWrapper(s) on {path} for "
+                                  f"parameters {list(targeted)}; which is which follows the module's parameter "
+                                  "registration order, unknown here; not audited")
+    return owners, problems
+
+
+def _expert_modules(module: LoraModule, path: str, parameter: str, config: AdapterConfig,
+                    shape_of: Callable[[str], Tuple[int, ...]]) -> Tuple[List[LoraModule], Optional[str]]:
+    """One module per expert, named "<module path>.<parameter name>[e]" (one, without [e], for a 2-D parameter)."""
+    key = f"{path}.{parameter}"  # PEFT matches rank_pattern / alpha_pattern against this name
+    if module.a_key is None or module.b_key is None:
+        return [module._replace(name=key)], None
+    rank_key = match_pattern(config.rank_pattern, key)
+    rank = rank_key.value if rank_key else config.r
+    a_shape, b_shape = shape_of(module.a_key), shape_of(module.b_key)
+    if rank is None:
+        return [], f"{key}: target_parameters: the config has no r to split the fused experts' factors by; not audited"
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] % rank or b_shape[1] != a_shape[0]:
+        return [], (f"{key}: target_parameters: factors A{list(a_shape)} / B{list(b_shape)} are not "
+                    f"(r·E, in) / (out, r·E) with r = {rank}; not audited")
+    experts = a_shape[0] // rank
+    if experts == 1:
+        return [module._replace(name=key)], None
+    return [module._replace(name=f"{key}[{expert}]", family="lora_expert", layout="peft_experts", expert=expert,
+                            experts=experts) for expert in range(experts)], None
+
+
+def _bd_lora_module(module: LoraModule, bd_lora: BdLora) -> Tuple[Optional[LoraModule], Optional[str]]:
+    # PEFT (BdLoraLinearVariant.init): "pattern in target_name", a plain substring test.
+    side_a = any(pattern in module.name for pattern in bd_lora.a_patterns)
+    side_b = any(pattern in module.name for pattern in bd_lora.b_patterns)
+    if bd_lora.nblocks < 1 or (side_a and side_b):
+        return None, f"{module.name}: use_bdlora: cannot tell which factor is block-diagonal; not audited"
+    if not (side_a or side_b):
+        return module, None  # match_strict=False: a plain LoRA module
+    return module._replace(family="bd_lora", blocks=("lora_A" if side_a else "lora_B", bd_lora.nblocks)), None
+
+
+def resolve_lora_fields(modules: Sequence[LoraModule], non_lora: Sequence[str], config: AdapterConfig,
+                        shape_of: Callable[[str], Tuple[int, ...]]) -> Tuple[List[LoraModule], List[str], List[str]]:
+    """Apply the LoraConfig fields that change how a PEFT module's factors combine
+    (KaSA, BD-LoRA, target_parameters) and the refusals.
+
+    Returns (modules to audit, one issue per refused module, config issues).
+    """
+    notes: List[str] = []
+    refused = [f"{module_name_from_prefix(key.rsplit('.token_adapter', 1)[0])}: trainable_token_indices: PEFT replaces these embedding rows "
+               "by the stored values (W[idx] := delta), a change that is not low-rank and needs the base weight; "
+               "not audited" for key in non_lora if key.endswith("trainable_tokens_delta")]
+    if config.refusals:
+        return [], refused + [f"{module.name}: {'; '.join(config.refusals)}" for module in modules], notes
+    if config.kasa:
+        notes.append("config: kasa_config: when the adapter loads, PEFT also truncates each adapted base weight to "
+                     "its top min(out, in) − r singular components; ΔW is the adapter's s·B·diag(d)·A on that "
+                     "truncated weight, and base norms are of the stored base (same σ_max)")
+    owners, problems = _parameter_wrappers(modules, config.target_parameters)
+    resolved = []
+    for module in modules:
+        problem = problems.get(module.name)
+        if module.name in owners:
+            experts, problem = _expert_modules(module, *owners[module.name], config, shape_of)
+            resolved.extend(experts)
+        elif module.part("lora_diag"):
+            if config.present and not config.kasa:
+                problem = (f"{module.name}: lora_diag is saved but the config has no kasa_config (PEFT would drop it "
+                           "on load); the adapter contradicts itself; not audited")
+            else:
+                resolved.append(module._replace(family="kasa"))
+        elif config.kasa and module.a_key:
+            problem = (f"{module.name}: kasa_config is set but no lora_diag is saved (PEFT would draw it at random "
+                       "on load); not audited")
+        elif config.bd_lora is not None and problem is None:
+            module, problem = _bd_lora_module(module, config.bd_lora)
+            resolved.extend([module] if module else [])
+        elif problem is None:
+            resolved.append(module)
+        if problem:
+            refused.append(problem)
+    return resolved, refused, notes
+
+
 _ATTN_TOKENS = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value", "attn", "self_attn",
                 "attention", "c_attn", "out_proj", "wqkv", "wq", "wk", "wv", "wo", "to_q", "to_k", "to_v",
                 "to_out", "q_lin", "k_lin", "v_lin", "out_lin", "query_key_value", "cross_attn", "attn1", "attn2"}
@@ -878,7 +1140,7 @@ def module_type(name: str) -> str:
     an attention block).  kohya names flatten the path with underscores
     ("…_self_attn_q_proj"), so for them underscore-delimited markers are used.
     """
-    name = re.sub(r"\[\d+\]$", "", name).lower()  # an MLX expert index
+    name = pattern_name(name).lower()  # an expert index
     if "." not in name and "_" in name:
         flat = f"_{name}_"
         attn = max((flat.rfind(marker) for marker in _FLAT_ATTN), default=-1)
@@ -980,7 +1242,8 @@ def configure(adapter_format: str, raw_config: Any, load_issues: List[str],
     issues.extend(config_issues)
     if not config.present:
         issues.append("config: no usable adapter config; r taken from the weights, scale = 1.0 for every module")
-    return AuditSetup(adapter_format, config, lambda module, rank, alpha: module_scale(config, module.name, rank),
+    return AuditSetup(adapter_format, config,
+                      lambda module, rank, alpha: module_scale(config, pattern_name(module.name), rank),
                       issues, format_metadata)
 
 
@@ -1161,6 +1424,7 @@ class ModuleAudit:
     top_singular_values: Optional[Tuple[float, ...]] = None
     lora_bias_key: Optional[str] = None
     lora_bias_norm: Optional[float] = None
+    delta_bias_norm: Optional[float] = None  # |s|·‖lora_B.bias‖: the shift PEFT adds to the output bias
     dora_magnitude: Optional[Dict[str, float]] = None
     base_sigma_max: Optional[float] = None
     base_fro_norm: Optional[float] = None
@@ -1224,6 +1488,9 @@ class FactorRef(NamedTuple):
     shape: Tuple[int, int]  # the stored tensor (or expert slice) viewed as a matrix
     rank_axis: int  # 0: stored as r×n (PEFT A, MLX B); 1: stored as n×r (PEFT B, MLX A)
     expert: Optional[int] = None
+    stacked: Optional[Tuple[int, ...]] = None  # view the tensor with this shape before taking the expert
+    expert_axis: int = 0  # the axis of the (stacked) tensor that indexes experts
+    blocks: int = 1  # BD-LoRA: the matrix is block-diagonal; these are its blocks, stacked by rows
 
 
 class _Factors(NamedTuple):
@@ -1251,6 +1518,32 @@ def _factor_layout(module: LoraModule, a_shape: Tuple[int, ...], b_shape: Tuple[
         rank = a_shape[1]
         return _Factors(module.kind, rank, FactorRef(module.a_key, (a_shape[0], rank), 1),
                         FactorRef(module.b_key, (rank, b_shape[1]), 0)), None
+    if module.layout == "peft_experts":
+        # PEFT ParamWrapper (layer.py get_delta_factors): A (r·E, in) viewed as (E, r, in),
+        # B (out, r·E) viewed as (out, r, E); expert e is A[e] and B[:, :, e].
+        experts = module.experts or 1
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] % experts or b_shape[1] != a_shape[0]:
+            return None, f"fused expert factors A{list(a_shape)} / B{list(b_shape)} are not (r·E, in) / (out, r·E)"
+        rank = a_shape[0] // experts
+        return _Factors(module.kind, rank,
+                        FactorRef(module.a_key, (rank, a_shape[1]), 0, module.expert, (experts, rank, a_shape[1]), 0),
+                        FactorRef(module.b_key, (b_shape[0], rank), 1, module.expert, (b_shape[0], rank, experts),
+                                  2)), None
+    if module.blocks is not None and len(a_shape) == 2 and len(b_shape) == 2:
+        # BD-LoRA (variants.py BlockDiagonalLinear): the block-diagonal factor's weight is
+        # (rows, columns / nblocks), block i being its i-th chunk of rows.
+        side, nblocks = module.blocks
+        rank = a_shape[0]
+        if side == "lora_A":  # A (r, in/nb), B (out, r)
+            fits = b_shape[1] == rank and rank % nblocks == 0
+        else:  # A (r, in), B (out, r/nb)
+            fits = b_shape[1] * nblocks == rank and b_shape[0] % nblocks == 0
+        if not fits:
+            return None, (f"BD-LoRA factors A{list(a_shape)} / B{list(b_shape)} do not fit {nblocks} diagonal "
+                          f"blocks of {side}")
+        a_blocks, b_blocks = (nblocks, 1) if side == "lora_A" else (1, nblocks)
+        return _Factors(module.kind, rank, FactorRef(module.a_key, (rank, a_shape[1]), 0, blocks=a_blocks),
+                        FactorRef(module.b_key, (b_shape[0], b_shape[1]), 1, blocks=b_blocks)), None
     expert = module.expert
     if len(a_shape) == 2 and len(b_shape) == 2:
         if a_shape[0] != b_shape[1]:
@@ -1291,6 +1584,7 @@ class _PreparedModule(NamedTuple):
     magnitude: Optional[Dict[str, float]]
     tall: Optional[Tuple[np.ndarray, np.ndarray]] = None  # computed factors (Aᵀ, B), for the QR fallback
     sigma: Optional[np.ndarray] = None  # a spectrum computed directly (LoKr, dense fallback)
+    diag: Optional[np.ndarray] = None  # KaSA: ΔW = s·B·diag(d)·A, folded into A's r×r factor
 
 
 CHUNK_ELEMENTS = 1 << 18  # 2 MiB of float64: bounded memory, and large enough that per-chunk overhead is noise
@@ -1298,34 +1592,49 @@ CHUNK_ELEMENTS = 1 << 18  # 2 MiB of float64: bounded memory, and large enough t
 
 def _stored_matrix(source: _TensorSource, ref: FactorRef) -> np.ndarray:
     raw = source.raw(ref.key)
-    return (raw[ref.expert] if ref.expert is not None else raw).reshape(ref.shape)
+    if ref.expert is not None:  # a view, never a copy: the expert's slice is read chunk by chunk later
+        raw = np.moveaxis(raw.reshape(ref.stacked) if ref.stacked else raw, ref.expert_axis, 0)[ref.expert]
+    return raw.reshape(ref.shape)
+
+
+def _block_diagonal(blocks: Sequence[np.ndarray]) -> np.ndarray:
+    out = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)))
+    row = column = 0
+    for block in blocks:
+        out[row:row + block.shape[0], column:column + block.shape[1]] = block
+        row, column = row + block.shape[0], column + block.shape[1]
+    return out
 
 
 def _streamed_gram(source: _TensorSource, ref: FactorRef, workspace: Optional[Workspace]) -> np.ndarray:
     """The r×r Gram of a factor (A·Aᵀ for A, Bᵀ·B for B), decoded chunk by chunk along its long axis.
 
-    Peak memory is one chunk, whatever the tensor's size.
+    Peak memory is one chunk, whatever the tensor's size.  A block-diagonal
+    factor's Gram is block-diagonal: one Gram per stored block.
     """
     dtype_name = source.describe(ref.key)[0]
-    raw = _stored_matrix(source, ref)
-    rank, length = ref.shape[ref.rank_axis], ref.shape[1 - ref.rank_axis]
-    step = max(1, CHUNK_ELEMENTS // max(rank, 1))
-    gram = np.zeros((rank, rank))
-    with np.errstate(over="ignore", invalid="ignore"):  # a non-finite Gram is handled by the caller
-        for start in range(0, length, step):
-            if ref.rank_axis == 0:
-                chunk = decode(raw[:, start:start + step], dtype_name, workspace=workspace)
-                gram += chunk @ chunk.T
-            else:
-                chunk = decode(raw[start:start + step], dtype_name, workspace=workspace)
-                gram += chunk.T @ chunk
-    return gram
+    grams = []
+    for raw in np.split(_stored_matrix(source, ref), ref.blocks, axis=0):
+        rank, length = raw.shape[ref.rank_axis], raw.shape[1 - ref.rank_axis]
+        step = max(1, CHUNK_ELEMENTS // max(rank, 1))
+        gram = np.zeros((rank, rank))
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite Gram is handled by the caller
+            for start in range(0, length, step):
+                if ref.rank_axis == 0:
+                    chunk = decode(raw[:, start:start + step], dtype_name, workspace=workspace)
+                    gram += chunk @ chunk.T
+                else:
+                    chunk = decode(raw[start:start + step], dtype_name, workspace=workspace)
+                    gram += chunk.T @ chunk
+        grams.append(gram)
+    return grams[0] if ref.blocks == 1 else _block_diagonal(grams)
 
 
 def _tall_factor(source: _TensorSource, ref: FactorRef) -> np.ndarray:
     """The whole factor as a tall float64 matrix (n×r), for the rare Householder-QR path."""
     values = decode(_stored_matrix(source, ref), source.describe(ref.key)[0])
-    return values.T if ref.rank_axis == 0 else values
+    talls = [block.T if ref.rank_axis == 0 else block for block in np.split(values, ref.blocks, axis=0)]
+    return talls[0] if ref.blocks == 1 else _block_diagonal(talls)
 
 
 def _check_tensors(module: LoraModule, source: _TensorSource, keys: Sequence[str]) -> Optional[str]:
@@ -1358,6 +1667,11 @@ def _extras(module: LoraModule, source: _TensorSource) -> Tuple[Optional[float],
     return bias_norm, magnitude
 
 
+# Families whose ΔW is s·B·A with stored factors (seen through a view: an expert's
+# slice, a block-diagonal layout, KaSA's diagonal on the r×r factor): streamed.
+STREAMED_FAMILIES = ("lora", "kasa", "bd_lora", "lora_expert")
+
+
 def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Optional[Workspace],
                     scale_rule: ScaleRule) -> Tuple[Optional[_PreparedModule], List[str]]:
     """Validate one module and reduce its factors to r×r Gram matrices.
@@ -1369,7 +1683,7 @@ def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Option
     name = module.name
     if module.duplicate_keys:
         return None, [f"{name}: more than one tensor for the same factor ({', '.join(module.duplicate_keys)}); not audited"]
-    if module.family != "lora" or module.part("lora_mid.weight"):
+    if module.family not in STREAMED_FAMILIES or module.part("lora_mid.weight"):
         return _prepare_computed(module, source, scale_rule)
     if module.a_key is None or module.b_key is None:
         if module.a_key is None and module.b_key is None:
@@ -1399,12 +1713,32 @@ def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Option
     alpha, problem = _alpha_value(module, source)
     if problem:
         return None, [problem]
+    diag, problem = _kasa_diag(module, source, layout.rank)
+    if problem:
+        return None, [problem]
     bias_norm, magnitude = _extras(module, source)
     dtype = a_dtype if a_dtype == b_dtype else f"{a_dtype}/{b_dtype}"
     a_matrix, b_matrix = (layout.a.shape, layout.b.shape) if module.expert is not None else (a_shape, b_shape)
-    return _PreparedModule(module, layout, tuple(a_matrix), tuple(b_matrix), dtype,
-                           math.prod(a_matrix) + math.prod(b_matrix), scale_rule(module, layout.rank, alpha),
-                           layout.rank, layout.rank, grams[0], grams[1], bias_norm, magnitude), []
+    params = math.prod(a_matrix) + math.prod(b_matrix) + (diag.size if diag is not None else 0)
+    return _PreparedModule(module, layout, tuple(a_matrix), tuple(b_matrix), dtype, params,
+                           scale_rule(module, layout.rank, alpha), layout.rank, layout.rank, grams[0], grams[1],
+                           bias_norm, magnitude, diag=diag), []
+
+
+def _kasa_diag(module: LoraModule, source: _TensorSource, rank: int) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """KaSA's lora_diag (r values), or None for other families."""
+    key = module.part("lora_diag")
+    if module.family != "kasa" or key is None:
+        return None, None
+    problem = _check_tensors(module, source, (key,))
+    if problem:
+        return None, problem
+    values, problem = _load_finite(module, source, key)
+    if problem:
+        return None, problem
+    if values.shape != (rank,):
+        return None, f"{module.name}: lora_diag has shape {list(values.shape)}, not [{rank}] (the rank); not audited"
+    return values, None
 
 
 def _alpha_value(module: LoraModule, source: _TensorSource) -> Tuple[Optional[float], Optional[str]]:
@@ -1580,6 +1914,9 @@ def _module_spectra(prepared: Sequence[_PreparedModule], source: _TensorSource) 
                 tall = _tall_factor(source, ref)
                 source.release(ref.key)
             factors[slot] = gram_factor(tall, item.gram_a if side == 0 else item.gram_b)
+        for slot, index in enumerate(indices):
+            if prepared[index].diag is not None:  # R_AᵀR_A = A·Aᵀ ⇒ (R_A·D)ᵀ(R_A·D) = (D·A)(D·A)ᵀ
+                factors[slot] = factors[slot] * prepared[index].diag[None, :]
         sigma = core_singular_values(factors[len(indices):], factors[:len(indices)])
         for row, index in enumerate(indices):
             spectra[index] = sigma[row]
@@ -1616,6 +1953,7 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         delta_sigma_max=abs_scale * spectrum.sigma_max, delta_fro_norm=abs_scale * math.sqrt(spectrum.frob_sq),
         top_singular_values=tuple(float(s) for s in sigma[:top_k]) if top_k > 0 else None,
         lora_bias_key=item.module.bias_key, lora_bias_norm=item.bias_norm, dora_magnitude=item.magnitude,
+        delta_bias_norm=abs_scale * item.bias_norm if item.bias_norm is not None else None,
         family=item.module.family, max_rank=item.max_rank, issues=tuple(issues))
 
 
@@ -1769,10 +2107,15 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
     so only one block's Grams are ever held.  (Worker threads were measured
     and dropped: OpenBLAS serialises concurrent small BLAS calls, so they
     bought nothing on 2 cores.)"""
-    modules, non_lora = group_modules(setup.adapter_format, keys, lambda key: source.describe(key)[1])
+    shape_of = lambda key: source.describe(key)[1]  # noqa: E731
+    modules, non_lora = group_modules(setup.adapter_format, keys, shape_of)
     if not modules:
         issues.append("no LoRA factors found (no lora_A/lora_B, lora_down/lora_up, hada_, lokr_ or lora_a/lora_b keys)")
     config = setup.config
+    refused: List[str] = []
+    if setup.adapter_format == "peft":
+        modules, refused, notes = resolve_lora_fields(modules, non_lora, config, shape_of)
+        issues.extend(notes + refused)
     workspace = Workspace()
     prepared: List[_PreparedModule] = []
     spectra: List[np.ndarray] = []
@@ -1797,12 +2140,12 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
         record = _module_record(item, sigma, spectrum, config, top_k)
         issues.extend(record.issues)
         layers.append(record)
-    names = [layer.name for layer in layers]
+    names = {pattern_name(layer.name) for layer in layers}
     for patterns, label in ((config.rank_pattern, "rank_pattern"), (config.alpha_pattern, "alpha_pattern")):
         for pattern in patterns:
             if not any(match_pattern((pattern,), name) for name in names):
                 issues.append(f"config: {label} key {pattern.key!r} matches no audited module")
-    return layers, non_lora, len(modules) - len(prepared)
+    return layers, non_lora, len(modules) + len(refused) - len(prepared)
 
 
 def audit_lora_state_dict(tensors: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None, *,

@@ -79,6 +79,7 @@ def linear_forward_delta(layer):
     f(x) − f_disabled(x) = x·ΔWᵀ + shift, read at x = I and x = 0."""
     eye = torch.eye(layer.in_features, dtype=torch.float64)
     zero = torch.zeros(1, layer.in_features, dtype=torch.float64)
+    dtype = layer.lora_A["default"].weight.dtype
     layer.double()
     with torch.no_grad():
         on_eye, on_zero = layer(eye), layer(zero)
@@ -86,7 +87,7 @@ def linear_forward_delta(layer):
             off_eye, off_zero = layer(eye), layer(zero)
     shift = (on_zero - off_zero)[0]
     delta = (on_eye - off_eye - shift).T
-    layer.float()
+    layer.to(dtype)
     return delta.numpy(), shift.numpy()
 
 
@@ -223,18 +224,27 @@ def make_moe():
                         alpha_pattern={"layers.0.mlp.experts.gate_up_proj": 5})
     model = get_peft_model(tiny_mixtral(), config)
     randomise_adapter(model, 12)
-    modules = expert_truth(model)
-    save("field_moe_mixtral", model, modules,
-         note="Mixtral-style fused experts (E, out, in) via target_parameters; A expert-major, B rank-major")
-    merged_matches(model, modules)
+    folder = save("field_moe_mixtral", model, {},
+                  note="Mixtral-style fused experts (E, out, in) via target_parameters; A expert-major, B rank-major")
+    record_expert_truth(folder, model)
 
     config = LoraConfig(r=2, lora_alpha=4, use_rslora=True, target_modules=[],
                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     model = get_peft_model(tiny_gpt_oss(), config)
     randomise_adapter(model, 13)
+    folder = save("field_moe_gptoss", model, {},
+                  note="gpt-oss experts stored transposed (E, in, out) via target_parameters, rsLoRA")
+    record_expert_truth(folder, model)
+
+
+def record_expert_truth(folder, model):
+    """Saved in float32; the truth is read in float64 (exact widening) so it carries no float32 rounding."""
+    model.double()
     modules = expert_truth(model)
-    save("field_moe_gptoss", model, modules,
-         note="gpt-oss experts stored transposed (E, in, out) via target_parameters, rsLoRA")
+    path = folder / "expected.json"
+    document = json.loads(path.read_text())
+    document["modules"] = modules
+    path.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
     merged_matches(model, modules)
 
 
