@@ -696,12 +696,13 @@ def _check_fields(raw: Mapping[str, Any], issues: List[str]) -> Tuple[str, ...]:
                       "version that wrote them, the numbers do not include it")
     for name, rule in LORA_CONFIG_FIELDS.items():
         value = raw.get(name)
-        if rule.effect in ("note", "refuse") and not any(value == h and type(value) is type(h) for h in rule.harmless) \
-                and value is not None:
-            if rule.effect == "note":
-                issues.append(f"config: {rule.text} (value {value!r})")
-            else:
-                refusals.append(f"{rule.text} (value {value!r}); not audited")
+        # Compared with their types: 1 is not True, and 0 is not False.
+        if rule.effect not in ("note", "refuse") or any(type(value) is type(h) and value == h for h in rule.harmless):
+            continue
+        if rule.effect == "note":
+            issues.append(f"config: {rule.text} (value {value!r})")
+        else:
+            refusals.append(f"{rule.text} (value {value!r}); not audited")
     return tuple(refusals)
 
 
@@ -2113,7 +2114,7 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
         issues.append("no LoRA factors found (no lora_A/lora_B, lora_down/lora_up, hada_, lokr_ or lora_a/lora_b keys)")
     config = setup.config
     refused: List[str] = []
-    if setup.adapter_format == "peft":
+    if setup.adapter_format in ("peft", "diffusers"):
         modules, refused, notes = resolve_lora_fields(modules, non_lora, config, shape_of)
         issues.extend(notes + refused)
     workspace = Workspace()
@@ -2697,15 +2698,22 @@ def _factor_loaders(path: str) -> Dict[str, Callable[[], Tuple[np.ndarray, np.nd
     raw_config, _ = load_adapter_config(files.config_path)
     keys = list(sf.tensors)
     source = _TensorSource.from_file(sf)
-    modules, _ = group_modules(detect_format(keys, sf.metadata, raw_config), keys, lambda key: source.describe(key)[1])
+    shape_of = lambda key: source.describe(key)[1]  # noqa: E731
+    adapter_format = detect_format(keys, sf.metadata, raw_config)
+    modules, non_lora = group_modules(adapter_format, keys, shape_of)
+    if adapter_format in ("peft", "diffusers"):
+        modules = resolve_lora_fields(modules, non_lora, parse_adapter_config(raw_config)[0], shape_of)[0]
     loaders = {}
     for module in modules:
-        if module.family != "lora" or module.part("lora_mid.weight") or not module.a_key or not module.b_key \
-                or module.duplicate_keys or _check_tensors(module, source, (module.a_key, module.b_key)):
+        if module.family not in STREAMED_FAMILIES or module.part("lora_mid.weight") or not module.a_key \
+                or not module.b_key or module.duplicate_keys or _check_tensors(module, source, (module.a_key, module.b_key)):
             continue
-        layout, problem = _factor_layout(module, source.describe(module.a_key)[1], source.describe(module.b_key)[1])
-        if problem is None and layout.rank > 0:
-            loaders[module.name] = (lambda layout=layout: (_tall_factor(source, layout.a).T, _tall_factor(source, layout.b)))
+        layout, problem = _factor_layout(module, shape_of(module.a_key), shape_of(module.b_key))
+        diag, diag_problem = _kasa_diag(module, source, layout.rank) if problem is None else (None, None)
+        if problem is None and diag_problem is None and layout.rank > 0:
+            loaders[module.name] = (lambda layout=layout, diag=diag: (
+                _tall_factor(source, layout.a).T * (diag[:, None] if diag is not None else 1.0),
+                _tall_factor(source, layout.b)))
     return loaders
 
 
