@@ -691,19 +691,25 @@ def _check_fields(raw: Mapping[str, Any], issues: List[str]) -> Tuple[str, ...]:
     refusals = []
     unknown = sorted(str(key) for key in raw if key not in LORA_CONFIG_FIELDS)
     if unknown:
-        issues.append(f"config: {', '.join(unknown)}: not LoraConfig field(s) of PEFT 0.21.2 (written by another "
+        issues.append(f"config: {_short_repr(', '.join(unknown))[1:-1]}: not LoraConfig field(s) of PEFT 0.21.2 (written by another "
                       "version?); PEFT 0.21.2 ignores them on load and so does this audit — if they change ΔW in the "
                       "version that wrote them, the numbers do not include it")
     for name, rule in LORA_CONFIG_FIELDS.items():
         value = raw.get(name)
-        # Compared with their types: 1 is not True, and 0 is not False.
-        if rule.effect not in ("note", "refuse") or any(type(value) is type(h) and value == h for h in rule.harmless):
+        # null or missing is the default; others are compared with their types (1 is not True).
+        if rule.effect not in ("note", "refuse") or value is None \
+                or any(type(value) is type(h) and value == h for h in rule.harmless):
             continue
         if rule.effect == "note":
-            issues.append(f"config: {rule.text} (value {value!r})")
+            issues.append(f"config: {rule.text} (value {_short_repr(value)})")
         else:
-            refusals.append(f"{rule.text} (value {value!r}); not audited")
+            refusals.append(f"{rule.text} (value {_short_repr(value)}); not audited")
     return tuple(refusals)
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _parse_bd_lora(raw: Any, issues: List[str]) -> Optional[BdLora]:
@@ -717,7 +723,7 @@ def _parse_bd_lora(raw: Any, issues: List[str]) -> Optional[BdLora]:
         nblocks = raw.get("nblocks", 1)
     if not isinstance(raw, Mapping) or None in patterns.values() or isinstance(nblocks, bool) \
             or not isinstance(nblocks, int) or nblocks < 1:
-        issues.append(f"config: use_bdlora = {raw!r} is not a BdLoraConfig; block-diagonal modules cannot be told "
+        issues.append(f"config: use_bdlora = {_short_repr(raw)} is not a BdLoraConfig; block-diagonal modules cannot be told "
                       "apart, no module is audited")
         return BdLora((), (), 0)  # nblocks 0: refuse every module
     return BdLora(patterns["target_modules_bd_a"], patterns["target_modules_bd_b"], nblocks)
@@ -727,7 +733,7 @@ def _parse_target_parameters(raw: Any, issues: List[str]) -> Tuple[str, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
-        issues.append(f"config: target_parameters = {raw!r} is not a list of names; ignored")
+        issues.append(f"config: target_parameters = {_short_repr(raw)} is not a list of names; ignored")
         return ()
     return tuple(raw)
 
@@ -1006,15 +1012,14 @@ EXPERT_PARAMETER_ORDER = ("gate_up_proj", "up_proj", "down_proj")
 _WRAPPER_LEVEL = ".base_layer"
 
 
-def _targeted_parameters(path: str, target_parameters: Sequence[str]) -> Tuple[str, ...]:
-    # PEFT (tuners_utils._inject_parameters): "<module>.<param>" is targeted when it
-    # equals a listed name or ends with "." + that name.
-    found = []
-    for target in target_parameters:
-        parameter = target.rpartition(".")[2]
-        key = f"{path}.{parameter}"
-        if (key == target or key.endswith("." + target)) and parameter not in found:
-            found.append(parameter)
+def _targeted_parameters(path: str, by_module: Mapping[str, Dict[str, None]]) -> Tuple[str, ...]:
+    # PEFT (tuners_utils._inject_parameters): "<module>.<param>" is targeted when it equals
+    # a listed name or ends with "." + that name, i.e. when the listed name's module part
+    # is a dot-aligned tail of the module path (or empty).
+    parts = path.split(".")
+    found: Dict[str, None] = {}  # an ordered set
+    for head in [".".join(parts[i:]) for i in range(len(parts))] + [""]:
+        found.update(by_module.get(head, {}))
     return tuple(found)
 
 
@@ -1022,16 +1027,20 @@ def _parameter_wrappers(modules: Sequence[LoraModule], target_parameters: Sequen
                         ) -> Tuple[Dict[str, Tuple[str, str]], Dict[str, str]]:
     """Saved module name → (module path, parameter name) for PEFT ParamWrappers,
     and module name → why the parameter cannot be told."""
+    by_module: Dict[str, Dict[str, None]] = {}
+    for target in target_parameters:
+        head, _, parameter = target.rpartition(".")
+        by_module.setdefault(head, {})[parameter] = None
     levels: Dict[str, Dict[int, str]] = {}
-    for module in modules:
+    for module in modules if by_module else ():
         path, depth = module.name, 0
         while path.endswith(_WRAPPER_LEVEL):
             path, depth = path[:-len(_WRAPPER_LEVEL)], depth + 1
-        if _targeted_parameters(path, target_parameters):
+        if _targeted_parameters(path, by_module):
             levels.setdefault(path, {})[depth] = module.name
     owners, problems = {}, {}
     for path, by_depth in levels.items():
-        targeted = _targeted_parameters(path, target_parameters)
+        targeted = _targeted_parameters(path, by_module)
         if len(targeted) == 1 and set(by_depth) == {0}:
             owners[by_depth[0]] = (path, targeted[0])
         elif set(by_depth) == set(range(len(targeted))) and all(p in EXPERT_PARAMETER_ORDER for p in targeted):
@@ -1041,7 +1050,7 @@ def _parameter_wrappers(modules: Sequence[LoraModule], target_parameters: Sequen
         else:
             for name in by_depth.values():
                 problems[name] = (f"target_parameters: {len(by_depth)} nested ParamWrapper(s) on {path} for "
-                                  f"parameters {list(targeted)}; which is which follows the module's parameter "
+                                  f"parameters {_short_repr(list(targeted))}; which is which follows the module's parameter "
                                   "registration order, unknown here; not audited")
     return owners, problems
 
