@@ -1049,7 +1049,7 @@ def _parameter_wrappers(modules: Sequence[LoraModule], target_parameters: Sequen
                 owners[name] = (path, innermost_first[len(targeted) - 1 - depth])
         else:
             for name in by_depth.values():
-                problems[name] = (f"target_parameters: {len(by_depth)} nested ParamWrapper(s) on {path} for "
+                problems[name] = (f"{name}: target_parameters: {len(by_depth)} nested ParamWrapper(s) on {path} for "
                                   f"parameters {_short_repr(list(targeted))}; which is which follows the module's parameter "
                                   "registration order, unknown here; not audited")
     return owners, problems
@@ -1107,7 +1107,7 @@ def resolve_lora_fields(modules: Sequence[LoraModule], non_lora: Sequence[str], 
     owners, problems = _parameter_wrappers(modules, config.target_parameters)
     resolved = []
     for module in modules:
-        problem = problems.get(module.name)
+        problem = problems.get(module.name)  # already "<module>: …"
         if module.name in owners:
             experts, problem = _expert_modules(module, *owners[module.name], config, shape_of)
             resolved.extend(experts)
