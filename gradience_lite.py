@@ -321,6 +321,14 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: Dict[Any, np.ndarray] = {}
+        self.last_result: Tuple[Any, Any] = (None, None)  # (what was computed, the result): see remember()
+
+    def remember(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()``, reused while the same ``key`` is asked for again in a row
+        (consecutive expert modules share one pass over their fused tensor)."""
+        if self.last_result[0] != key:
+            self.last_result = (key, compute())
+        return self.last_result[1]
 
     def take(self, count: int, dtype: Any) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -691,9 +699,9 @@ def _check_fields(raw: Mapping[str, Any], issues: List[str]) -> Tuple[str, ...]:
     refusals = []
     unknown = sorted(str(key) for key in raw if key not in LORA_CONFIG_FIELDS)
     if unknown:
-        issues.append(f"config: {_short_repr(', '.join(unknown))[1:-1]}: not LoraConfig field(s) of PEFT 0.21.2 (written by another "
-                      "version?); PEFT 0.21.2 ignores them on load and so does this audit — if they change ΔW in the "
-                      "version that wrote them, the numbers do not include it")
+        issues.append(f"config: {_short_repr(', '.join(unknown))[1:-1]}: not LoraConfig field(s) of PEFT 0.21.2 "
+                      "(written by another version?); PEFT 0.21.2 ignores them on load and so does this audit — if "
+                      "they change ΔW in the version that wrote them, the numbers do not include it")
     for name, rule in LORA_CONFIG_FIELDS.items():
         value = raw.get(name)
         # null or missing is the default; others are compared with their types (1 is not True).
@@ -719,12 +727,13 @@ def _parse_bd_lora(raw: Any, issues: List[str]) -> Optional[BdLora]:
     if isinstance(raw, Mapping):
         for side in ("target_modules_bd_a", "target_modules_bd_b"):
             value = raw.get(side) or []
-            patterns[side] = tuple(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+            names = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            patterns[side] = tuple(value) if names else None
         nblocks = raw.get("nblocks", 1)
     if not isinstance(raw, Mapping) or None in patterns.values() or isinstance(nblocks, bool) \
             or not isinstance(nblocks, int) or nblocks < 1:
-        issues.append(f"config: use_bdlora = {_short_repr(raw)} is not a BdLoraConfig; block-diagonal modules cannot be told "
-                      "apart, no module is audited")
+        issues.append(f"config: use_bdlora = {_short_repr(raw)} is not a BdLoraConfig; block-diagonal modules "
+                      "cannot be told apart, no module is audited")
         return BdLora((), (), 0)  # nblocks 0: refuse every module
     return BdLora(patterns["target_modules_bd_a"], patterns["target_modules_bd_b"], nblocks)
 
@@ -847,7 +856,7 @@ class LoraModule(NamedTuple):
     family: str = "lora"  # "lora" | "loha" | "lokr"
     layout: str = "peft"  # "peft": A r×in, B out×r;  "mlx": A in×r, B r×out (SwitchLinear: per expert, PEFT-like)
     expert: Optional[int] = None  # index along a leading experts axis (MLX SwitchLinear)
-    parts: Tuple[Tuple[str, str], ...] = ()  # further tensors by role: "alpha", "mid", "hada_w1_a", "lokr_w1", "lora_diag", …
+    parts: Tuple[Tuple[str, str], ...] = ()  # further tensors by role: "alpha", "mid", "hada_w1_a", "lora_diag", …
     component: Optional[str] = None  # diffusers pipeline component ("unet", "text_encoder", …)
     experts: Optional[int] = None  # PEFT ParamWrapper: experts fused along the rank axis (layout "peft_experts")
     blocks: Optional[Tuple[str, int]] = None  # BD-LoRA: ("lora_A" | "lora_B", number of diagonal blocks)
@@ -1049,9 +1058,9 @@ def _parameter_wrappers(modules: Sequence[LoraModule], target_parameters: Sequen
                 owners[name] = (path, innermost_first[len(targeted) - 1 - depth])
         else:
             for name in by_depth.values():
-                problems[name] = (f"{name}: target_parameters: {len(by_depth)} nested ParamWrapper(s) on {path} for "
-                                  f"parameters {_short_repr(list(targeted))}; which is which follows the module's parameter "
-                                  "registration order, unknown here; not audited")
+                problems[name] = (f"{name}: target_parameters: {len(by_depth)} nested ParamWrapper(s) on {path} "
+                                  f"for parameters {_short_repr(list(targeted))}; which is which follows the "
+                                  "module's parameter registration order, unknown here; not audited")
     return owners, problems
 
 
@@ -1095,9 +1104,9 @@ def resolve_lora_fields(modules: Sequence[LoraModule], non_lora: Sequence[str], 
     Returns (modules to audit, one issue per refused module, config issues).
     """
     notes: List[str] = []
-    refused = [f"{module_name_from_prefix(key.rsplit('.token_adapter', 1)[0])}: trainable_token_indices: PEFT replaces these embedding rows "
-               "by the stored values (W[idx] := delta), a change that is not low-rank and needs the base weight; "
-               "not audited" for key in non_lora if key.endswith("trainable_tokens_delta")]
+    refused = [f"{module_name_from_prefix(key.rsplit('.token_adapter', 1)[0])}: trainable_token_indices: PEFT "
+               "replaces these embedding rows by the stored values (W[idx] := delta), a change that is not low-rank "
+               "and needs the base weight; not audited" for key in non_lora if key.endswith("trainable_tokens_delta")]
     if config.refusals:
         return [], refused + [f"{module.name}: {'; '.join(config.refusals)}" for module in modules], notes
     if config.kasa:
@@ -1539,12 +1548,14 @@ def _factor_layout(module: LoraModule, a_shape: Tuple[int, ...], b_shape: Tuple[
                         FactorRef(module.a_key, (rank, a_shape[1]), 0, module.expert, (experts, rank, a_shape[1]), 0),
                         FactorRef(module.b_key, (b_shape[0], rank), 1, module.expert, (b_shape[0], rank, experts),
                                   2)), None
-    if module.blocks is not None and len(a_shape) == 2 and len(b_shape) == 2:
+    if module.blocks is not None:
         # BD-LoRA (variants.py BlockDiagonalLinear): the block-diagonal factor's weight is
         # (rows, columns / nblocks), block i being its i-th chunk of rows.
         side, nblocks = module.blocks
-        rank = a_shape[0]
-        if side == "lora_A":  # A (r, in/nb), B (out, r)
+        rank = a_shape[0] if a_shape else 0
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            fits = False
+        elif side == "lora_A":  # A (r, in/nb), B (out, r)
             fits = b_shape[1] == rank and rank % nblocks == 0
         else:  # A (r, in), B (out, r/nb)
             fits = b_shape[1] * nblocks == rank and b_shape[0] % nblocks == 0
@@ -1603,7 +1614,8 @@ CHUNK_ELEMENTS = 1 << 18  # 2 MiB of float64: bounded memory, and large enough t
 def _stored_matrix(source: _TensorSource, ref: FactorRef) -> np.ndarray:
     raw = source.raw(ref.key)
     if ref.expert is not None:  # a view, never a copy: the expert's slice is read chunk by chunk later
-        raw = np.moveaxis(raw.reshape(ref.stacked) if ref.stacked else raw, ref.expert_axis, 0)[ref.expert]
+        stacked = raw.reshape(ref.stacked) if ref.stacked else raw
+        raw = stacked[ref.expert] if ref.expert_axis == 0 else np.moveaxis(stacked, ref.expert_axis, 0)[ref.expert]
     return raw.reshape(ref.shape)
 
 
@@ -1622,9 +1634,15 @@ def _streamed_gram(source: _TensorSource, ref: FactorRef, workspace: Optional[Wo
     Peak memory is one chunk, whatever the tensor's size.  A block-diagonal
     factor's Gram is block-diagonal: one Gram per stored block.
     """
+    if ref.expert is not None and ref.expert_axis != 0:
+        def every_expert() -> np.ndarray:
+            return _interleaved_expert_grams(source, ref, workspace)
+        key = (ref.key, ref.stacked, ref.expert_axis)
+        return (workspace.remember(key, every_expert) if workspace is not None else every_expert())[ref.expert]
     dtype_name = source.describe(ref.key)[0]
     grams = []
-    for raw in np.split(_stored_matrix(source, ref), ref.blocks, axis=0):
+    stored = _stored_matrix(source, ref)
+    for raw in np.split(stored, ref.blocks, axis=0) if ref.blocks > 1 else (stored,):
         rank, length = raw.shape[ref.rank_axis], raw.shape[1 - ref.rank_axis]
         step = max(1, CHUNK_ELEMENTS // max(rank, 1))
         gram = np.zeros((rank, rank))
@@ -1638,6 +1656,24 @@ def _streamed_gram(source: _TensorSource, ref: FactorRef, workspace: Optional[Wo
                     gram += chunk.T @ chunk
         grams.append(gram)
     return grams[0] if ref.blocks == 1 else _block_diagonal(grams)
+
+
+def _interleaved_expert_grams(source: _TensorSource, ref: FactorRef, workspace: Optional[Workspace]) -> np.ndarray:
+    """Bᵀ·B of every expert (E×r×r) of a factor whose experts interleave along an
+    inner axis (PEFT's rank-major lora_B, viewed (out, r, E)), in one pass over
+    the tensor: one expert's slice is strided, so reading the experts one at a
+    time would read the whole tensor once per expert."""
+    dtype_name = source.describe(ref.key)[0]
+    stacked = source.raw(ref.key).reshape(ref.stacked)  # (out, r, E)
+    experts, rank = stacked.shape[2], stacked.shape[1]
+    step = max(1, CHUNK_ELEMENTS // max(rank * experts, 1))
+    grams = np.zeros((experts, rank, rank))
+    with np.errstate(over="ignore", invalid="ignore"):  # a non-finite Gram is handled by the caller
+        for start in range(0, stacked.shape[0], step):
+            # decoded straight into (E, rows, r) order: a batched product over strided operands is twice as slow
+            chunk = decode(np.moveaxis(stacked[start:start + step], 2, 0), dtype_name, workspace=workspace)
+            grams += np.swapaxes(chunk, 1, 2) @ chunk
+    return grams
 
 
 def _tall_factor(source: _TensorSource, ref: FactorRef) -> np.ndarray:
@@ -2715,7 +2751,8 @@ def _factor_loaders(path: str) -> Dict[str, Callable[[], Tuple[np.ndarray, np.nd
     loaders = {}
     for module in modules:
         if module.family not in STREAMED_FAMILIES or module.part("lora_mid.weight") or not module.a_key \
-                or not module.b_key or module.duplicate_keys or _check_tensors(module, source, (module.a_key, module.b_key)):
+                or not module.b_key or module.duplicate_keys \
+                or _check_tensors(module, source, (module.a_key, module.b_key)):
             continue
         layout, problem = _factor_layout(module, shape_of(module.a_key), shape_of(module.b_key))
         diag, diag_problem = _kasa_diag(module, source, layout.rank) if problem is None else (None, None)

@@ -116,7 +116,8 @@ def test_compare_overlap_sees_the_kasa_diagonal(tmp_adapter):
     row = next(row for row in document["modules"] if row["name"] == "model.layers.0.self_attn.q_proj")
 
     def dense(values):
-        return values[prefix + "lora_B.weight"] @ np.diag(values[prefix + "lora_diag"]) @ values[prefix + "lora_A.weight"]
+        diag = np.diag(values[prefix + "lora_diag"])
+        return values[prefix + "lora_B.weight"] @ diag @ values[prefix + "lora_A.weight"]
     a, b = dense(tensors), dense(changed)
     cosine = float(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b)))
     assert row["overlap"]["update_cosine"] == pytest.approx(cosine, rel=1e-6)

@@ -27,7 +27,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.config import BdLoraConfig, KasaConfig
 from peft.tuners.lora.layer import ParamWrapper
-from transformers import GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import (GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig,
+                          MixtralForCausalLM)
 
 warnings.filterwarnings("ignore")
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "variants"
@@ -139,7 +140,8 @@ def make_kasa():
     for name, layer in lora_layers(model).items():
         # PEFT 0.21.2: the layer's get_delta_weight is s·B·A (no lora_diag); the KaSA variant's forward and
         # merge use s·B·diag(d)·A.  The forward pass is the truth; the helper's number is kept to show it.
-        helper[name] = float(np.linalg.svd(layer.get_delta_weight("default").detach().double().numpy(), compute_uv=False)[0])
+        helper_delta = layer.get_delta_weight("default").detach().double().numpy()
+        helper[name] = float(np.linalg.svd(helper_delta, compute_uv=False)[0])
         variant = layer.lora_variant["default"]
         merged = variant._get_delta_weight(layer, "default").detach().double().numpy()
         assert np.allclose(merged, linear_forward_delta(layer)[0], rtol=1e-5, atol=1e-7), name
