@@ -9,8 +9,10 @@ The module reads top to bottom in the order data flows:
 
     1. safetensors bytes  → tensor records and decoded float arrays
     2. adapter files      → which weights / config / named adapter to read
-    3. config             → r, alpha, rsLoRA, rank/alpha patterns; kohya and MLX scale rules
-    4. keys               → module records for PEFT, diffusers, kohya, LyCORIS, MLX-LM
+    3. config             → r, alpha, rsLoRA, rank/alpha patterns; kohya and MLX scale rules;
+                            every LoraConfig field and what it does to ΔW
+    4. keys               → module records for PEFT, diffusers, kohya, LyCORIS, MLX-LM; the LoraConfig
+                            fields that change how factors combine (KaSA, BD-LoRA, MoE experts)
     5. low-rank spectra   → singular values of B·A from r×r problems
     6. audit              → per-module records (LoRA, LoHa, LoKr), summaries, UDR
     7. reports            → JSON contract, text report, HTML report

@@ -290,3 +290,93 @@ def test_arrow_config_is_refused():
     config.update({"kasa_config": None, "arrow_config": {"top_k": 3}})
     result = audit_lora_state_dict(tensors, config)
     assert result.layers == () and result.n_modules_skipped == 6
+
+
+# ── the same layouts through the other code paths: bf16 bytes, Householder QR ──
+
+def dense_expert_sigmas(tensors, config, rank_of):
+    """Per expert, σ of s·B[:, e::E]·A[e·r:(e+1)·r], formed densely from the stored factors."""
+    out = {}
+    for key in tensors:
+        if not key.endswith("lora_A.weight") or "experts" not in key:
+            continue
+        prefix = key[:-len("lora_A.weight")]
+        path = prefix[len("base_model.model."):].replace(".base_layer.", ".")
+        parameter = "gate_up_proj" if ".base_layer." in prefix else "down_proj"
+        name = path + parameter
+        a, b = tensors[key], tensors[prefix + "lora_B.weight"]
+        rank = rank_of(name)
+        experts = a.shape[0] // rank
+        for e in range(experts):
+            delta = b[:, e::experts] @ a[e * rank:(e + 1) * rank]
+            out[f"{name}[{e}]"] = np.linalg.svd(delta, compute_uv=False)[:rank]
+    return out
+
+
+def mixtral_rank(name):
+    return 3 if name.endswith("layers.1.mlp.experts.down_proj") else 2  # the fixture's rank_pattern
+
+
+def audited_layers(tensors, config):
+    return {layer.name: layer for layer in audit_lora_state_dict(tensors, config, include_top_singular_values=8).layers}
+
+
+def test_bf16_fused_experts_match_the_dense_oracle(tmp_adapter):
+    from conftest import oracle_decode_bf16, to_bf16_bits
+    tensors, config = mixtral_tensors_and_config()
+    bits = {key: to_bf16_bits(value) for key, value in tensors.items()}
+    folder = tmp_adapter(bits, config, dtype_override={key: "BF16" for key in bits})
+    decoded = {key: oracle_decode_bf16(value) for key, value in bits.items()}
+    truth = dense_expert_sigmas(decoded, config, mixtral_rank)
+    layers = {layer.name: layer for layer in audit_lora_peft_dir(folder, include_top_singular_values=8).layers}
+    assert len(truth) == 16
+    for name, sigma in truth.items():
+        mine = np.array(layers[name].top_singular_values)
+        assert mine == pytest.approx(sigma, rel=1e-9, abs=1e-12 * sigma[0]), name
+
+
+def test_ill_conditioned_expert_and_block_factors_take_the_qr_route(monkeypatch):
+    # Two nearly collinear rank directions make κ(scaled factor) > 1e5: the r×r factor then comes
+    # from Householder QR of the expert's strided slice / of the block-diagonal factor, which must
+    # be laid out exactly as PEFT lays it out.
+    import gradience_lite
+    qr_reads = []
+    tall_factor = gradience_lite._tall_factor
+    monkeypatch.setattr(gradience_lite, "_tall_factor",
+                        lambda source, ref: qr_reads.append(ref) or tall_factor(source, ref))
+    noise = np.random.default_rng(0).normal(size=64) * 1e-7
+
+    def close(mine, truth):
+        assert np.array(mine) == pytest.approx(truth, rel=1e-7, abs=1e-9 * truth[0])
+
+    tensors, config = mixtral_tensors_and_config()
+    key = "base_model.model.model.layers.0.mlp.experts.lora_B.weight"
+    b = tensors[key] = tensors[key].copy()
+    for e in range(4):  # expert e's rank columns are e and 4 + e (rank-major, E = 4)
+        b[:, 4 + e] = b[:, e] + noise[:b.shape[0]]
+    truth = dense_expert_sigmas(tensors, config, mixtral_rank)
+    layers = audited_layers(tensors, config)
+    for e in range(4):
+        name = f"model.layers.0.mlp.experts.down_proj[{e}]"
+        close(layers[name].top_singular_values, truth[name])
+    assert {ref.expert for ref in qr_reads if ref.key == key} == {0, 1, 2, 3}
+
+    folder, _ = load_case("field_bdlora")
+    tensors = oracle_load(folder / "adapter_model.safetensors")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    prefix = "base_model.model.model.layers.0.self_attn."
+    a = tensors[prefix + "o_proj.lora_A.weight"]  # block-diagonal A (4, 16): blocks are rows 0-1 and 2-3
+    a[1] = a[0] + noise[:16]
+    b = tensors[prefix + "q_proj.lora_B.weight"]  # block-diagonal B (32, 2): blocks are rows 0-15 and 16-31
+    b[:, 1] = b[:, 0] + noise[:32]
+    qr_reads.clear()
+    layers = audited_layers(tensors, config)
+    a_full = np.zeros((4, 32))
+    a_full[:2, :16], a_full[2:, 16:] = a[:2], a[2:]  # torch.block_diag(*torch.chunk(weight, 2, dim=0))
+    close(layers["model.layers.0.self_attn.o_proj"].top_singular_values,
+          np.linalg.svd(tensors[prefix + "o_proj.lora_B.weight"] @ a_full, compute_uv=False)[:4])
+    b_full = np.zeros((32, 4))
+    b_full[:16, :2], b_full[16:, 2:] = b[:16], b[16:]
+    close(layers["model.layers.0.self_attn.q_proj"].top_singular_values,
+          np.linalg.svd(b_full @ tensors[prefix + "q_proj.lora_A.weight"], compute_uv=False)[:4])
+    assert {ref.blocks for ref in qr_reads} == {2}
