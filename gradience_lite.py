@@ -323,14 +323,16 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: Dict[Any, np.ndarray] = {}
-        self.last_result: Tuple[Any, Any] = (None, None)  # (what was computed, the result): see remember()
+        self._recent: Dict[Any, Any] = {}  # see remember()
 
-    def remember(self, key: Any, compute: Callable[[], Any]) -> Any:
-        """``compute()``, reused while the same ``key`` is asked for again in a row
-        (consecutive expert modules share one pass over their fused tensor)."""
-        if self.last_result[0] != key:
-            self.last_result = (key, compute())
-        return self.last_result[1]
+    def remember(self, key: Any, compute: Callable[[], Any], keep: int = 2) -> Any:
+        """``compute()`` once per ``key`` among the last ``keep`` keys asked for
+        (consecutive expert modules share one pass over their fused A and B)."""
+        if key not in self._recent:
+            if len(self._recent) >= keep:
+                del self._recent[next(iter(self._recent))]
+            self._recent[key] = compute()
+        return self._recent[key]
 
     def take(self, count: int, dtype: Any) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -1636,9 +1638,9 @@ def _streamed_gram(source: _TensorSource, ref: FactorRef, workspace: Optional[Wo
     Peak memory is one chunk, whatever the tensor's size.  A block-diagonal
     factor's Gram is block-diagonal: one Gram per stored block.
     """
-    if ref.expert is not None and ref.expert_axis != 0:
+    if ref.expert is not None and ref.stacked is not None:
         def every_expert() -> np.ndarray:
-            return _interleaved_expert_grams(source, ref, workspace)
+            return _fused_expert_grams(source, ref, workspace)
         key = (ref.key, ref.stacked, ref.expert_axis)
         return (workspace.remember(key, every_expert) if workspace is not None else every_expert())[ref.expert]
     dtype_name = source.describe(ref.key)[0]
@@ -1660,20 +1662,21 @@ def _streamed_gram(source: _TensorSource, ref: FactorRef, workspace: Optional[Wo
     return grams[0] if ref.blocks == 1 else _block_diagonal(grams)
 
 
-def _interleaved_expert_grams(source: _TensorSource, ref: FactorRef, workspace: Optional[Workspace]) -> np.ndarray:
-    """Bᵀ·B of every expert (E×r×r) of a factor whose experts interleave along an
-    inner axis (PEFT's rank-major lora_B, viewed (out, r, E)), in one pass over
-    the tensor: one expert's slice is strided, so reading the experts one at a
-    time would read the whole tensor once per expert."""
+def _fused_expert_grams(source: _TensorSource, ref: FactorRef, workspace: Optional[Workspace]) -> np.ndarray:
+    """The Gram of every expert (E×r×r) of a PEFT fused factor — A viewed (E, r, in),
+    B viewed (out, r, E) — in one pass over the tensor.  B's experts interleave, so
+    one expert's slice is strided: read one expert at a time, the whole tensor
+    would pass through memory once per expert."""
     dtype_name = source.describe(ref.key)[0]
-    stacked = source.raw(ref.key).reshape(ref.stacked)  # (out, r, E)
-    experts, rank = stacked.shape[2], stacked.shape[1]
+    # experts first, rank last: A → (E, in, r), B → (E, out, r); the rank axis is 1 in both layouts
+    view = np.moveaxis(source.raw(ref.key).reshape(ref.stacked), (ref.expert_axis, 1), (0, 2))
+    experts, length, rank = view.shape
     step = max(1, CHUNK_ELEMENTS // max(rank * experts, 1))
     grams = np.zeros((experts, rank, rank))
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite Gram is handled by the caller
-        for start in range(0, stacked.shape[0], step):
-            # decoded straight into (E, rows, r) order: a batched product over strided operands is twice as slow
-            chunk = decode(np.moveaxis(stacked[start:start + step], 2, 0), dtype_name, workspace=workspace)
+        for start in range(0, length, step):
+            # decoded into a contiguous (E, rows, r): a batched product over strided operands is twice as slow
+            chunk = decode(view[:, start:start + step], dtype_name, workspace=workspace)
             grams += np.swapaxes(chunk, 1, 2) @ chunk
     return grams
 
