@@ -318,7 +318,8 @@ class Workspace:
     Decoding into fresh arrays costs a page fault per 4 KiB (more than the
     decoding itself); reusing two buffers makes a streamed audit touch the
     same few megabytes over and over.  Arrays handed out are views that the
-    next read overwrites.
+    next read overwrites.  It also remembers the last few results computed
+    for a whole fused tensor (see ``remember``).
     """
 
     def __init__(self) -> None:

@@ -112,6 +112,7 @@ def save(case, model, modules, *, note, extra=None):
     folder = OUT / case
     shutil.rmtree(folder, ignore_errors=True)
     model.save_pretrained(folder)
+    (folder / "README.md").unlink(missing_ok=True)  # PEFT's model-card template, not part of the adapter
     document = {"note": note, "peft_version": __import__("peft").__version__, "modules": modules}
     document.update(extra or {})
     (folder / "expected.json").write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
