@@ -1114,6 +1114,10 @@ def resolve_lora_fields(modules: Sequence[LoraModule], non_lora: Sequence[str], 
                "and needs the base weight; not audited" for key in non_lora if key.endswith("trainable_tokens_delta")]
     if config.refusals:
         return [], refused + [f"{module.name}: {'; '.join(config.refusals)}" for module in modules], notes
+    stray_bias = [module.name for module in modules if module.bias_key and config.present and not config.lora_bias]
+    if stray_bias:
+        notes.append(f"config: lora_bias is false but {len(stray_bias)} module(s) saved lora_B.bias (e.g. "
+                     f"{stray_bias[0]}); PEFT does not load it, so delta_bias_norm is a shift PEFT would not apply")
     if config.kasa:
         notes.append("config: kasa_config: when the adapter loads, PEFT also truncates each adapted base weight to "
                      "its top min(out, in) − r singular components; ΔW is the adapter's s·B·diag(d)·A on that "

@@ -237,6 +237,16 @@ def test_lora_bias_is_reported_beside_the_spectrum():
         assert layer.lora_bias_norm == pytest.approx(truth["bias_shift_norm"] / truth["scaling"], rel=REL)
 
 
+def test_lora_b_bias_without_lora_bias_in_the_config_is_reported():
+    folder, _ = load_case("field_lora_bias")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["lora_bias"] = False
+    result = audit_lora_state_dict(oracle_load(folder / "adapter_model.safetensors"), config)
+    assert len(result.layers) == 4
+    expected = "config: lora_bias is false but 4 module(s) saved lora_B.bias"
+    assert any(issue.startswith(expected) for issue in result.issues)
+
+
 def test_trainable_tokens_are_refused_by_name():
     result, _, layers = audited("field_trainable_tokens")
     assert result.n_modules_skipped == 1
