@@ -1873,7 +1873,8 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         issues.append(f"{name}: stored rank {rank} disagrees with config {source_of_r} = {scale.config_r}; "
                       f"the stored rank is used for the scale")
     if spectrum.sigma_max == 0.0:
-        issues.append(f"{name}: the update is zero (B·A = 0, e.g. a freshly initialised adapter)")
+        why = "rank 0: AdaLoRA masked every rank" if rank == 0 else "B·A = 0, e.g. a freshly initialised adapter"
+        issues.append(f"{name}: the update is zero ({why})")
     abs_scale = abs(scale.scale)
     if not all(math.isfinite(v) for v in (spectrum.frob_sq, abs_scale * spectrum.sigma_max,
                                           abs_scale * math.sqrt(spectrum.frob_sq))):
