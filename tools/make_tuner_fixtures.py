@@ -167,77 +167,55 @@ def randomise(peft_model, seed, names, scale=0.3):
                 parameter.copy_(torch.randn(parameter.shape, generator=gen) * scale)
 
 
-# ── LoHa ────────────────────────────────────────────────────────────────────
+# ── LoHa / LoKr ─────────────────────────────────────────────────────────────
 
-def make_loha():
-    config = LoHaConfig(r=4, alpha=6, target_modules=["conv1", "conv2", "conv3", "fc1", "head"],
-                        rank_pattern={"head": 2}, alpha_pattern={"conv2": 3}, use_effective_conv2d=True,
-                        init_weights=False)
-    model = TinyConvNet()
-    base = base_weights(model)
-    peft_model = get_peft_model(model, config)
-    randomise(peft_model, 1, ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"])
-    extra = {name: {"scaling": float(layer.scaling["default"]), "r": int(layer.r["default"])}
-             for name, layer in tuner_layers(peft_model).items()}
-    target = fresh("peft_loha_conv")
-    peft_model.save_pretrained(str(target))
-    write_expected(target, "PEFT LoHa: conv1 3x3 effective (hada_t1/t2), conv2 1x1 flattened, conv3 Conv1d, "
-                   "fc1/head Linear; alpha 6 != r 4; rank_pattern head=2, alpha_pattern conv2=3",
-                   record_truth(peft_model, base, extra))
-
-    config = LoHaConfig(r=4, alpha=2, target_modules=["conv1", "fc1"], use_effective_conv2d=False,
-                        init_weights=False)
-    model = TinyConvNet(seed=4)
-    base = base_weights(model)
-    peft_model = get_peft_model(model, config)
-    randomise(peft_model, 2, ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"])
-    extra = {name: {"scaling": float(layer.scaling["default"]), "r": int(layer.r["default"])}
-             for name, layer in tuner_layers(peft_model).items()}
-    target = fresh("peft_loha_flat_conv")
-    peft_model.save_pretrained(str(target))
-    write_expected(target, "PEFT LoHa, use_effective_conv2d false: the 3x3 conv's factors are flattened to "
-                   "(r, in*9)", record_truth(peft_model, base, extra))
-
-
-# ── LoKr ────────────────────────────────────────────────────────────────────
-
+LOHA_ROLES = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"]
 LOKR_ROLES = ["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"]
 
 
-def make_lokr():
-    # Both halves full: hidden 32 = 4·8, r = 8 ≥ max(8, 8)/2, decompose_both off.  PEFT scales by
-    # alpha/r all the same (LyCORIS would use 1).
-    model = tiny_llama(seed=5)
+def save_lycoris_case(case, model, config, roles, seed, note):
+    """Wrap, randomise every factor, save, and record the truth with PEFT's own r and scaling per layer."""
     base = base_weights(model)
-    config = LoKrConfig(r=8, alpha=4, target_modules=["q_proj", "v_proj", "o_proj"], init_weights=False,
-                        decompose_factor=2,
-                        alpha_pattern={"o_proj": 12})
     peft_model = get_peft_model(model, config)
-    randomise(peft_model, 3, LOKR_ROLES)
+    randomise(peft_model, seed, roles)
     extra = {name: {"scaling": float(layer.scaling["default"]), "r": int(layer.r["default"])}
              for name, layer in tuner_layers(peft_model).items()}
-    target = fresh("peft_lokr_full")
+    target = fresh(case)
     peft_model.save_pretrained(str(target))
-    write_expected(target, "PEFT LoKr, both Kronecker halves full (lokr_w1, lokr_w2); decompose_factor 2; alpha 4, r 8; "
-                   "alpha_pattern o_proj=12", record_truth(peft_model, base, extra))
+    write_expected(target, note, record_truth(peft_model, base, extra))
 
-    # decompose_both with a small rank: w1 = w1_a·w1_b, w2 = w2_a·w2_b; a conv with the Tucker
-    # core (use_effective_conv2d) and decompose_factor; a rank_pattern entry.
-    model = TinyConvNet(seed=6)
-    base = base_weights(model)
-    # conv3 (Conv1d) is left out: PEFT 0.21.2's own forward fails for a Conv1d with
-    # use_effective_conv2d (torch.kron "view size is not compatible"), so there is no truth to record.
-    config = LoKrConfig(r=1, alpha=3, target_modules=["conv1", "conv2", "fc1", "head"],
-                        decompose_both=True, use_effective_conv2d=True, init_weights=False,
-                        rank_pattern={"fc1": 2})
-    peft_model = get_peft_model(model, config)
-    randomise(peft_model, 4, LOKR_ROLES)
-    extra = {name: {"scaling": float(layer.scaling["default"]), "r": int(layer.r["default"])}
-             for name, layer in tuner_layers(peft_model).items()}
-    target = fresh("peft_lokr_decompose_both")
-    peft_model.save_pretrained(str(target))
-    write_expected(target, "PEFT LoKr, decompose_both, use_effective_conv2d (lokr_t2), "
-                   "r 1 (rank_pattern fc1=2), alpha 3", record_truth(peft_model, base, extra))
+
+def make_loha():
+    save_lycoris_case(
+        "peft_loha_conv", TinyConvNet(),
+        LoHaConfig(r=4, alpha=6, target_modules=["conv1", "conv2", "conv3", "fc1", "head"], rank_pattern={"head": 2},
+                   alpha_pattern={"conv2": 3}, use_effective_conv2d=True, init_weights=False),
+        LOHA_ROLES, 1, "PEFT LoHa: conv1 3x3 effective (hada_t1/t2), conv2 1x1 flattened, conv3 Conv1d, "
+        "fc1/head Linear; alpha 6 != r 4; rank_pattern head=2, alpha_pattern conv2=3")
+    save_lycoris_case(
+        "peft_loha_flat_conv", TinyConvNet(seed=4),
+        LoHaConfig(r=4, alpha=2, target_modules=["conv1", "fc1"], use_effective_conv2d=False, init_weights=False),
+        LOHA_ROLES, 2, "PEFT LoHa, use_effective_conv2d false: the 3x3 conv's factors are flattened to (r, in*9)")
+
+
+def make_lokr():
+    # Both halves full: hidden 32 = 2·16 (decompose_factor 2), r = 8 ≥ 16/2, decompose_both off.
+    # PEFT scales by alpha/r all the same (LyCORIS would use 1).
+    save_lycoris_case(
+        "peft_lokr_full", tiny_llama(seed=5),
+        LoKrConfig(r=8, alpha=4, target_modules=["q_proj", "v_proj", "o_proj"], init_weights=False,
+                   decompose_factor=2, alpha_pattern={"o_proj": 12}),
+        LOKR_ROLES, 3, "PEFT LoKr, both Kronecker halves full (lokr_w1, lokr_w2); decompose_factor 2; alpha 4, r 8; "
+        "alpha_pattern o_proj=12")
+    # decompose_both with a small rank: w1 = w1_a·w1_b, w2 = w2_a·w2_b; a conv with the Tucker core
+    # (use_effective_conv2d); a rank_pattern entry.  conv3 (Conv1d) is left out: PEFT 0.21.2's own
+    # forward fails for a Conv1d with use_effective_conv2d (torch.kron "view size is not compatible"),
+    # so there is no truth to record.
+    save_lycoris_case(
+        "peft_lokr_decompose_both", TinyConvNet(seed=6),
+        LoKrConfig(r=1, alpha=3, target_modules=["conv1", "conv2", "fc1", "head"], decompose_both=True,
+                   use_effective_conv2d=True, init_weights=False, rank_pattern={"fc1": 2}),
+        LOKR_ROLES, 4, "PEFT LoKr, decompose_both, use_effective_conv2d (lokr_t2), r 1 (rank_pattern fc1=2), alpha 3")
 
 
 # ── AdaLoRA ─────────────────────────────────────────────────────────────────
