@@ -1406,10 +1406,18 @@ class _TensorSource:
     def __init__(self, describe: Callable[[str], Tuple[str, Tuple[int, ...], Optional[str]]],
                  raw: Callable[[str], np.ndarray], release: Callable[[str], None] = lambda key: None):
         self.describe, self.raw, self.release = describe, raw, release
+        self._shared: Dict[str, np.ndarray] = {}
 
     def load(self, key: str) -> np.ndarray:
         """The whole tensor as a new float64 array."""
         return decode(self.raw(key), self.describe(key)[0])
+
+    def load_shared(self, key: str) -> np.ndarray:
+        """A tensor every module uses (VeRA's projections): decoded once and kept; never modify it."""
+        if key not in self._shared:
+            self._shared[key] = self.load(key)
+            self.release(key)
+        return self._shared[key]
 
     @classmethod
     def from_file(cls, sf: SafetensorsFile) -> "_TensorSource":
@@ -1555,9 +1563,13 @@ def _check_tensors(module: LoraModule, source: _TensorSource, keys: Sequence[str
     return None
 
 
-def _load_finite(module: LoraModule, source: _TensorSource, key: str) -> Tuple[Optional[np.ndarray], Optional[str]]:
-    values = source.load(key)
-    source.release(key)
+def _load_finite(module: LoraModule, source: _TensorSource, key: str, shared: bool = False
+                 ) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    if shared:
+        values = source.load_shared(key)
+    else:
+        values = source.load(key)
+        source.release(key)
     bad = int(values.size - np.count_nonzero(np.isfinite(values)))
     if bad:
         return None, f"{module.name}: {key.rsplit('.', 1)[-1] if '.' in key else key} contains {bad} NaN/Inf values; not audited"
@@ -1666,7 +1678,7 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
         return None, [problem]
     values: Dict[str, np.ndarray] = {}
     for role, key in factor_roles.items():
-        loaded, problem = _load_finite(module, source, key)
+        loaded, problem = _load_finite(module, source, key, shared=role in SHARED_ROLES)
         if problem:
             return None, [problem]
         values[role] = loaded
