@@ -1824,7 +1824,8 @@ def _vera(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
     a, b, lambda_b, lambda_d = (values[k] for k in ("vera_A", "vera_B", "vera_lambda_b", "vera_lambda_d"))
     if module.in_features is None:
         raise FactorsUnavailable(f"a VeRA adapter does not store in_features (vera_A has {a.shape[-1]} columns, the "
-                                 "widest targeted layer's); pass --base-model to read it from the base weight")
+                                 "widest targeted layer's); pass --base-model (or a --base-norms file) to read it "
+                                 "from the base weight's shape")
     out_features, rank = lambda_b.size, lambda_d.size
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
         raise ValueError(f"vera_A {list(a.shape)} / vera_B {list(b.shape)} do not have r = len(λ_d) = {rank}")
@@ -2150,7 +2151,7 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
     keys = list(sf.tensors)
     setup = configure(detect_format(keys, sf.metadata, raw_config), raw_config, load_issues, sf.metadata)
     if setup.config.peft_type == "VERA":
-        setup = _with_base_in_features(setup, keys, base_model)
+        setup = _with_base_in_features(setup, keys, base_model, (base_norms, base_norms_cache))
     issues = list(setup.issues)
     layers, non_lora, skipped = _audit(_TensorSource.from_file(sf), keys, setup, issues, include_top_singular_values)
     result = AuditResult(tuple(layers), tuple(issues), adapter_name=files.adapter_name,
@@ -2164,27 +2165,47 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
     return result
 
 
-def _with_base_in_features(setup: AuditSetup, keys: Sequence[str], base_model: Optional[str]) -> AuditSetup:
-    """VeRA stores no layer's input width: read it from the base weight's header
-    (``(out, in)``; ``(in, out)`` with fan_in_fan_out, GPT-2's Conv1D)."""
+def _base_shapes(base_model: Optional[str], norms_files: Sequence[Optional[str]]
+                 ) -> Tuple[Dict[str, Tuple[Tuple[int, ...], str]], Optional[str]]:
+    """Base parameter name → (shape, dtype): from the checkpoint's headers, else
+    from the records of a norms file or cache (which keep each weight's shape)."""
     import base_norms
 
+    try:
+        if base_model:
+            parameters = base_norms.list_parameters(base_norms.resolve_base(base_model))
+            return {name: (shape, dtype) for name, (_, shape, dtype) in parameters.items()}, None
+        shapes: Dict[str, Tuple[Tuple[int, ...], str]] = {}
+        for path in norms_files:
+            if path and Path(path).exists():
+                for name, record in base_norms.load_norms(path)["norms"].items():
+                    shape = record.get("shape")
+                    if isinstance(shape, list) and all(type(d) is int for d in shape):
+                        shapes[name] = (tuple(shape), str(record.get("dtype", "F32")))
+        return shapes, None
+    except AdapterFormatError as error:  # base_norms.NormsFileError included
+        return {}, str(error)
+
+
+def _with_base_in_features(setup: AuditSetup, keys: Sequence[str], base_model: Optional[str],
+                           norms_files: Sequence[Optional[str]]) -> AuditSetup:
+    """VeRA stores no layer's input width: read it from the base weight's shape
+    (``(out, in)``; ``(in, out)`` with fan_in_fan_out, GPT-2's Conv1D)."""
     if base_model == "auto":
         base_model = setup.config.base_model_name_or_path
-    if not base_model:
+    if not base_model and not any(norms_files):
         return setup
     issues = list(setup.issues)
-    try:
-        parameters = base_norms.list_parameters(base_norms.resolve_base(base_model))
-    except AdapterFormatError as error:
-        return setup._replace(issues=issues + [f"vera: in_features not read from the base: {error}"])
+    shapes, problem = _base_shapes(base_model, norms_files)
+    if problem:
+        return setup._replace(issues=issues + [f"vera: in_features not read from the base: {problem}"])
     names = [module.name for module in _group_peft_tuner_keys(keys, PEFT_VARIANTS["VERA"])[0]]
-    matches, match_issues = match_base_parameters(names, parameters)
+    matches, match_issues = match_base_parameters(names, shapes)
     issues.extend(issue.replace("udr:", "vera:", 1).replace("UDR not computed", "in_features unknown")
                   for issue in match_issues)
     in_features = {}
     for name, parameter in matches.items():
-        _, shape, dtype = parameters[parameter]
+        shape, dtype = shapes[parameter]
         if len(shape) == 2 and _is_float(dtype):  # a packed (quantized) weight's shape is not the layer's
             in_features[name] = shape[0] if setup.config.fan_in_fan_out else shape[1]
         else:

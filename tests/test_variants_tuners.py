@@ -128,6 +128,19 @@ def test_vera_without_a_base_refuses_each_module_naming_in_features():
     assert all("in_features" in issue and "--base-model" in issue for issue in result.issues)
 
 
+def test_vera_reads_in_features_from_a_norms_file_as_well(tmp_path):
+    import base_norms
+
+    base = VARIANTS / "peft_vera" / "base"
+    norms = tmp_path / "norms.json"
+    assert base_norms.main([str(base), "--out", str(norms), "--quiet"]) == 0
+    truth = expected("peft_vera")["modules"]
+    result = audit("peft_vera", base_norms=str(norms))
+    assert {layer.name for layer in result.layers} == set(truth)
+    for layer in result.layers:
+        assert_matches_truth(layer, truth[layer.name])
+
+
 def test_vera_counts_only_the_trained_vectors_as_params():
     layers = {layer.name: layer for layer in audit("peft_vera", base_model=str(VARIANTS / "peft_vera" / "base")).layers}
     assert layers["model.layers.0.self_attn.k_proj"].params == 16 + 4  # λ_b (out) + λ_d (r)
