@@ -517,7 +517,6 @@ class AdapterConfig:
     layer_replication: Any = None
     # AdaLoRA: module name → the boolean rank mask PEFT saved in rank_pattern (True = rank kept)
     rank_masks: Tuple[Tuple[str, Tuple[bool, ...]], ...] = ()
-    save_projection: bool = True  # VeRA: whether the shared vera_A / vera_B were saved
 
 
 def _compile_pattern_key(key: str) -> Tuple["re.Pattern[str]", Optional[str]]:
@@ -612,7 +611,6 @@ def parse_adapter_config(raw: Optional[Mapping[str, Any]]) -> Tuple[AdapterConfi
         lora_alpha=values.get("lora_alpha"),
         rank_pattern=() if masks else _parse_patterns(raw.get("rank_pattern"), "rank_pattern", _positive_int, issues),
         rank_masks=_parse_rank_masks(raw.get("rank_pattern"), issues) if masks else (),
-        save_projection=raw.get("save_projection") is not False,
         alpha_pattern=_parse_patterns(raw.get("alpha_pattern"), "alpha_pattern", _finite_number, issues),
         peft_type=peft_type if isinstance(peft_type, str) else None,
         base_model_name_or_path=raw.get("base_model_name_or_path") if isinstance(raw.get("base_model_name_or_path"), str) else None,
@@ -722,7 +720,15 @@ def absolute_scale(scale: Optional[float]) -> Callable[["LoraModule", int, Optio
 
 
 def lora_scale(config: AdapterConfig) -> ScaleRule:
+    """PEFT LoRA: :func:`module_scale` for every module."""
     return lambda module, rank, alpha: module_scale(config, module.name, rank)
+
+
+def _unloadable(stored: int, config_r: Optional[int]) -> Optional[str]:
+    # PEFT builds each layer from the config's r and then loads the weights: another stored rank fails to load.
+    if config_r is None or stored == config_r:
+        return None
+    return f"stored rank {stored} disagrees with the config's r = {config_r}; PEFT cannot load this module"
 
 
 def lycoris_peft_scale(config: AdapterConfig) -> ScaleRule:
@@ -733,8 +739,10 @@ def lycoris_peft_scale(config: AdapterConfig) -> ScaleRule:
     LoHaConfig / LoKrConfig have no rsLoRA option."""
     def rule(module: LoraModule, rank: int, alpha: Optional[float]) -> ModuleScale:
         looked_up = module_scale(config, module.name, rank)
-        if looked_up.alpha is None or not looked_up.config_r:
-            return looked_up
+        stores_rank = not (module.part("lokr_w1") and module.part("lokr_w2"))
+        problem = _unloadable(rank, looked_up.config_r) if stores_rank else None
+        if problem or looked_up.alpha is None or not looked_up.config_r:
+            return looked_up._replace(problem=problem)
         return looked_up._replace(scale=looked_up.alpha / looked_up.config_r, scale_rule="alpha/r")
     return rule
 
@@ -758,6 +766,10 @@ def adalora_scale(config: AdapterConfig) -> ScaleRule:
         if init_r is None or lora_alpha is None:
             return ModuleScale(init_r, lora_alpha, 1.0, "implicit 1", None, None)
         loaded_r, ranknum = init_r, init_r
+        if mask is None and rank != init_r:
+            return ModuleScale(init_r, lora_alpha, 1.0, "alpha/(ranknum+1e-5)", None, None,
+                               f"lora_A stores {rank} ranks, init_r is {init_r} and rank_pattern has no mask for it "
+                               "(PEFT cannot load this module)")
         if mask is not None:
             loaded_r = sum(mask)
             ranknum = init_r if loaded_r > 0 else 0  # update_layer(r=0) sets ranknum 0 and nothing restores it
@@ -775,7 +787,8 @@ def adalora_scale(config: AdapterConfig) -> ScaleRule:
 
 def vera_scale(config: AdapterConfig) -> ScaleRule:
     """PEFT VeRA has no scalar scale: λ_b and λ_d carry it (tuners/vera/layer.py)."""
-    return lambda module, rank, alpha: ModuleScale(config.r, None, 1.0, "1 (vera: λ_b, λ_d)", None, None)
+    return lambda module, rank, alpha: ModuleScale(config.r, None, 1.0, "1 (vera: λ_b, λ_d)", None, None,
+                                                   _unloadable(rank, config.r))
 
 
 class PeftVariant(NamedTuple):
@@ -1194,8 +1207,8 @@ def configure(adapter_format: str, raw_config: Any, load_issues: List[str],
     issues.extend(config_issues)
     if not config.present:
         issues.append("config: no usable adapter config; r taken from the weights, scale = 1.0 for every module")
-    return AuditSetup(adapter_format, config, PEFT_VARIANTS.get(config.peft_type or "LORA", PEFT_VARIANTS["LORA"]).scale(config),
-                      issues, format_metadata)
+    variant = PEFT_VARIANTS.get(config.peft_type or "LORA", PEFT_VARIANTS["LORA"])
+    return AuditSetup(adapter_format, config, variant.scale(config), issues, format_metadata)
 
 
 # ══ 5. low-rank spectra ══════════════════════════════════════════════════════

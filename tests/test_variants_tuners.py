@@ -244,3 +244,18 @@ def test_kohya_boolean_alpha_is_refused(tmp_path):
     result = gl.audit_lora_peft_dir(path)
     assert not result.layers
     assert any("non-numeric dtype BOOL" in issue for issue in result.issues)
+
+
+@pytest.mark.parametrize("case,field,value", [("peft_loha_flat_conv", "r", 3), ("peft_adalora", "init_r", 7),
+                                              ("peft_lokr_decompose_both", "r", 2)])
+def test_stored_rank_the_config_disagrees_with_is_refused(tmp_path, case, field, value):
+    # PEFT builds every layer from the config and then loads the weights: such a module cannot load.
+    target = tmp_path / case
+    target.mkdir()
+    (target / "adapter_model.safetensors").write_bytes((VARIANTS / case / "adapter_model.safetensors").read_bytes())
+    config = json.loads((VARIANTS / case / "adapter_config.json").read_text())
+    config[field] = value
+    (target / "adapter_config.json").write_text(json.dumps(config))
+    result = gl.audit_lora_peft_dir(target)
+    assert result.n_modules_skipped >= 1
+    assert any("PEFT cannot load this module" in issue for issue in result.issues)
