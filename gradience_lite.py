@@ -9,10 +9,11 @@ The module reads top to bottom in the order data flows:
 
     1. safetensors bytes  → tensor records and decoded float arrays
     2. adapter files      → which weights / config / named adapter to read
-    3. config             → r, alpha, rsLoRA, rank/alpha patterns; kohya and MLX scale rules
+    3. config             → r, alpha, rsLoRA, rank/alpha patterns; kohya and MLX scale rules;
+                            PEFT's tuners (LoHa, LoKr, AdaLoRA, VeRA) and the PEFT types refused
     4. keys               → module records for PEFT, diffusers, kohya, LyCORIS, MLX-LM
     5. low-rank spectra   → singular values of B·A from r×r problems
-    6. audit              → per-module records (LoRA, LoHa, LoKr), summaries, UDR
+    6. audit              → per-module records (LoRA, LoHa, LoKr, AdaLoRA, VeRA), summaries, UDR
     7. reports            → JSON contract, text report, HTML report
     8. compare            → two adapters side by side; drift over checkpoints
     9. CLI                → ``python -m gradience_lite audit|compare …``
