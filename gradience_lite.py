@@ -2505,6 +2505,11 @@ def _suggested_rank(layer: ModuleAudit) -> Tuple[Optional[float], str]:
     return float(suggested), str(suggested)
 
 
+def _name_html(name: str) -> str:
+    """A module path that wraps only after its separators, never inside a word."""
+    return re.sub(r"([._])", r"\1<wbr>", html.escape(name))
+
+
 def _cell(value: Optional[float], text: Optional[str] = None) -> str:
     shown = _fmt(value) if text is None else text
     sort_value = "" if value is None or not math.isfinite(value) else repr(float(value))
@@ -2518,7 +2523,7 @@ def _module_table(layers: Sequence[ModuleAudit]) -> str:
     body = []
     for layer in layers:
         suggested, suggested_text = _suggested_rank(layer)
-        body.append("<tr>" + f'<td class="name" data-v="{html.escape(layer.name)}">{html.escape(layer.name)}</td>'
+        body.append("<tr>" + f'<td class="name" data-v="{html.escape(layer.name)}">{_name_html(layer.name)}</td>'
                     f'<td data-v="{layer.module_type}">{layer.module_type}</td>'
                     + _cell(layer.r) + _cell(layer.utilization) + _cell(layer.stable_rank) + _cell(layer.energy_rank_90)
                     + _cell(suggested, suggested_text) + _cell(layer.delta_sigma_max) + _cell(layer.udr) + "</tr>")
@@ -2566,14 +2571,15 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:16
 max-width:1100px}
 h1{font-size:20px;margin:0 0 4px;overflow-wrap:anywhere}h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 h3{font-size:14px;margin:16px 0 6px}
-table{border-collapse:collapse;font-size:13px}td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:right}
+table{border-collapse:collapse;font-size:13px}td,th{padding:3px 6px;border-bottom:1px solid #eee;text-align:right}
 td:first-child,th:first-child{text-align:left}.muted{color:#666}.note{background:#fff4d6;padding:8px 12px;border-radius:4px}
 dl.meta{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:8px 0;font-size:13px}
 dl.meta dt{color:#666}dl.meta dd{margin:0;overflow-wrap:anywhere}code{font-size:12px}
 .figures{display:flex;flex-wrap:wrap;gap:8px}.figure{border:1px solid #ddd;border-radius:4px;padding:6px 10px;min-width:120px}
 .figure b{display:block;font-size:18px}.figure span{color:#666;font-size:12px}
-.scroll{overflow-x:auto;max-width:100%}td.name{text-align:left;overflow-wrap:anywhere;font-family:monospace;font-size:12px}
-table.modules{width:100%}table.modules th button{font:inherit;font-weight:bold;border:0;background:none;cursor:pointer;padding:0}
+.scroll{overflow-x:auto;max-width:100%}td.name{text-align:left;font-family:monospace;font-size:12px}
+td{white-space:nowrap;width:1%}td.name{white-space:normal;width:auto;min-width:12em}table.modules th{vertical-align:bottom}table.modules th button{font:inherit;font-weight:bold;border:0;background:none;
+cursor:pointer;padding:0;white-space:normal;text-align:inherit}
 th[aria-sort=ascending] button::after{content:" ▲"}th[aria-sort=descending] button::after{content:" ▼"}
 .issues li{font-family:monospace;font-size:12px;overflow-wrap:anywhere}pre{white-space:pre-wrap}details summary{cursor:pointer}
 svg{display:block;max-width:100%;height:auto}svg.wide{max-width:none}
@@ -2589,7 +2595,7 @@ def _figure(value: str, label: str, hover: str = "") -> str:
 
 def _small_table(layers: Sequence[ModuleAudit], columns: Sequence[Tuple[str, Callable[[ModuleAudit], Any]]]) -> str:
     head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
-    rows = "".join("<tr>" + "".join(f'<td class="name">{html.escape(_fmt(get(layer)))}</td>' if index == 0 else
+    rows = "".join("<tr>" + "".join(f'<td class="name">{_name_html(_fmt(get(layer)))}</td>' if index == 0 else
                                     f"<td>{html.escape(_fmt(get(layer)))}</td>" for index, (_, get) in enumerate(columns))
                    + "</tr>" for layer in layers)
     return f'<div class="scroll"><table><tr>{head}</tr>{rows}</table></div>'
