@@ -2489,20 +2489,20 @@ MODULE_TABLE_COLUMNS = (
 )
 
 
-def _suggested_rank(layer: ModuleAudit) -> Tuple[Optional[float], str]:
-    """(sort value, text) of a module's suggested r: the rank advice when the audit
-    carries one (``rank_suggestions``), else k@90 rounded up to a power of two."""
+def _suggested_rank(layer: ModuleAudit) -> Tuple[Optional[float], str, str]:
+    """(sort value, text, hover) of a module's suggested r: the first policy of the
+    rank advice when the audit carries one (``rank_suggestions``: policy → k, all
+    of them on hover), else k@90 rounded up to a power of two."""
     advice = getattr(layer, "rank_suggestions", None)
-    if isinstance(advice, Mapping) and advice:
-        numbers = [v for v in advice.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        text = ", ".join(f"{key} {_fmt(v)}" for key, v in advice.items() if isinstance(v, (int, float, str)))
-        return (float(numbers[0]) if numbers else None), text or _fmt(None)
-    if isinstance(advice, (int, float)) and not isinstance(advice, bool):
-        return float(advice), _fmt(advice)
     if layer.sigma_max == 0:
-        return None, "zero update"
+        return None, "zero update", "B·A = 0"
+    if isinstance(advice, Mapping) and advice:
+        ranks = [(str(policy), v) for policy, v in advice.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if ranks:
+            return float(ranks[0][1]), _fmt(ranks[0][1]), ", ".join(f"{policy}: {_fmt(v)}" for policy, v in ranks)
     suggested = suggest_rank(layer.energy_rank_90)
-    return float(suggested), str(suggested)
+    return float(suggested), str(suggested), "k@90 rounded up to a power of two"
 
 
 def _name_html(name: str) -> str:
@@ -2510,10 +2510,11 @@ def _name_html(name: str) -> str:
     return re.sub(r"([._])", r"\1<wbr>", html.escape(name))
 
 
-def _cell(value: Optional[float], text: Optional[str] = None) -> str:
+def _cell(value: Optional[float], text: Optional[str] = None, hover: str = "") -> str:
     shown = _fmt(value) if text is None else text
     sort_value = "" if value is None or not math.isfinite(value) else repr(float(value))
-    return f'<td data-v="{sort_value}">{html.escape(shown)}</td>'
+    title = f' title="{html.escape(hover)}"' if hover else ""
+    return f'<td data-v="{sort_value}"{title}>{html.escape(shown)}</td>'
 
 
 def _module_table(layers: Sequence[ModuleAudit]) -> str:
@@ -2522,11 +2523,11 @@ def _module_table(layers: Sequence[ModuleAudit]) -> str:
                    for header, hover, numeric in MODULE_TABLE_COLUMNS)
     body = []
     for layer in layers:
-        suggested, suggested_text = _suggested_rank(layer)
+        suggested, suggested_text, suggested_hover = _suggested_rank(layer)
         body.append("<tr>" + f'<td class="name" data-v="{html.escape(layer.name)}">{_name_html(layer.name)}</td>'
                     f'<td data-v="{layer.module_type}">{layer.module_type}</td>'
                     + _cell(layer.r) + _cell(layer.utilization) + _cell(layer.stable_rank) + _cell(layer.energy_rank_90)
-                    + _cell(suggested, suggested_text) + _cell(layer.delta_sigma_max) + _cell(layer.udr) + "</tr>")
+                    + _cell(suggested, suggested_text, suggested_hover) + _cell(layer.delta_sigma_max) + _cell(layer.udr) + "</tr>")
     return (f'<div class="scroll"><table class="sortable modules"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>')
 
@@ -2602,8 +2603,18 @@ def _small_table(layers: Sequence[ModuleAudit], columns: Sequence[Tuple[str, Cal
 
 
 def _generic_table(mapping: Mapping[str, Any]) -> str:
-    """Rows key → value for a record whose shape this report does not fix (rank advice)."""
-    rows = "".join(f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(_fmt(value) if not isinstance(value, (dict, list)) else json.dumps(json_safe(value)))}</td></tr>"
+    """A record whose shape this report does not fix (the rank advice): one row per
+    key; when every value is itself a record, one column per field."""
+    def shown(value):
+        return _fmt(value) if not isinstance(value, (dict, list)) else json.dumps(json_safe(value))
+    if all(isinstance(value, Mapping) for value in mapping.values()):
+        fields = list(dict.fromkeys(field for value in mapping.values() for field in value))
+        head = "<tr><th></th>" + "".join(f"<th>{html.escape(str(f))}</th>" for f in fields) + "</tr>"
+        rows = "".join(f"<tr><td>{html.escape(str(key))}</td>"
+                       + "".join(f"<td>{html.escape(shown(value.get(f)))}</td>" for f in fields) + "</tr>"
+                       for key, value in mapping.items())
+        return f'<div class="scroll"><table>{head}{rows}</table></div>'
+    rows = "".join(f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(shown(value))}</td></tr>"
                    for key, value in mapping.items())
     return f'<div class="scroll"><table>{rows}</table></div>'
 
@@ -2672,7 +2683,8 @@ def render_html_report(result: AuditResult, *, command: Optional[str] = None, ge
                                                   ("suggested r", lambda l: _suggested_rank(l)[1])]))
     advice = summary.get("policy_global_suggestions")
     if isinstance(advice, Mapping) and advice:
-        sections.append("<h2>Rank advice</h2>" + _generic_table(advice))
+        sections.append("<h2>Rank advice</h2><p class=\"muted\">per policy, over modules (the module table's "
+                        "suggested r is the first policy; hover it for all).</p>" + _generic_table(advice))
     if with_udr:
         dominant = sorted(with_udr, key=lambda layer: layer.udr, reverse=True)[:8]
         sections.append("<h2>Updates that dominate their base</h2><p class=\"muted\">highest UDR = ‖ΔW‖₂ / ‖W_base‖₂ "

@@ -213,7 +213,6 @@ def test_report_reads_correctly_in_a_browser_at_700_px(case, tmp_path):
     screenshot(browser, report, ARTIFACTS / f"{case}-700.png", 700, tmp_path / "profile")
     if case in ("peft_patterns_udr", "synthetic_560_modules"):
         screenshot(browser, report, ARTIFACTS / f"{case}-1280.png", 1280, tmp_path / "profile")
-    print(f"screenshots of {case}: {ARTIFACTS}")
 
 
 # ── the page without a browser ──────────────────────────────────────────────
@@ -283,12 +282,18 @@ def test_a_zero_adapter_is_headlined_as_zero(tmp_path):
     assert "The update is zero" in text and "suggested r (p50" not in text
 
 
-def test_rank_advice_is_shown_when_the_audit_carries_it(tmp_path):
+def test_rank_advice_is_shown_when_the_audit_carries_it(tmp_path, monkeypatch):
+    # The shapes the rank advice takes: per module policy → k, per policy a summary record.
     result = synthetic_result(2, tmp_path, udr=False)
     layers = list(result.layers)
-    object.__setattr__(layers[0], "rank_suggestions", {"energy_90": 4})  # the shape rank advice may take
-    text = gl.render_html_report(replace(result, layers=tuple(layers)))
-    assert "energy_90 4" in text
+    object.__setattr__(layers[0], "rank_suggestions", {"energy@0.90": 3, "knee": 1})
+    result = replace(result, layers=tuple(layers))
+    summary = result.to_summary_dict()
+    summary["policy_global_suggestions"] = {"energy@0.90": {"median": 3.0, "p90": 4.0, "params_saved": 512}}
+    monkeypatch.setattr(gl.AuditResult, "to_summary_dict", lambda self, *args, **kwargs: summary)
+    text = gl.render_html_report(result)
+    assert 'title="energy@0.90: 3, knee: 1">3</td>' in text
+    assert "<h2>Rank advice</h2>" in text and "<th>params_saved</th>" in text and "<td>512</td>" in text
 
 
 def test_value_scale_ticks_are_round_and_inside_the_range():
