@@ -2506,8 +2506,8 @@ def _suggested_rank(layer: ModuleAudit) -> Tuple[Optional[float], str, str]:
 
 
 def _name_html(name: str) -> str:
-    """A module path that wraps only after its separators, never inside a word."""
-    return re.sub(r"([._])", r"\1<wbr>", html.escape(name))
+    """A module path that wraps only after its separators ('.', or '_' in kohya's flattened names)."""
+    return re.sub(r"(\.)" if "." in name else r"(_)", r"\1<wbr>", html.escape(name))
 
 
 def _cell(value: Optional[float], text: Optional[str] = None, hover: str = "") -> str:
@@ -2579,7 +2579,8 @@ dl.meta dt{color:#666}dl.meta dd{margin:0;overflow-wrap:anywhere}code{font-size:
 .figures{display:flex;flex-wrap:wrap;gap:8px}.figure{border:1px solid #ddd;border-radius:4px;padding:6px 10px;min-width:120px}
 .figure b{display:block;font-size:18px}.figure span{color:#666;font-size:12px}
 .scroll{overflow-x:auto;max-width:100%}td.name{text-align:left;font-family:monospace;font-size:12px}
-td{white-space:nowrap;width:1%}td.name{white-space:normal;width:auto;min-width:12em}table.modules th{vertical-align:bottom}table.modules th button{font:inherit;font-weight:bold;border:0;background:none;
+td{white-space:nowrap}td.name{white-space:normal;min-width:12em}table.modules{width:100%}
+table.modules td{width:1%}table.modules td.name{width:auto}table.modules th{vertical-align:bottom}table.modules th button{font:inherit;font-weight:bold;border:0;background:none;
 cursor:pointer;padding:0;white-space:normal;text-align:inherit}
 th[aria-sort=ascending] button::after{content:" ▲"}th[aria-sort=descending] button::after{content:" ▼"}
 .issues li{font-family:monospace;font-size:12px;overflow-wrap:anywhere}pre{white-space:pre-wrap}details summary{cursor:pointer}
