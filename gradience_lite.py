@@ -2352,7 +2352,7 @@ def _svg_heatmap(layers: Sequence[ModuleAudit], value: Callable[[ModuleAudit], O
              f'aria-label="{html.escape(caption)}" width="{width:.0f}" height="{height:.0f}" '
              f'viewBox="0 0 {width:.0f} {height:.0f}" xmlns="http://www.w3.org/2000/svg">']
     if row_prefix:
-        parts.append(_text(10, 14, f"rows: {row_prefix}N", "axis-title"))
+        parts.append(_text(10, 14, f"rows: {row_prefix}{'N' if numbered else '…'}", "axis-title"))
     for j, column in enumerate(columns):
         x = left + j * cell_w + cell_w / 2 + 3.5
         parts.append(f'<text class="col" x="{x:.1f}" y="{top - 6:.1f}" transform="rotate(-90 {x:.1f} {top - 6:.1f})">'
