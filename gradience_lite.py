@@ -3115,6 +3115,22 @@ def check_base_paths(args: argparse.Namespace) -> None:
             raise UsageError(f"--base-norms-cache {cache}: its directory does not exist")
 
 
+def resolve_auto_base(args: argparse.Namespace, path: str) -> None:
+    """``--base-model auto`` for one adapter: the config's ``base_model_name_or_path``,
+    so check_base_paths can refuse it up front like a typed path."""
+    if args.base_model != "auto" or args.no_udr:
+        return
+    files = find_adapter_files(path, adapter=args.adapter, weights=args.weights, config=args.adapter_config)
+    if files.config_path is None:
+        return  # no adapter_config.json (kohya, diffusers metadata …): the audit reports what it finds
+    raw, _ = load_adapter_config(files.config_path)
+    base = raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
+    if not isinstance(base, str) or not base:
+        raise UsageError(f"--base-model auto: {files.config_path or 'the adapter'} names no base_model_name_or_path; "
+                         "pass --base-model PATH_OR_ID")
+    args.base_model = base
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Epilogs keep their layout; an option's default is shown when it has one."""
 
@@ -3269,6 +3285,8 @@ def _run_audit(args: argparse.Namespace) -> int:
     for name in ("top_wasteful", "top_singular_values", "jobs"):
         if getattr(args, name) < (1 if name == "jobs" else 0):
             raise UsageError(f"--{name.replace('_', '-')} must be >= {1 if name == 'jobs' else 0}")
+    if len(paths) <= 1 and not args.jsonl:
+        resolve_auto_base(args, paths[0] if paths else args.weights)
     check_base_paths(args)
     if len(paths) > 1 or args.jsonl:
         if args.fail_on:  # refused rather than dropped; fail_on_reasons() reads a batch line just as well

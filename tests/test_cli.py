@@ -69,6 +69,23 @@ def test_an_uncached_hub_id_says_it_was_looked_up_offline_and_where(tmp_path):
     assert "offline" in proc.stderr and str(hub / "models--nobody--no-model") in proc.stderr
 
 
+def test_base_model_auto_is_checked_like_a_typed_path(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes((CLEAN / "adapter_model.safetensors").read_bytes())
+    config = json.loads((CLEAN / "adapter_config.json").read_text())
+    for base, code in ((str(BASES / "llama_fp32"), 0), ("/no/such/base/from/config", 2), (None, 2)):
+        config["base_model_name_or_path"] = base
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        proc = run_cli("audit", adapter, "--base-model", "auto", "--json")
+        assert proc.returncode == code, proc.stderr
+        if code == 0:
+            assert json.loads(proc.stdout)["n_layers_with_udr"] == 4
+        else:
+            assert len(proc.stderr.strip().splitlines()) == 1
+            assert ("/no/such/base/from/config" if base else "names no base_model_name_or_path") in proc.stderr
+
+
 def test_a_cache_in_a_missing_directory_is_a_usage_error():
     proc = run_cli("audit", CLEAN, "--base-model", BASES / "llama_fp32", "--base-norms-cache", "/no/such/dir/c.json")
     assert proc.returncode == 2 and "its directory does not exist" in proc.stderr
