@@ -2271,17 +2271,19 @@ def _human_key(text: str) -> List[Any]:
 
 def _heatmap_coordinates(name: str) -> Tuple[str, str]:
     """(row, column) of a module in the layer × module grid: the name through its
-    layer index (``layers.N``), or else through its last numbered path component
-    that has more path after it (``transformer_blocks.0`` in a UNet, ``layers_3``
-    in kohya's flattened names); the column is the rest."""
+    layer index (``layers.N``), or else through its last numbered block — a number
+    after a plural container (``transformer_blocks.0`` in a UNet or Flux,
+    ``layers_3`` in kohya's flattened names), not a Sequential index such as
+    ``ff.net.0.proj`` — with more path after it; the column is the rest."""
     match = _LAYER_INDEX.search(name)
     if match and match.end(1) < len(name):
         return name[:match.end(1)], name[match.end(1) + 1:]
     separator = "." if "." in name else "_"
     parts = name.split(separator)
-    for index in range(len(parts) - 2, -1, -1):
-        if parts[index].isdigit():
-            return separator.join(parts[:index + 1]), separator.join(parts[index + 1:])
+    numbered = [i for i in range(1, len(parts) - 1) if parts[i].isdigit()]
+    blocks = [i for i in numbered if parts[i - 1].endswith("s")] or numbered
+    if blocks:
+        return separator.join(parts[:blocks[-1] + 1]), separator.join(parts[blocks[-1] + 1:])
     return NO_LAYER, name
 
 

@@ -25,27 +25,50 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 # ── reports to look at ──────────────────────────────────────────────────────
 
-def synthetic_result(n_layers: int, tmp_path: Path, udr: bool = True) -> gl.AuditResult:
-    """A Llama-shaped all-linear adapter (7 modules per layer, tiny 24×24 weights,
-    r = 8) whose spectra sharpen with depth, audited for real; with ``udr``, base
-    norms chosen so UDR spans 0.02 … 5 (all three reading bands)."""
-    rng = np.random.default_rng(n_layers)
-    tensors, norms = {}, {}
+def llama_names(n_layers: int):
+    """(module name, depth in [0, 1]) of a Llama-shaped all-linear adapter: 7 modules per layer."""
     for layer in range(n_layers):
         for index, projection in enumerate(PROJECTIONS):
             block = "self_attn" if index < 4 else "mlp"
-            name = f"model.layers.{layer}.{block}.{projection}"
-            decay = (0.3 + 0.65 * layer / max(n_layers - 1, 1)) ** np.arange(8)
-            q_b, _ = np.linalg.qr(rng.normal(size=(24, 8)))
-            q_a, _ = np.linalg.qr(rng.normal(size=(24, 8)))
-            tensors[f"base_model.model.{name}.lora_A.weight"] = q_a.T
-            tensors[f"base_model.model.{name}.lora_B.weight"] = q_b * decay * (1 + index)
-            target_udr = 10 ** rng.uniform(np.log10(0.02), np.log10(5))
-            norms[name + ".weight"] = {"sigma_max": 2.0 * (1 + index) / target_udr, "fro_norm": 10.0}
+            yield f"model.layers.{layer}.{block}.{projection}", layer / max(n_layers - 1, 1)
+
+
+FLUX_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+               "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+               "ff_context.net.2", "norm1.linear", "norm1_context.linear")
+FLUX_SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "norm.linear")
+
+
+def flux_names():
+    """The module paths of diffusers' FluxTransformer2DModel: 19 double-stream and 38 single-stream blocks."""
+    for block in range(19):
+        for module in FLUX_DOUBLE:
+            yield f"transformer_blocks.{block}.{module}", block / 56
+    for block in range(38):
+        for module in FLUX_SINGLE:
+            yield f"single_transformer_blocks.{block}.{module}", (19 + block) / 56
+
+
+def synthetic_result(names, tmp_path: Path, udr: bool = True) -> gl.AuditResult:
+    """An adapter over these modules (tiny 24×24 weights, r = 8) whose spectra sharpen
+    with depth, audited for real; with ``udr``, base norms chosen so UDR spans
+    0.02 … 5 (all three reading bands)."""
+    names = list(names)
+    rng = np.random.default_rng(len(names))
+    tensors, norms = {}, {}
+    for index, (name, depth) in enumerate(names):
+        decay = (0.3 + 0.65 * depth) ** np.arange(8)
+        strength = 1 + index % 7
+        q_b, _ = np.linalg.qr(rng.normal(size=(24, 8)))
+        q_a, _ = np.linalg.qr(rng.normal(size=(24, 8)))
+        tensors[f"base_model.model.{name}.lora_A.weight"] = q_a.T
+        tensors[f"base_model.model.{name}.lora_B.weight"] = q_b * decay * strength
+        target_udr = 10 ** rng.uniform(np.log10(0.02), np.log10(5))
+        norms[name + ".weight"] = {"sigma_max": 2.0 * strength / target_udr, "fro_norm": 10.0}
     result = gl.audit_lora_state_dict(tensors, {"r": 8, "lora_alpha": 16}, include_top_singular_values=8)
-    result = replace(result, weights_path=f"synthetic-{n_layers * 7}-modules/adapter_model.safetensors")
+    result = replace(result, weights_path=f"synthetic-{len(names)}-modules/adapter_model.safetensors")
     if udr:
-        path = tmp_path / f"norms{n_layers}.json"
+        path = tmp_path / f"norms{len(names)}.json"
         path.write_text(json.dumps({"format": "gradience_lite.base_norms/1", "norms": norms}))
         result = gl.attach_udr(result, base_norms=str(path))
     return result
@@ -68,13 +91,14 @@ def report_case(case: str, tmp_path: Path):
         return cli_report(tmp_path, PEFT_FIXTURES / "llama_bf16_all_linear")
     if case in ("kohya_sdxl", "diffusers_unet"):
         return cli_report(tmp_path, FIXTURES / "formats" / case)
-    n_layers = {"synthetic_224_modules": 32, "synthetic_560_modules": 80}[case]
-    result = synthetic_result(n_layers, tmp_path)
+    names = {"synthetic_224_modules": lambda: llama_names(32), "synthetic_560_modules": lambda: llama_names(80),
+             "synthetic_flux": flux_names}[case]()
+    result = synthetic_result(names, tmp_path)
     return gl.render_html_report(result, command="(test) synthetic"), [layer.to_dict() for layer in result.layers]
 
 
 CASES = ["peft_patterns_udr", "peft_14_modules", "kohya_sdxl", "diffusers_unet", "synthetic_224_modules",
-         "synthetic_560_modules"]
+         "synthetic_560_modules", "synthetic_flux"]
 
 
 # ── the browser ─────────────────────────────────────────────────────────────
@@ -258,6 +282,11 @@ def test_unet_rows_are_told_apart():
     assert gl._heatmap_coordinates("unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0") == \
         ("unet.up_blocks.1.attentions.0.transformer_blocks.0", "attn1.to_out.0")
     assert gl._heatmap_coordinates("lora_unet_down_blocks_0_resnets_1_conv1") == ("lora_unet_down_blocks_0_resnets_1", "conv1")
+    # Flux: a Sequential index (ff.net.0) is part of the module, not the block
+    assert gl._heatmap_coordinates("transformer_blocks.3.ff_context.net.0.proj") == \
+        ("transformer_blocks.3", "ff_context.net.0.proj")
+    assert gl._heatmap_coordinates("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2") == \
+        ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0", "ff_net_2")
 
 
 def test_abbreviated_labels_stay_distinct_even_when_only_the_middle_differs():
@@ -284,7 +313,7 @@ def test_a_zero_adapter_is_headlined_as_zero(tmp_path):
 
 def test_rank_advice_is_shown_when_the_audit_carries_it(tmp_path, monkeypatch):
     # The shapes the rank advice takes: per module policy → k, per policy a summary record.
-    result = synthetic_result(2, tmp_path, udr=False)
+    result = synthetic_result(llama_names(2), tmp_path, udr=False)
     layers = list(result.layers)
     object.__setattr__(layers[0], "rank_suggestions", {"energy@0.90": 3, "knee": 1})
     result = replace(result, layers=tuple(layers))
