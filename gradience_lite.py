@@ -2076,8 +2076,10 @@ def _headline(result: AuditResult, summary: Mapping[str, Any]) -> str:
     return line + (f"   ({zero} of {len(result.layers)} modules have a zero update)" if zero else "")
 
 
-def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wasteful: int = 5) -> str:
-    """A human-readable report: summary, by-type table, suggestions, issues, cheat sheet."""
+def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wasteful: int = 5,
+                       singular_values: Optional[int] = None) -> str:
+    """A human-readable report: summary, by-type table, suggestions, issues, cheat sheet;
+    the first ``singular_values`` σ of each module (None: as many as the audit kept)."""
     summary = result.to_summary_dict()
     lines = [f"LoRA audit: {result.weights_path or '(in-memory state dict)'} [format {result.adapter_format}, "
              f"adapter {result.adapter_name!r}]"]
@@ -2119,13 +2121,13 @@ def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wa
             (layer.name, layer.module_type, str(layer.r), _fmt(layer.scale), _fmt(layer.delta_sigma_max),
              _fmt(layer.stable_rank), _fmt(layer.utilization), str(layer.energy_rank_90), _fmt(layer.udr))
             for layer in result.layers], "<<>>>>>>>")
-    with_values = [layer for layer in result.layers if layer.top_singular_values]
+    with_values = [(layer.name, layer.top_singular_values[:singular_values]) for layer in result.layers
+                   if layer.top_singular_values and singular_values != 0]
     if with_values:
-        count = max(len(layer.top_singular_values) for layer in with_values)
+        count = max(len(values) for _, values in with_values)
         lines += ["", f"  top {count} singular values of B·A (unscaled; ‖ΔW‖₂ = |scale|·σ₁):"]
-        lines += _aligned([(layer.name, *(_fmt(value) for value in layer.top_singular_values),
-                            *[""] * (count - len(layer.top_singular_values))) for layer in with_values],
-                          "<" + ">" * count, indent="    ")
+        lines += _aligned([(name, *(_fmt(value) for value in values), *[""] * (count - len(values)))
+                           for name, values in with_values], "<" + ">" * count, indent="    ")
     if result.non_lora_tensors:
         lines += ["", f"  non-LoRA tensors saved with the adapter ({len(result.non_lora_tensors)}): "
                       + ", ".join(module_name_from_prefix(k) for k in result.non_lora_tensors[:8])
@@ -3304,7 +3306,8 @@ def _run_audit(args: argparse.Namespace) -> int:
         document = result.to_summary_dict(include_layers=args.layers)
         print(json.dumps(document, indent=2, allow_nan=False))
     else:
-        print(render_text_report(result, show_layers=args.layers, top_wasteful=args.top_wasteful))
+        print(render_text_report(result, show_layers=args.layers, top_wasteful=args.top_wasteful,
+                                 singular_values=args.top_singular_values))
     if args.html:
         Path(args.html).write_text(render_html_report(result, command=getattr(args, "command_line", None)),
                                    encoding="utf-8")

@@ -168,6 +168,14 @@ def test_top_singular_values_are_shown_in_the_text_report():
     assert [float(v) for v in row.split()[1:]] == pytest.approx(sigma, rel=5e-3)  # printed to 3 digits
 
 
+def test_singular_values_are_not_printed_unless_asked(tmp_path):
+    # --html audits 64 singular values for its charts; the text report still shows only what was asked for.
+    proc = run_cli("audit", CLEAN, "--html", tmp_path / "r.html")
+    assert proc.returncode == 0 and "singular values of B·A" not in proc.stdout
+    proc = run_cli("audit", CLEAN, "--html", tmp_path / "r.html", "--top-singular-values", "2")
+    assert "top 2 singular values of B·A" in proc.stdout
+
+
 def test_udr_cheat_sheet_only_with_udr():
     without = run_cli("audit", CLEAN).stdout
     assert "UDR > 3" not in without and "UDR not computed: add --base-model" in without
