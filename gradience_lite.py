@@ -2424,7 +2424,7 @@ def _svg_lines(series: Sequence[Tuple[str, Sequence[Tuple[float, float]]]], x_la
     xs, ys = [x for x, _ in points], [y for _, y in points]
     x_scale = ValueScale(min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1)
     y_ticks = _nice_ticks(0.0, max(max(ys), 1e-12) * 1.05)
-    frame = _Frame(58, 10, CHART_WIDTH - 58 - 16, 190, x_scale, ValueScale(0.0, max(y_ticks[-1], max(ys))))
+    frame = _Frame(58, 10, CHART_WIDTH - 58 - 28, 190, x_scale, ValueScale(0.0, max(y_ticks[-1], max(ys))))
     x_ticks = [t for t in _nice_ticks(x_scale.low, x_scale.high, 8) if t == int(t)] or [x_scale.low]
     columns, column_width = 2, (CHART_WIDTH - 32) / 2
     legend_top = frame.top + frame.height + 46
@@ -2458,7 +2458,7 @@ def _svg_udr_histogram(values: Sequence[float], scale: ValueScale) -> str:
     bins = max(6, min(40, math.ceil(2 * math.sqrt(len(positive)))))
     counts, edges = np.histogram(np.log10(positive), bins=bins, range=(low, high))
     y_ticks = [t for t in _nice_ticks(0.0, float(counts.max()), 4) if t == int(t)]
-    frame = _Frame(58, 22, CHART_WIDTH - 58 - 16, 170, scale, ValueScale(0.0, max(float(counts.max()), y_ticks[-1])))
+    frame = _Frame(58, 22, CHART_WIDTH - 58 - 28, 170, scale, ValueScale(0.0, max(float(counts.max()), y_ticks[-1])))
     height = frame.top + frame.height + 40
     parts = [f'<svg class="chart histogram" role="img" aria-label="UDR distribution" width="{CHART_WIDTH}" '
              f'height="{height:.0f}" viewBox="0 0 {CHART_WIDTH} {height:.0f}" xmlns="http://www.w3.org/2000/svg">']
@@ -2474,7 +2474,9 @@ def _svg_udr_histogram(values: Sequence[float], scale: ValueScale) -> str:
             x = frame.px(band)
             parts.append(f'<line x1="{x:.1f}" y1="{frame.top - 4:.1f}" x2="{x:.1f}" y2="{frame.top + frame.height:.1f}" '
                          'class="band"/>')
-            parts.append(_text(x, frame.top - 7, f"UDR {label}", "band-label", anchor="middle"))
+            half = len(f"UDR {label}") * CHAR_WIDTH / 2  # keep the label inside the chart at either end
+            anchor = "end" if x + half > CHART_WIDTH - 2 else "start" if x - half < 2 else "middle"
+            parts.append(_text(x, frame.top - 7, f"UDR {label}", "band-label", anchor=anchor))
     parts.append("</svg>")
     return "".join(parts)
 

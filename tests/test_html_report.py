@@ -91,6 +91,12 @@ def report_case(case: str, tmp_path: Path):
         return cli_report(tmp_path, PEFT_FIXTURES / "llama_bf16_all_linear")
     if case in ("kohya_sdxl", "diffusers_unet"):
         return cli_report(tmp_path, FIXTURES / "formats" / case)
+    if case == "udr_bands_at_the_ends":  # the 0.1 and 3 marks fall on the scales' very ends
+        result = synthetic_result(llama_names(2), tmp_path)
+        values = np.geomspace(0.1, 3.0, len(result.layers))
+        result = replace(result, layers=tuple(replace(layer, udr=float(v), sdi=float(np.log10(v)))
+                                              for layer, v in zip(result.layers, values)))
+        return gl.render_html_report(result), [layer.to_dict() for layer in result.layers]
     names = {"synthetic_224_modules": lambda: llama_names(32), "synthetic_560_modules": lambda: llama_names(80),
              "synthetic_flux": flux_names}[case]()
     result = synthetic_result(names, tmp_path)
@@ -98,7 +104,7 @@ def report_case(case: str, tmp_path: Path):
 
 
 CASES = ["peft_patterns_udr", "peft_14_modules", "kohya_sdxl", "diffusers_unet", "synthetic_224_modules",
-         "synthetic_560_modules", "synthetic_flux"]
+         "synthetic_560_modules", "synthetic_flux", "udr_bands_at_the_ends"]
 
 
 # ── the browser ─────────────────────────────────────────────────────────────
