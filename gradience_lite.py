@@ -2343,7 +2343,7 @@ def _svg_heatmap(layers: Sequence[ModuleAudit], value: Callable[[ModuleAudit], O
     row_labels, column_labels = distinct_labels(list(row_text.values()), 40), distinct_labels(list(column_text.values()), 28)
     numbered = all(text.isdigit() for text in row_text.values() if text != NO_LAYER)
     left = 10 + CHAR_WIDTH * max(len(text) for text in row_labels.values()) + 6
-    top = 10 + CHAR_WIDTH * max(len(text) for text in column_labels.values()) + 6
+    top = (24 if row_prefix else 10) + CHAR_WIDTH * max(len(text) for text in column_labels.values()) + 6
     cell_w = max(12, min(48, int((CHART_WIDTH - left - 10) // len(columns))))
     cell_h = max(8 if numbered else 12, min(22, 520 // len(rows)))
     every = 1 if cell_h >= 11 else math.ceil(11 / cell_h)  # numbered rows only: label every k-th
@@ -2562,15 +2562,15 @@ document.querySelectorAll("table.sortable th button").forEach(function (button) 
 
 def issue_groups(issues: Sequence[str], module_names: Iterable[str]) -> List[Tuple[str, List[str]]]:
     """Issues grouped by what they say — module names and numbers taken out — the
-    group that covers the most issues first."""
+    group that covers the most issues first; each group is titled by its first
+    issue with the module name replaced by ``<module>``."""
     names = set(module_names)
-    groups: Dict[str, List[str]] = {}
+    groups: Dict[str, Tuple[str, List[str]]] = {}
     for issue in issues:
-        parts = issue.split(": ")
-        template = ": ".join("<module>" if part in names else part for part in parts)
-        template = re.sub(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?", "N", template)
-        groups.setdefault(template, []).append(issue)
-    return sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))
+        title = ": ".join("<module>" if part in names else part for part in issue.split(": "))
+        key = re.sub(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?", "N", title)
+        groups.setdefault(key, (title, []))[1].append(issue)
+    return sorted(groups.values(), key=lambda group: (-len(group[1]), group[0]))
 
 
 _HTML_STYLE = """

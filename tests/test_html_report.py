@@ -89,6 +89,8 @@ def report_case(case: str, tmp_path: Path):
         return cli_report(tmp_path, PEFT_FIXTURES / "llama_patterns", BASES / "llama12_bf16_sharded")
     if case == "peft_14_modules":
         return cli_report(tmp_path, PEFT_FIXTURES / "llama_bf16_all_linear")
+    if case == "zero_update":
+        return cli_report(tmp_path, PEFT_FIXTURES / "llama_zero_init")
     if case in ("kohya_sdxl", "diffusers_unet"):
         return cli_report(tmp_path, FIXTURES / "formats" / case)
     if case == "udr_bands_at_the_ends":  # the 0.1 and 3 marks fall on the scales' very ends
@@ -104,7 +106,8 @@ def report_case(case: str, tmp_path: Path):
 
 
 CASES = ["peft_patterns_udr", "peft_14_modules", "kohya_sdxl", "diffusers_unet", "synthetic_224_modules",
-         "synthetic_560_modules", "synthetic_flux", "udr_bands_at_the_ends"]
+         "synthetic_560_modules", "synthetic_flux", "udr_bands_at_the_ends",
+         "zero_update"]
 
 
 # ── the browser ─────────────────────────────────────────────────────────────
@@ -126,7 +129,7 @@ BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 MEASURE = """
 <script>
 (function () {
-  var out = {legends: [], text_outside: [], heatmaps: [], sort: {}};
+  var out = {legends: [], text_outside: [], text_overlaps: [], heatmaps: [], sort: {}};
   document.querySelectorAll("svg").forEach(function (svg, k) {
     var box = svg.getBoundingClientRect();
     svg.querySelectorAll("text").forEach(function (t) {
@@ -136,6 +139,16 @@ MEASURE = """
                                box: [b.left - box.left, b.top - box.top, b.right - box.left, b.bottom - box.top],
                                viewport: [box.width, box.height]});
       }
+    });
+    var boxes = Array.prototype.map.call(svg.querySelectorAll("text"), function (t) {
+      return {text: t.firstChild ? t.firstChild.textContent : "", box: t.getBoundingClientRect()};
+    });
+    boxes.forEach(function (a, i) {
+      boxes.slice(i + 1).forEach(function (b) {
+        var x = Math.min(a.box.right, b.box.right) - Math.max(a.box.left, b.box.left);
+        var y = Math.min(a.box.bottom, b.box.bottom) - Math.max(a.box.top, b.box.top);
+        if (x > 1 && y > 1) { out.text_overlaps.push([svg.getAttribute("aria-label"), a.text, b.text]); }
+      });
     });
     svg.querySelectorAll("text.legend").forEach(function (t) {
       var line = svg.querySelector(".series[data-series='" + t.getAttribute("data-series") + "']");
@@ -206,12 +219,13 @@ def test_report_reads_correctly_in_a_browser_at_700_px(case, tmp_path):
     measured = measure(browser, report_html, tmp_path)
 
     # Legends: each entry is drawn in its series' colour (not the page's text grey).
-    assert measured["legends"], "no chart legend found"
+    assert measured["legends"] or case == "zero_update", "no chart legend found"
     for entry in measured["legends"]:
         assert entry["stroke"] and entry["fill"] == entry["stroke"], entry
 
-    # Nothing is cut off: every text element lies inside its SVG's viewport ...
+    # Nothing is cut off or drawn over: every text element lies inside its SVG's viewport, none on another ...
     assert measured["text_outside"] == []
+    assert measured["text_overlaps"] == []
     # ... and the page fits a 700-px window without a horizontal scroll bar.
     assert measured["scroll_width"] <= measured["client_width"] <= 700, measured["too_wide"]
 
@@ -226,7 +240,8 @@ def test_report_reads_correctly_in_a_browser_at_700_px(case, tmp_path):
         ticks = [float(text) for text in heatmap["ticks"]]
         low, high = data_range(rows, key)
         assert min(ticks) <= (0.0 if from_zero else low) and max(ticks) >= high  # the labels contain the data ...
-        assert min(ticks) >= (0.0 if from_zero else low * 0.99) and max(ticks) <= high * 1.01  # ... and are its range
+        if high > low:  # ... and are its range (one value, e.g. all zero, is widened to a readable range)
+            assert min(ticks) >= (0.0 if from_zero else low * 0.99) and max(ticks) <= high * 1.01
 
     # The module table sorts: by utilization up, then down; by name.
     sort = measured["sort"]
@@ -307,6 +322,7 @@ def test_issues_are_grouped_with_the_largest_group_first():
         + ["m.4: stored rank 8 disagrees with config r = 16"]
     groups = gl.issue_groups(issues, names)
     assert groups[0][0] == "udr: <module>: no base weight named like it; UDR not computed"
+    assert [len(items) for _, items in groups] == [4, 1, 1]
     assert len(groups[0][1]) == 4 and sum(len(items) for _, items in groups) == len(issues)
 
 
