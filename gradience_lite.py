@@ -3156,12 +3156,7 @@ EXIT_CODES = """exit codes:
   3    internal error (a bug in gradience-lite: please report it with the command line)
   130  interrupted"""
 
-MAIN_EPILOG = f"""commands:
-  audit     audit one adapter (or many: a batch)        gradience-lite audit --help
-  compare   compare two adapters / a run's checkpoints  gradience-lite compare --help
-  norms     base-model norms, same as python -m base_norms   gradience-lite norms --help
-
-examples:
+MAIN_EPILOG = f"""examples (each command has its own --help):
   gradience-lite audit ./my-adapter
   gradience-lite audit ./my-adapter --base-model auto --html report.html
   gradience-lite compare output_dir/
