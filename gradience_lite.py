@@ -2267,8 +2267,10 @@ def _shared_prefix(names: Sequence[str]) -> str:
 
 
 def _human_key(text: str) -> List[Any]:
-    # "blocks_10" after "blocks_9", in dotted and in kohya's flattened names alike
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
+    # "blocks_10" after "blocks_9", in dotted and in kohya's flattened names alike.  Only
+    # ASCII digits, at most 9 at a time: int() of a hostile 5,000-digit run would raise.
+    return [(0, int(part), "") if index % 2 else (1, 0, part)
+            for index, part in enumerate(re.split(r"([0-9]{1,9})", text))]
 
 
 def _heatmap_coordinates(name: str) -> Tuple[str, str]:

@@ -310,6 +310,17 @@ def test_unet_rows_are_told_apart():
         ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0", "ff_net_2")
 
 
+def test_hostile_module_names_render(tmp_path):
+    """Digits int() refuses (a 5,000-digit index, superscripts), markup, and very long names."""
+    names = ["model.layers." + "9" * 5000 + ".q_proj", "model.layers.².k_proj", "model.layers.1.<b>v_proj</b>",
+             "x" * 3000, "model.layers.2." + "y" * 400]
+    result = synthetic_result(list(llama_names(1))[:len(names)], tmp_path)  # renamed after the audit: this is
+    result = replace(result, layers=tuple(replace(layer, name=name)     # about the report, not the reader
+                                          for layer, name in zip(result.layers, names)))
+    text = gl.render_html_report(result)
+    assert text.count('class="cell"') == 2 * len(names) and "<b>v_proj" not in text
+
+
 def test_abbreviated_labels_stay_distinct_even_when_only_the_middle_differs():
     names = ["a_very_long_prefix.0.same_long_suffix_here", "a_very_long_prefix.1.same_long_suffix_here"]
     labels = gl.distinct_labels(names, 12)
