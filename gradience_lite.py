@@ -3158,7 +3158,8 @@ EXIT_CODES = """exit codes:
   3    internal error (a bug in gradience-lite: please report it with the command line)
   130  interrupted"""
 
-MAIN_EPILOG = f"""examples (each command has its own --help):
+MAIN_EPILOG = f"""examples:
+  gradience-lite audit --help                 each command has its own help
   gradience-lite audit ./my-adapter
   gradience-lite audit ./my-adapter --base-model auto --html report.html
   gradience-lite compare output_dir/
