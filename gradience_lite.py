@@ -53,6 +53,7 @@ __all__ = [
     "audit_lora_state_dict",
     "batch_audit_line",
     "compare_adapters",
+    "fail_on_reasons",
     "lowrank_singular_values",
     "main",
     "open_safetensors",
