@@ -37,6 +37,7 @@ import math
 import mmap
 import os
 import re
+import shlex
 import stat
 import sys
 import time
@@ -55,6 +56,7 @@ __all__ = [
     "audit_lora_state_dict",
     "batch_audit_line",
     "compare_adapters",
+    "fail_on_reasons",
     "lowrank_singular_values",
     "main",
     "open_safetensors",
@@ -65,6 +67,7 @@ __all__ = [
     "training_drift",
 ]
 
+__version__ = "0.1.0"  # the one source of the version: pyproject.toml reads it (dynamic)
 SCHEMA_VERSION = "gradience_lite.audit/1"
 TELEMETRY_SCHEMA = "gradience.vnext.telemetry/v1"
 UDR_EPS = 1e-12
@@ -2802,9 +2805,13 @@ CHEAT_SHEET = (
     "  UDR < 0.1  (SDI < -1)   small perturbation of the base weight",
     "  UDR ~ 1    (SDI ~ 0)    the update is as strong as the base weight",
     "  UDR > 3    (SDI > 0.5)  the update dominates the base weight",
+)
+UTILIZATION_NOTE = (
     "Utilization = stable rank / r: low values mean most of the rank budget is unused;",
     "  suggested_r_* round the 90%-energy rank up to a power of two.",
 )
+UDR_HINT = ("UDR not computed: add --base-model PATH_OR_ID (or --base-norms FILE) to see how large each update "
+            "is next to the weight it modifies.")
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -2815,8 +2822,28 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wasteful: int = 5) -> str:
-    """A human-readable report: summary, by-type table, suggestions, issues, cheat sheet."""
+def _aligned(rows: Sequence[Sequence[str]], align: str, indent: str = "  ") -> List[str]:
+    """Rows of cells as text columns, each as wide as its widest cell (long module
+    names included), aligned per column: '<' left, '>' right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(align))]
+    return [indent + " ".join(f"{cell:{a}{w}}" for cell, a, w in zip(row, align, widths)).rstrip() for row in rows]
+
+
+def _headline(result: AuditResult, summary: Mapping[str, Any]) -> str:
+    zero = sum(layer.sigma_max == 0 for layer in result.layers)
+    if result.layers and zero == len(result.layers):
+        return ("  the update is ZERO in every module (B·A = 0: a freshly initialised adapter, or training never "
+                "updated it); rank figures do not apply")
+    line = (f"  energy rank k@90%: p50 {_fmt(summary['energy_rank_90_p50'])}, p90 {_fmt(summary['energy_rank_90_p90'])}"
+            f"  → suggested r: {_fmt(summary['suggested_r_global_median'])} (median), "
+            f"{_fmt(summary['suggested_r_global_90'])} (p90)")
+    return line + (f"   ({zero} of {len(result.layers)} modules have a zero update)" if zero else "")
+
+
+def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wasteful: int = 5,
+                       singular_values: Optional[int] = None) -> str:
+    """A human-readable report: summary, by-type table, suggestions, issues, cheat sheet;
+    the first ``singular_values`` σ of each module (None: as many as the audit kept)."""
     summary = result.to_summary_dict()
     lines = [f"LoRA audit: {result.weights_path or '(in-memory state dict)'} [format {result.adapter_format}, "
              f"adapter {result.adapter_name!r}]"]
@@ -2830,8 +2857,7 @@ def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wa
         f"  stable rank: mean {_fmt(summary['stable_rank_mean'])}, median {_fmt(summary['stable_rank_median'])}, "
         f"param-weighted {_fmt(summary['stable_rank_weighted_mean'])}",
         f"  effective rank mean {_fmt(summary['effective_rank_mean'])}   utilization mean {_fmt(summary['utilization_mean'])}",
-        f"  energy rank k@90%: p50 {_fmt(summary['energy_rank_90_p50'])}, p90 {_fmt(summary['energy_rank_90_p90'])}"
-        f"  → suggested r: {_fmt(summary['suggested_r_global_median'])} (median), {_fmt(summary['suggested_r_global_90'])} (p90)",
+        _headline(result, summary),
         "",
         f"  {'type':<6} {'modules':>7} {'params':>12} {'stable_rank':>11} {'utilization':>11} {'k90 p50':>8} {'k90 p90':>8}",
     ]
@@ -2846,30 +2872,56 @@ def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wa
             if row["n_layers_with_udr"]:
                 lines.append(f"    {kind:<6} UDR p50 {_fmt(row['udr_median'])}  p90 {_fmt(row['udr_p90'])}  "
                              f"max {_fmt(row['udr_max'])}  (SDI p50 {_fmt(row['sdi_median'])})")
-    if top_wasteful > 0 and result.layers:
+    nonzero = [layer for layer in result.layers if layer.sigma_max > 0]
+    if top_wasteful > 0 and nonzero:
         lines += ["", f"  most wasteful modules (lowest utilization, top {top_wasteful}):"]
-        for layer in sorted(result.layers, key=lambda layer: layer.utilization)[:top_wasteful]:
-            lines.append(f"    {layer.name:<50} r={layer.r:<4} util={_fmt(layer.utilization):<8} "
-                         f"stable_rank={_fmt(layer.stable_rank):<8} k90={layer.energy_rank_90}")
-    if show_layers:
-        lines += ["", f"  {'module':<50} {'type':<5} {'r':>4} {'scale':>8} {'σ_max(ΔW)':>10} {'stable':>7} {'util':>6} {'k90':>4} {'UDR':>8}"]
-        for layer in result.layers:
-            lines.append(f"  {layer.name:<50} {layer.module_type:<5} {layer.r:>4} {_fmt(layer.scale):>8} "
-                         f"{_fmt(layer.delta_sigma_max):>10} {_fmt(layer.stable_rank):>7} {_fmt(layer.utilization):>6} "
-                         f"{layer.energy_rank_90:>4} {_fmt(layer.udr):>8}")
+        lines += _aligned([(layer.name, f"r={layer.r}", f"util={_fmt(layer.utilization)}",
+                            f"stable_rank={_fmt(layer.stable_rank)}", f"k90={layer.energy_rank_90}")
+                           for layer in sorted(nonzero, key=lambda layer: layer.utilization)[:top_wasteful]],
+                          "<<<<<", indent="    ")
+    if show_layers and result.layers:
+        header = ("module", "type", "r", "scale", "σ_max(ΔW)", "stable", "util", "k90", "UDR")
+        lines += [""] + _aligned([header] + [
+            (layer.name, layer.module_type, str(layer.r), _fmt(layer.scale), _fmt(layer.delta_sigma_max),
+             _fmt(layer.stable_rank), _fmt(layer.utilization), str(layer.energy_rank_90), _fmt(layer.udr))
+            for layer in result.layers], "<<>>>>>>>")
+    with_values = [(layer.name, layer.top_singular_values[:singular_values]) for layer in result.layers
+                   if layer.top_singular_values and singular_values != 0]
+    if with_values:
+        count = max(len(values) for _, values in with_values)
+        lines += ["", f"  top {count} singular values of B·A (unscaled; ‖ΔW‖₂ = |scale|·σ₁):"]
+        lines += _aligned([(name, *(_fmt(value) for value in values), *[""] * (count - len(values)))
+                           for name, values in with_values], "<" + ">" * count, indent="    ")
     if result.non_lora_tensors:
         lines += ["", f"  non-LoRA tensors saved with the adapter ({len(result.non_lora_tensors)}): "
                       + ", ".join(module_name_from_prefix(k) for k in result.non_lora_tensors[:8])
                       + (" …" if len(result.non_lora_tensors) > 8 else "")]
     if result.issues:
         lines += ["", f"  issues ({len(result.issues)}):"] + [f"    - {issue}" for issue in result.issues]
-    lines += [""] + ["  " + line for line in CHEAT_SHEET]
+    lines += [""] + ["  " + line for line in UTILIZATION_NOTE]
+    if any(layer.udr is not None for layer in result.layers):
+        lines += ["  " + line for line in CHEAT_SHEET]
+    elif not result.udr_requested:
+        lines.append("  " + UDR_HINT)
     return "\n".join(lines)
 
 
 # ── HTML report ──────────────────────────────────────────────────────────────
-# One self-contained file: inline CSS and SVG, no scripts, fonts or network.
-# Cells carry an SVG <title>, so hovering shows the module without JavaScript.
+# One self-contained file: inline CSS and SVG, no fonts or network, and a few
+# lines of JavaScript that only sort the module table (the page is complete
+# without them).  Charts are drawn for a 660-px column, so the page fits a
+# 700-px window.  Every colour has a colour bar whose range comes from the
+# data.  SVG text is 10-px monospace so label widths can be computed; a label
+# that does not fit is abbreviated from the middle, lengthened until no two
+# labels read the same, and the full name is in its hover title and in the
+# module table.
+
+CHART_WIDTH = 660
+CHAR_WIDTH = 6.2  # px per character of 10-px monospace (DejaVu Sans Mono is 0.602 em), with a margin
+UDR_BANDS = ((0.1, "0.1"), (1.0, "1"), (3.0, "3"))  # the specification's reading bands (cheat sheet)
+SERIES_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
+MISSING_COLOUR = "#d9d9d9"
+NO_LAYER = "(no layer)"
 
 _PALETTE = ((0.267, 0.005, 0.329), (0.283, 0.141, 0.458), (0.254, 0.265, 0.530), (0.207, 0.372, 0.553),
             (0.164, 0.471, 0.558), (0.128, 0.567, 0.551), (0.135, 0.659, 0.518), (0.267, 0.749, 0.441),
@@ -2878,7 +2930,7 @@ _PALETTE = ((0.267, 0.005, 0.329), (0.283, 0.141, 0.458), (0.254, 0.265, 0.530),
 
 def _colour(fraction: Optional[float]) -> str:
     if fraction is None or not math.isfinite(fraction):
-        return "#dddddd"
+        return MISSING_COLOUR
     position = min(max(fraction, 0.0), 1.0) * (len(_PALETTE) - 1)
     low = int(position)
     high = min(low + 1, len(_PALETTE) - 1)
@@ -2886,144 +2938,596 @@ def _colour(fraction: Optional[float]) -> str:
     return "#" + "".join(f"{int(round(c * 255)):02x}" for c in mix)
 
 
+def _nice_ticks(low: float, high: float, count: int = 6) -> List[float]:
+    """Round-numbered ticks (steps of 1, 2, 2.5 or 5 × 10^k) inside [low, high]."""
+    if not high > low:
+        return [low]
+    raw = (high - low) / count
+    magnitude = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+    first = math.ceil(low / step - 1e-9)
+    return [round(i * step, 12) for i in range(first, int(math.floor(high / step + 1e-9)) + 1)]
+
+
+def _log_ticks(low: float, high: float) -> List[float]:
+    """Decades inside [low, high] (thinned to at most 7); 1-2-5 steps when fewer than two decades fit."""
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    decades = [10.0 ** e for e in range(first, last + 1) if low <= 10.0 ** e <= high * (1 + 1e-12)]
+    if len(decades) >= 2:
+        return decades[::max(1, math.ceil(len(decades) / 7))]
+    steps = sorted(m * 10.0 ** e for e in range(first, last + 1) for m in (1, 2, 5))
+    return [value for value in steps if low <= value <= high]
+
+
+def _tick_label(value: float) -> str:
+    return f"{value:.3g}"
+
+
+class ValueScale(NamedTuple):
+    """A data range mapped onto [0, 1], linear or logarithmic."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    def fraction(self, value: float) -> float:
+        low, high = self.low, self.high
+        if self.log:
+            value, low, high = math.log10(max(value, low)), math.log10(low), math.log10(high)
+        return min(max((value - low) / (high - low), 0.0), 1.0) if high > low else 0.5
+
+    def ticks(self) -> List[float]:
+        return _log_ticks(self.low, self.high) if self.log else _nice_ticks(self.low, self.high)
+
+
+def _round_outward(value: float, down: bool) -> float:
+    """To 3 significant digits, away from the data: the labelled ends then contain it."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    unit = 10.0 ** (math.floor(math.log10(abs(value))) - 2)
+    steps = math.floor(value / unit + 1e-9) if down else math.ceil(value / unit - 1e-9)
+    return float(f"{steps * unit:.3g}")
+
+
+def value_scale(values: Iterable[Optional[float]], *, log: bool = False, from_zero: bool = False) -> Optional[ValueScale]:
+    """The range of the finite values (positive ones on a log scale), its ends rounded
+    outward to 3 significant digits; None if there are none.  A single value is
+    widened so it sits inside a readable range."""
+    finite = [v for v in values if v is not None and math.isfinite(v) and (v > 0 or not log)]
+    if not finite:
+        return None
+    low, high = (0.0 if from_zero else _round_outward(min(finite), down=True)), _round_outward(max(finite), down=False)
+    if high <= low:
+        low, high = (low / 2, high * 2) if log else (low, low + 1.0)
+    return ValueScale(low, high, log)
+
+
+def _abbreviate(text: str, limit: int) -> str:
+    """Cut from the middle (the start names the block, the end the index and module)."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) * 2 // 5
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head):]
+
+
+def distinct_labels(names: Sequence[str], limit: int) -> Dict[str, str]:
+    """Labels of at most ``limit`` characters, abbreviated from the middle — longer
+    where two would otherwise read the same, up to the full names."""
+    longest = max((len(name) for name in names), default=0)
+    for width in range(min(limit, longest), longest + 1):
+        labels = {name: _abbreviate(name, width) for name in names}
+        if len(set(labels.values())) == len(labels):
+            return labels
+    return {name: name for name in names}
+
+
+def _shared_prefix(names: Sequence[str]) -> str:
+    """The prefix all names share, cut after a path separator ('.' or '_')."""
+    if len(names) < 2:
+        return ""
+    shared = os.path.commonprefix(list(names))
+    cut = max(shared.rfind("."), shared.rfind("_"))
+    return shared[:cut + 1]
+
+
+def _human_key(text: str) -> List[Any]:
+    # "blocks_10" after "blocks_9", in dotted and in kohya's flattened names alike.  Only
+    # ASCII digits, at most 9 at a time: int() of a hostile 5,000-digit run would raise.
+    return [(0, int(part), "") if index % 2 else (1, 0, part)
+            for index, part in enumerate(re.split(r"([0-9]{1,9})", text))]
+
+
 def _heatmap_coordinates(name: str) -> Tuple[str, str]:
-    """(row, column): layer index × the module's path with that index wildcarded;
-    without a layer index, the enclosing block × the last two path components."""
-    match = _LAYER_INDEX.search(name) or ("." not in name and _FLAT_LAYER_INDEX.search(name))
-    if match:
-        return str(int(match.group(1))), name[:match.start(1)] + "*" + name[match.end(1):]
-    parts = name.split(".")
-    if len(parts) > 2:
-        return ".".join(parts[:-2]), ".".join(parts[-2:])
-    return "—", name
+    """(row, column) of a module in the layer × module grid: the name through its
+    layer index (``layers.N``), or else through its last numbered block — a number
+    after a plural container (``transformer_blocks.0`` in a UNet or Flux,
+    ``layers_3`` in kohya's flattened names), not a Sequential index such as
+    ``ff.net.0.proj`` — with more path after it; the column is the rest."""
+    match = _LAYER_INDEX.search(name)
+    if match and match.end(1) < len(name):
+        return name[:match.end(1)], name[match.end(1) + 1:]
+    separator = "." if "." in name else "_"
+    parts = name.split(separator)
+    numbered = [i for i in range(1, len(parts) - 1) if parts[i].isdigit()]
+    blocks = [i for i in numbered if parts[i - 1].endswith("s")] or numbered
+    if blocks:
+        return separator.join(parts[:blocks[-1] + 1]), separator.join(parts[blocks[-1] + 1:])
+    return NO_LAYER, name
+
+
+def _text(x: float, y: float, content: str, css_class: str, *, anchor: str = "start", title: str = "",
+          extra: str = "") -> str:
+    hover = f"<title>{html.escape(title)}</title>" if title else ""
+    return (f'<text class="{css_class}" x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{extra}>'
+            f'{html.escape(content)}{hover}</text>')
+
+
+def _svg_colour_bar(scale: ValueScale, x: float, y: float, width: float, title: str,
+                    marks: Sequence[Tuple[float, str]] = (), missing: bool = False) -> Tuple[str, float]:
+    """A horizontal colour bar: the data's own minimum and maximum labelled at
+    its ends, round ticks between, optional marks above; returns (svg, height)."""
+    top = y + (14 if marks else 0)
+    steps = 64
+    parts = [f'<g class="colour-bar" data-low="{scale.low!r}" data-high="{scale.high!r}" '
+             f'data-log="{int(scale.log)}">']
+    parts += [f'<rect x="{x + width * i / steps:.2f}" y="{top:.1f}" width="{width / steps + 0.4:.2f}" height="12" '
+              f'fill="{_colour((i + 0.5) / steps)}"/>' for i in range(steps)]
+    parts.append(f'<rect x="{x:.1f}" y="{top:.1f}" width="{width:.1f}" height="12" class="frame"/>')
+    placed: List[Tuple[float, float]] = []
+    candidates = [(scale.low, "start"), (scale.high, "end")] + [(t, "middle") for t in scale.ticks()]
+    for value, anchor in candidates:
+        label = _tick_label(value)
+        px = x + width * scale.fraction(value)
+        span = len(label) * CHAR_WIDTH
+        box = {"start": (px, px + span), "end": (px - span, px), "middle": (px - span / 2, px + span / 2)}[anchor]
+        if any(box[0] < right + 6 and left < box[1] + 6 for left, right in placed):
+            continue  # a round tick that would overlap a label already placed (the data's ends come first)
+        placed.append(box)
+        parts.append(f'<line x1="{px:.1f}" y1="{top + 12:.1f}" x2="{px:.1f}" y2="{top + 16:.1f}" class="tickmark"/>')
+        parts.append(_text(px, top + 26, label, "cbar-tick", anchor=anchor))
+    for value, label in marks:
+        if scale.low <= value <= scale.high:
+            px = x + width * scale.fraction(value)
+            parts.append(f'<line x1="{px:.1f}" y1="{top - 3:.1f}" x2="{px:.1f}" y2="{top + 12:.1f}" class="band"/>')
+            parts.append(_text(px, top - 5, label, "band-label", anchor="middle"))
+    caption = title + ("   (grey: no value)" if missing else "")
+    parts.append(_text(x, top + 40, caption, "axis-title"))
+    parts.append("</g>")
+    return "".join(parts), top - y + 46
 
 
 def _svg_heatmap(layers: Sequence[ModuleAudit], value: Callable[[ModuleAudit], Optional[float]],
-                 scale: Callable[[float], float], label: str, caption: str) -> str:
+                 scale: ValueScale, label: str, caption: str, marks: Sequence[Tuple[float, str]] = ()) -> str:
+    """Layer × module grid coloured by ``value``, with its colour bar underneath."""
     cells = {_heatmap_coordinates(layer.name): layer for layer in layers}
-    rows = sorted({row for row, _ in cells}, key=lambda row: (row == "—", int(row) if row.isdigit() else 0, row))
-    columns = sorted({column for _, column in cells}, key=_natural_key)
-    shared = os.path.commonprefix(columns) if len(columns) > 1 else ""
-    shared = shared[:shared.rfind(".") + 1] if "." in shared else ""
-    size, top = 16, 150
-    left = 12 + 6 * min(max(len(row[-36:]) for row in rows), 36)
-    # Room on the right for the last column labels, which lean right as they rise.
-    width, height = left + size * len(columns) + 90, top + size * len(rows) + 10
-    parts = [f'<svg class="heatmap" role="img" aria-label="{html.escape(caption)}" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">']
+    rows = sorted({row for row, _ in cells}, key=lambda row: (row == NO_LAYER, _human_key(row)))
+    columns = sorted({column for _, column in cells}, key=_human_key)
+    layered = [row for row in rows if row != NO_LAYER]
+    row_prefix, column_prefix = _shared_prefix(layered), _shared_prefix(columns)
+    row_text = {row: row[len(row_prefix):] if row != NO_LAYER else row for row in rows}
+    column_text = {column: column[len(column_prefix):] or column for column in columns}
+    row_labels, column_labels = distinct_labels(list(row_text.values()), 40), distinct_labels(list(column_text.values()), 28)
+    numbered = all(text.isdigit() for text in row_text.values() if text != NO_LAYER)
+    left = 10 + CHAR_WIDTH * max(len(text) for text in row_labels.values()) + 6
+    top = (24 if row_prefix else 10) + CHAR_WIDTH * max(len(text) for text in column_labels.values()) + 6
+    cell_w = max(12, min(48, int((CHART_WIDTH - left - 10) // len(columns))))
+    cell_h = max(8 if numbered else 12, min(22, 520 // len(rows)))
+    every = 1 if cell_h >= 11 else math.ceil(11 / cell_h)  # numbered rows only: label every k-th
+    grid_w, grid_h = cell_w * len(columns), cell_h * len(rows)
+    width = max(CHART_WIDTH, left + grid_w + 10)
+    missing = any(value(layer) is None for layer in layers)
+    bar, bar_height = _svg_colour_bar(scale, 16, top + grid_h + 16, min(400, width - 32), label, marks, missing)
+    height = top + grid_h + 16 + bar_height + 4
+    parts = [f'<svg class="heatmap{" wide" if width > CHART_WIDTH else ""}" role="img" '
+             f'aria-label="{html.escape(caption)}" width="{width:.0f}" height="{height:.0f}" '
+             f'viewBox="0 0 {width:.0f} {height:.0f}" xmlns="http://www.w3.org/2000/svg">']
+    if row_prefix:
+        parts.append(_text(10, 14, f"rows: {row_prefix}{'N' if numbered else '…'}", "axis-title"))
     for j, column in enumerate(columns):
-        x = left + j * size + size / 2
-        parts.append(f'<text class="col" x="{x:.1f}" y="{top - 6}" transform="rotate(-60 {x:.1f} {top - 6})">'
-                     f'{html.escape(column[len(shared):][-28:])}</text>')
+        x = left + j * cell_w + cell_w / 2 + 3.5
+        parts.append(f'<text class="col" x="{x:.1f}" y="{top - 6:.1f}" transform="rotate(-90 {x:.1f} {top - 6:.1f})">'
+                     f'{html.escape(column_labels[column_text[column]])}<title>{html.escape(column)}</title></text>')
     for i, row in enumerate(rows):
-        parts.append(f'<text class="row" x="{left - 6}" y="{top + i * size + size * 0.75:.1f}">'
-                     f'{html.escape(row[-36:])}<title>{html.escape(row)}</title></text>')
+        if numbered and row != NO_LAYER and i % every:
+            continue
+        parts.append(_text(left - 6, top + i * cell_h + cell_h / 2 + 3.5, row_labels[row_text[row]], "row",
+                           anchor="end", title=row))
     for (row, column), layer in cells.items():
         i, j = rows.index(row), columns.index(column)
         raw = value(layer)
-        parts.append(f'<rect class="cell" x="{left + j * size}" y="{top + i * size}" width="{size - 1}" '
-                     f'height="{size - 1}" fill="{_colour(scale(raw) if raw is not None else None)}">'
+        parts.append(f'<rect class="cell" x="{left + j * cell_w}" y="{top + i * cell_h}" width="{cell_w - 1}" '
+                     f'height="{cell_h - 1}" fill="{_colour(scale.fraction(raw) if raw is not None else None)}">'
                      f'<title>{html.escape(layer.name)}: {label} {_fmt(raw)}</title></rect>')
+    parts.append(bar)
     parts.append("</svg>")
     return "".join(parts)
+
+
+class _Frame(NamedTuple):
+    """A plot area in SVG coordinates and the scales of its two axes."""
+
+    left: float
+    top: float
+    width: float
+    height: float
+    x: ValueScale
+    y: ValueScale
+
+    def px(self, value: float) -> float:
+        return self.left + self.width * self.x.fraction(value)
+
+    def py(self, value: float) -> float:
+        return self.top + self.height * (1 - self.y.fraction(value))
+
+
+def _svg_axes(frame: _Frame, x_ticks: Sequence[float], y_ticks: Sequence[float], x_label: str, y_label: str) -> List[str]:
+    """Light gridlines at every tick, tick labels, both axes and their titles."""
+    parts = []
+    bottom, right = frame.top + frame.height, frame.left + frame.width
+    for tick in y_ticks:
+        y = frame.py(tick)
+        parts.append(f'<line x1="{frame.left:.1f}" y1="{y:.1f}" x2="{right:.1f}" y2="{y:.1f}" class="grid"/>')
+        parts.append(_text(frame.left - 5, y + 3.5, _tick_label(tick), "tick", anchor="end"))
+    for tick in x_ticks:
+        x = frame.px(tick)
+        parts.append(f'<line x1="{x:.1f}" y1="{frame.top:.1f}" x2="{x:.1f}" y2="{bottom:.1f}" class="grid"/>')
+        parts.append(_text(x, bottom + 14, _tick_label(tick), "tick", anchor="middle"))
+    parts.append(f'<polyline points="{frame.left:.1f},{frame.top:.1f} {frame.left:.1f},{bottom:.1f} '
+                 f'{right:.1f},{bottom:.1f}" class="axis"/>')
+    parts.append(_text(frame.left + frame.width / 2, bottom + 30, x_label, "axis-title", anchor="middle"))
+    middle = frame.top + frame.height / 2
+    parts.append(f'<text class="axis-title" x="12" y="{middle:.1f}" text-anchor="middle" '
+                 f'transform="rotate(-90 12 {middle:.1f})">{html.escape(y_label)}</text>')
+    return parts
 
 
 def _svg_lines(series: Sequence[Tuple[str, Sequence[Tuple[float, float]]]], x_label: str, y_label: str,
                caption: str) -> str:
-    width, height, pad, legend = 900, 260, 44, 300  # the legend sits right of the plot
-    points = [p for _, line in series for p in line]
+    """Line chart with a legend underneath, each entry written in its line's colour."""
+    points = [point for _, line in series for point in line]
     if not points:
-        return "<p>(no data)</p>"
-    x_max = max(max(x for x, _ in points), 1.0)
-    y_max = max(max(y for _, y in points), 1e-12)
-    colours = ("#3b528b", "#21918c", "#5ec962", "#fde725", "#440154", "#e35932", "#9c179e", "#0d0887")
-    parts = [f'<svg class="chart" role="img" aria-label="{html.escape(caption)}" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
-             f'<line x1="{pad}" y1="{height - pad}" x2="{width - legend}" y2="{height - pad}" class="axis"/>',
-             f'<line x1="{pad}" y1="10" x2="{pad}" y2="{height - pad}" class="axis"/>',
-             f'<text x="{(width - legend) / 2:.0f}" y="{height - 8}" class="label">{html.escape(x_label)}</text>',
-             f'<text x="12" y="{height / 2:.0f}" class="label" transform="rotate(-90 12 {height / 2:.0f})">'
-             f'{html.escape(y_label)}</text>',
-             f'<text x="{pad - 4}" y="16" class="tick">{_fmt(y_max)}</text>',
-             f'<text x="{width - legend}" y="{height - pad + 14}" class="tick">{_fmt(x_max)}</text>']
+        return '<p class="muted">(no data)</p>'
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    x_scale = ValueScale(min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1)
+    y_ticks = _nice_ticks(0.0, max(max(ys), 1e-12) * 1.05)
+    frame = _Frame(58, 10, CHART_WIDTH - 58 - 28, 190, x_scale, ValueScale(0.0, max(y_ticks[-1], max(ys))))
+    x_ticks = [t for t in _nice_ticks(x_scale.low, x_scale.high, 8) if t == int(t)] or [x_scale.low]
+    columns, column_width = 2, (CHART_WIDTH - 32) / 2
+    legend_top = frame.top + frame.height + 46
+    height = legend_top + 16 * math.ceil(len(series) / columns) + 6
+    parts = [f'<svg class="chart" role="img" aria-label="{html.escape(caption)}" width="{CHART_WIDTH}" '
+             f'height="{height:.0f}" viewBox="0 0 {CHART_WIDTH} {height:.0f}" xmlns="http://www.w3.org/2000/svg">']
+    parts += _svg_axes(frame, x_ticks, y_ticks, x_label, y_label)
+    limit = int((column_width - 34) // CHAR_WIDTH)
+    labels = distinct_labels([name for name, _ in series], limit)
     for index, (name, line) in enumerate(series):
-        coords = " ".join(f"{pad + (width - legend - pad) * x / x_max:.1f},"
-                          f"{height - pad - (height - pad - 10) * y / y_max:.1f}" for x, y in line)
-        colour = colours[index % len(colours)]
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}">'
-                     f'<title>{html.escape(name)}</title></polyline>')
-        parts.append(f'<text x="{width - legend + 12}" y="{24 + 14 * index}" class="legend" fill="{colour}">'
-                     f'{html.escape(name[-46:])}</text>')
+        colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
+        coords = " ".join(f"{frame.px(x):.1f},{frame.py(y):.1f}" for x, y in line)
+        parts.append(f'<polyline class="series" data-series="{index}" fill="none" stroke="{colour}" stroke-width="2" '
+                     f'points="{coords}"><title>{html.escape(name)}</title></polyline>')
+        if len(line) <= 64:
+            parts += [f'<circle cx="{frame.px(x):.1f}" cy="{frame.py(y):.1f}" r="2.5" fill="{colour}"/>' for x, y in line]
+        lx, ly = 16 + column_width * (index % columns), legend_top + 16 * (index // columns)
+        parts.append(f'<line x1="{lx:.1f}" y1="{ly - 4:.1f}" x2="{lx + 22:.1f}" y2="{ly - 4:.1f}" stroke="{colour}" '
+                     'stroke-width="3"/>')
+        parts.append(_text(lx + 28, ly, labels[name], "legend", title=name,
+                           extra=f' data-series="{index}" fill="{colour}" style="fill:{colour}"'))
     parts.append("</svg>")
     return "".join(parts)
 
 
-_HTML_STYLE = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
-h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #ddd}
-table{border-collapse:collapse}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
-td:first-child,th:first-child{text-align:left}.muted{color:#666}.issues li{font-family:monospace;font-size:12px}
-svg text{font:10px monospace;fill:#333}svg text.row{text-anchor:end}svg text.tick{text-anchor:end}
-svg .axis{stroke:#999}svg text.label{font:11px sans-serif;text-anchor:middle}.legendbar{display:flex;gap:2px}
-.scroll{overflow-x:auto}
+def _svg_udr_histogram(values: Sequence[float], scale: ValueScale) -> str:
+    """How many modules have each UDR: log-spaced bins over the data's range,
+    bars in the heatmap's colours, the 0.1 / 1 / 3 reading bands marked."""
+    positive = [v for v in values if v > 0]
+    low, high = math.log10(scale.low), math.log10(scale.high)
+    bins = max(6, min(40, math.ceil(2 * math.sqrt(len(positive)))))
+    counts, edges = np.histogram(np.log10(positive), bins=bins, range=(low, high))
+    y_ticks = [t for t in _nice_ticks(0.0, float(counts.max()), 4) if t == int(t)]
+    frame = _Frame(58, 22, CHART_WIDTH - 58 - 28, 170, scale, ValueScale(0.0, max(float(counts.max()), y_ticks[-1])))
+    height = frame.top + frame.height + 40
+    parts = [f'<svg class="chart histogram" role="img" aria-label="UDR distribution" width="{CHART_WIDTH}" '
+             f'height="{height:.0f}" viewBox="0 0 {CHART_WIDTH} {height:.0f}" xmlns="http://www.w3.org/2000/svg">']
+    parts += _svg_axes(frame, scale.ticks(), y_ticks, "UDR = ‖ΔW‖₂ / ‖W‖₂ (log scale)", "modules")
+    for count, start, end in zip(counts, edges[:-1], edges[1:]):
+        if count:
+            x0, x1 = frame.px(10 ** start), frame.px(10 ** end)
+            parts.append(f'<rect class="bar" x="{x0 + 0.5:.1f}" y="{frame.py(count):.1f}" width="{max(x1 - x0 - 1, 1):.1f}" '
+                         f'height="{frame.py(0) - frame.py(count):.1f}" fill="{_colour(scale.fraction(10 ** ((start + end) / 2)))}">'
+                         f'<title>{int(count)} modules with UDR {_tick_label(10 ** start)}–{_tick_label(10 ** end)}</title></rect>')
+    for band, label in UDR_BANDS:
+        if scale.low <= band <= scale.high:
+            x = frame.px(band)
+            parts.append(f'<line x1="{x:.1f}" y1="{frame.top - 4:.1f}" x2="{x:.1f}" y2="{frame.top + frame.height:.1f}" '
+                         'class="band"/>')
+            half = len(f"UDR {label}") * CHAR_WIDTH / 2  # keep the label inside the chart at either end
+            anchor = "end" if x + half > CHART_WIDTH - 2 else "start" if x - half < 2 else "middle"
+            parts.append(_text(x, frame.top - 7, f"UDR {label}", "band-label", anchor=anchor))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+MODULE_TABLE_COLUMNS = (
+    # (header, hover text, numeric?)
+    ("module", "module path in the base model", False),
+    ("type", "attn / mlp / other", False),
+    ("r", "stored rank", True),
+    ("utilization", "stable rank / r: the share of the rank budget used", True),
+    ("stable rank", "‖ΔW‖_F² / ‖ΔW‖₂²", True),
+    ("k@90", "smallest k holding 90 % of the update's energy", True),
+    ("suggested r", "k@90 rounded up to a power of two (or the rank advice, when present)", True),
+    ("σ_max(ΔW)", "‖ΔW‖₂ = |scale|·σ₁(B·A)", True),
+    ("UDR", "‖ΔW‖₂ / ‖W_base‖₂", True),
+)
+
+
+def _suggested_rank(layer: ModuleAudit) -> Tuple[Optional[float], str, str]:
+    """(sort value, text, hover) of a module's suggested r: the first policy of the
+    rank advice when the audit carries one (``rank_suggestions``: policy → k, all
+    of them on hover), else k@90 rounded up to a power of two."""
+    advice = getattr(layer, "rank_suggestions", None)
+    if layer.sigma_max == 0:
+        return None, "zero update", "B·A = 0"
+    if isinstance(advice, Mapping) and advice:
+        ranks = [(str(policy), v) for policy, v in advice.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if ranks:
+            return float(ranks[0][1]), _fmt(ranks[0][1]), ", ".join(f"{policy}: {_fmt(v)}" for policy, v in ranks)
+    suggested = suggest_rank(layer.energy_rank_90)
+    return float(suggested), str(suggested), "k@90 rounded up to a power of two"
+
+
+def _name_html(name: str) -> str:
+    """A module path that wraps only after its separators ('.', or '_' in kohya's flattened names)."""
+    return re.sub(r"(\.)" if "." in name else r"(_)", r"\1<wbr>", html.escape(name))
+
+
+def _cell(value: Optional[float], text: Optional[str] = None, hover: str = "") -> str:
+    shown = _fmt(value) if text is None else text
+    sort_value = "" if value is None or not math.isfinite(value) else repr(float(value))
+    title = f' title="{html.escape(hover)}"' if hover else ""
+    return f'<td data-v="{sort_value}"{title}>{html.escape(shown)}</td>'
+
+
+def _module_table(layers: Sequence[ModuleAudit]) -> str:
+    head = "".join(f'<th data-type="{"number" if numeric else "text"}" title="{html.escape(hover)}">'
+                   f'<button type="button">{html.escape(header)}</button></th>'
+                   for header, hover, numeric in MODULE_TABLE_COLUMNS)
+    body = []
+    for layer in layers:
+        suggested, suggested_text, suggested_hover = _suggested_rank(layer)
+        body.append("<tr>" + f'<td class="name" data-v="{html.escape(layer.name)}">{_name_html(layer.name)}</td>'
+                    f'<td data-v="{layer.module_type}">{layer.module_type}</td>'
+                    + _cell(layer.r) + _cell(layer.utilization) + _cell(layer.stable_rank) + _cell(layer.energy_rank_90)
+                    + _cell(suggested, suggested_text, suggested_hover) + _cell(layer.delta_sigma_max) + _cell(layer.udr) + "</tr>")
+    return (f'<div class="scroll"><table class="sortable modules"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+_SORT_SCRIPT = """
+document.querySelectorAll("table.sortable th button").forEach(function (button) {
+  button.addEventListener("click", function () {
+    var th = button.parentNode, table = th.closest("table"), body = table.tBodies[0];
+    var column = Array.prototype.indexOf.call(th.parentNode.children, th);
+    var ascending = th.getAttribute("aria-sort") !== "ascending";
+    table.querySelectorAll("th").forEach(function (other) { other.removeAttribute("aria-sort"); });
+    th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+    var numeric = th.getAttribute("data-type") === "number";
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = a.cells[column].getAttribute("data-v"), y = b.cells[column].getAttribute("data-v");
+      if (x === "" || y === "") { return (x === "") - (y === ""); }  // blanks last, either way
+      var order = numeric ? Number(x) - Number(y) : x.localeCompare(y, undefined, {numeric: true});
+      return ascending ? order : -order;
+    });
+    rows.forEach(function (row) { body.appendChild(row); });
+  });
+});
 """
 
 
-def render_html_report(result: AuditResult) -> str:
-    """A self-contained HTML page: summary, heatmaps (utilization, and UDR when
-    known) of layer × module, spectra of the strongest updates, energy
-    concentration over depth, and the issues.  No JavaScript."""
+def issue_groups(issues: Sequence[str], module_names: Iterable[str]) -> List[Tuple[str, List[str]]]:
+    """Issues grouped by what they say — module names and numbers taken out — the
+    group that covers the most issues first; each group is titled by its first
+    issue with the module name replaced by ``<module>``."""
+    names = set(module_names)
+    groups: Dict[str, Tuple[str, List[str]]] = {}
+    for issue in issues:
+        title = ": ".join("<module>" if part in names else part for part in issue.split(": "))
+        key = re.sub(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?", "N", title)
+        groups.setdefault(key, (title, []))[1].append(issue)
+    return sorted(groups.values(), key=lambda group: (-len(group[1]), group[0]))
+
+
+_HTML_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:16px auto;padding:0 16px;color:#222;
+max-width:1100px}
+h1{font-size:20px;margin:0 0 4px;overflow-wrap:anywhere}h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+h3{font-size:14px;margin:16px 0 6px}
+table{border-collapse:collapse;font-size:13px}td,th{padding:3px 6px;border-bottom:1px solid #eee;text-align:right}
+td:first-child,th:first-child{text-align:left}.muted{color:#666}.note{background:#fff4d6;padding:8px 12px;border-radius:4px}
+dl.meta{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:8px 0;font-size:13px}
+dl.meta dt{color:#666}dl.meta dd{margin:0;overflow-wrap:anywhere}code{font-size:12px}
+.figures{display:flex;flex-wrap:wrap;gap:8px}.figure{border:1px solid #ddd;border-radius:4px;padding:6px 10px;min-width:120px}
+.figure b{display:block;font-size:18px}.figure span{color:#666;font-size:12px}
+.scroll{overflow-x:auto;max-width:100%}td.name{text-align:left;font-family:monospace;font-size:12px}
+td{white-space:nowrap}td.name{white-space:normal;min-width:12em}table.modules{width:100%}
+table.modules td{width:1%}table.modules td.name{width:auto}table.modules th{vertical-align:bottom}table.modules th button{font:inherit;font-weight:bold;border:0;background:none;
+cursor:pointer;padding:0;white-space:normal;text-align:inherit}
+th[aria-sort=ascending] button::after{content:" ▲"}th[aria-sort=descending] button::after{content:" ▼"}
+.issues li{font-family:monospace;font-size:12px;overflow-wrap:anywhere}pre{white-space:pre-wrap}details summary{cursor:pointer}
+svg{display:block;max-width:100%;height:auto}svg.wide{max-width:none}
+svg text{font:10px monospace;fill:#333}svg text.axis-title{font:11px sans-serif;fill:#444}
+svg text.band-label{fill:#000;font-weight:bold}svg .grid{stroke:#e6e6e6}svg .axis{stroke:#888;fill:none}
+svg .tickmark{stroke:#666}svg .band{stroke:#000;stroke-dasharray:3 2}svg .frame{fill:none;stroke:#888}
+"""
+
+
+def _figure(value: str, label: str, hover: str = "") -> str:
+    return f'<div class="figure" title="{html.escape(hover)}"><b>{html.escape(value)}</b><span>{html.escape(label)}</span></div>'
+
+
+def _small_table(layers: Sequence[ModuleAudit], columns: Sequence[Tuple[str, Callable[[ModuleAudit], Any]]]) -> str:
+    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
+    rows = "".join("<tr>" + "".join(f'<td class="name">{_name_html(_fmt(get(layer)))}</td>' if index == 0 else
+                                    f"<td>{html.escape(_fmt(get(layer)))}</td>" for index, (_, get) in enumerate(columns))
+                   + "</tr>" for layer in layers)
+    return f'<div class="scroll"><table><tr>{head}</tr>{rows}</table></div>'
+
+
+def _generic_table(mapping: Mapping[str, Any]) -> str:
+    """A record whose shape this report does not fix (the rank advice): one row per
+    key; when every value is itself a record, one column per field."""
+    def shown(value):
+        return _fmt(value) if not isinstance(value, (dict, list)) else json.dumps(json_safe(value))
+    if all(isinstance(value, Mapping) for value in mapping.values()):
+        fields = list(dict.fromkeys(field for value in mapping.values() for field in value))
+        head = "<tr><th></th>" + "".join(f"<th>{html.escape(str(f))}</th>" for f in fields) + "</tr>"
+        rows = "".join(f"<tr><td>{html.escape(str(key))}</td>"
+                       + "".join(f"<td>{html.escape(shown(value.get(f)))}</td>" for f in fields) + "</tr>"
+                       for key, value in mapping.items())
+        return f'<div class="scroll"><table>{head}{rows}</table></div>'
+    rows = "".join(f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(shown(value))}</td></tr>"
+                   for key, value in mapping.items())
+    return f'<div class="scroll"><table>{rows}</table></div>'
+
+
+def render_html_report(result: AuditResult, *, command: Optional[str] = None, generated: Optional[str] = None) -> str:
+    """A self-contained HTML page that reads top to bottom: what was audited and
+    how, the key figures, the modules that waste their rank and the updates that
+    dominate their base, layer × module heatmaps with colour bars, the UDR
+    distribution, spectra, energy over depth, a sortable table of every module,
+    and the issues grouped by cause."""
     summary = result.to_summary_dict()
     layers = list(result.layers)
-    rows = "".join(f"<tr><td>{html.escape(key)}</td><td>{html.escape(_fmt(summary.get(key)))}</td></tr>"
-                   for key in ("format", "n_layers", "n_modules_skipped", "total_lora_params", "stable_rank_mean",
-                               "stable_rank_median", "effective_rank_mean", "utilization_mean", "energy_rank_90_p50",
-                               "energy_rank_90_p90", "suggested_r_global_median", "suggested_r_global_90",
-                               "n_layers_with_udr", "udr_median", "udr_p90", "udr_max", "sdi_median"))
+    nonzero = [layer for layer in layers if layer.sigma_max > 0]
+    with_udr = [layer for layer in layers if layer.udr is not None]
+    name = Path(result.weights_path).name if result.weights_path else "in-memory state dict"
+    meta = [("file", str(result.weights_path or "(in-memory state dict)")),
+            ("format", f"{result.adapter_format}, adapter {result.adapter_name!r}"),
+            ("tool", f"gradience-lite {__version__}"),
+            ("date", generated or time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))]
+    if command:
+        meta.append(("command", command))
+    if result.format_metadata:
+        meta.append(("training metadata", ", ".join(f"{k}={v}" for k, v in result.format_metadata.items())))
+    sections = [f"<h1>LoRA audit: {html.escape(name)}</h1><dl class=\"meta\">"
+                + "".join(f"<dt>{html.escape(k)}</dt><dd>{'<code>' + html.escape(v) + '</code>' if k == 'command' else html.escape(v)}</dd>"
+                          for k, v in meta) + "</dl>"]
+    if layers and not nonzero:
+        sections.append('<p class="note"><b>The update is zero</b>: B·A = 0 in every module (a freshly initialised '
+                        'adapter, or training never updated it). Rank and UDR figures do not apply.</p>')
+    elif len(nonzero) < len(layers):
+        sections.append(f'<p class="note">{len(layers) - len(nonzero)} of {len(layers)} modules have a zero update '
+                        "(B·A = 0); they are left out of the rank advice below.</p>")
+    figures = [_figure(f"{summary['n_layers']}", "modules audited"),
+               _figure(f"{summary['n_modules_skipped']}", "modules skipped", "LoRA modules that could not be audited (see issues)"),
+               _figure(f"{summary['total_lora_params']:,}", "LoRA parameters"),
+               _figure(_fmt(summary["utilization_mean"]), "utilization, mean", "stable rank / r, averaged over modules"),
+               _figure(_fmt(summary["stable_rank_median"]), "stable rank, median"),
+               _figure(f"{_fmt(summary['energy_rank_90_p50'])} / {_fmt(summary['energy_rank_90_p90'])}", "k@90 %, p50 / p90",
+                       "smallest k holding 90 % of the energy")]
+    if nonzero:
+        figures.append(_figure(f"{_fmt(summary['suggested_r_global_median'])} / {_fmt(summary['suggested_r_global_90'])}",
+                               "suggested r (p50 / p90)", "k@90 rounded up to a power of two"))
+    if with_udr:
+        figures.append(_figure(f"{_fmt(summary['udr_median'])} / {_fmt(summary['udr_max'])}", "UDR, median / max",
+                               "‖ΔW‖₂ / ‖W_base‖₂"))
+    figures.append(_figure(f"{len(result.issues)}", "issues"))
+    sections.append('<h2>Key figures</h2><div class="figures">' + "".join(figures) + "</div>")
+
+    by_type_head = "<tr><th>type</th><th>modules</th><th>params</th><th>stable rank</th><th>utilization</th>" \
+                   "<th>k@90 p50</th><th>k@90 p90</th>" + ("<th>UDR p50</th><th>UDR p90</th><th>UDR max</th>" if with_udr else "") + "</tr>"
     by_type = "".join(f"<tr><td>{kind}</td><td>{row['n_layers']}</td><td>{row['params']:,}</td>"
                       f"<td>{_fmt(row['stable_rank_mean'])}</td><td>{_fmt(row['utilization_mean'])}</td>"
-                      f"<td>{_fmt(row['energy_rank_90_p50'])}</td><td>{_fmt(row['energy_rank_90_p90'])}</td></tr>"
+                      f"<td>{_fmt(row['energy_rank_90_p50'])}</td><td>{_fmt(row['energy_rank_90_p90'])}</td>"
+                      + (f"<td>{_fmt(row.get('udr_median'))}</td><td>{_fmt(row.get('udr_p90'))}</td>"
+                         f"<td>{_fmt(row.get('udr_max'))}</td>" if with_udr else "") + "</tr>"
                       for kind, row in summary["by_type"].items())
-    sections = [
-        f"<h1>LoRA audit</h1><p class=\"muted\">{html.escape(str(result.weights_path or 'in-memory state dict'))}"
-        f" — format {html.escape(result.adapter_format)}, adapter {html.escape(result.adapter_name)}</p>",
-        f"<h2>Summary</h2><table>{rows}</table>",
-        "<h2>By module type</h2><table><tr><th>type</th><th>modules</th><th>params</th><th>stable rank</th>"
-        f"<th>utilization</th><th>k@90 p50</th><th>k@90 p90</th></tr>{by_type}</table>",
-        "<h2>Utilization by layer and module</h2><p class=\"muted\">stable rank / r; dark = little of the rank "
-        "budget used, yellow = all of it.</p><div class=\"scroll\">"
-        + _svg_heatmap(layers, lambda layer: layer.utilization, lambda u: u, "utilization", "utilization heatmap")
-        + "</div>",
-    ]
-    if any(layer.udr is not None for layer in layers):
+    sections.append(f'<h2>By module type</h2><div class="scroll"><table>{by_type_head}{by_type}</table></div>')
+
+    if nonzero:
+        wasteful = sorted(nonzero, key=lambda layer: layer.utilization)[:8]
+        sections.append("<h2>Modules that waste their rank</h2><p class=\"muted\">lowest utilization (stable rank / r); "
+                        "a rank near k@90 would keep 90 % of the update's energy.</p>"
+                        + _small_table(wasteful, [("module", lambda l: l.name), ("r", lambda l: l.r),
+                                                  ("utilization", lambda l: l.utilization),
+                                                  ("k@90", lambda l: l.energy_rank_90),
+                                                  ("suggested r", lambda l: _suggested_rank(l)[1])]))
+    advice = summary.get("policy_global_suggestions")
+    if isinstance(advice, Mapping) and advice:
+        sections.append("<h2>Rank advice</h2><p class=\"muted\">per policy, over modules (the module table's "
+                        "suggested r is the first policy; hover it for all).</p>" + _generic_table(advice))
+    if with_udr:
+        dominant = sorted(with_udr, key=lambda layer: layer.udr, reverse=True)[:8]
+        sections.append("<h2>Updates that dominate their base</h2><p class=\"muted\">highest UDR = ‖ΔW‖₂ / ‖W_base‖₂ "
+                        "(&gt; 3: the update dominates; ~1: as strong as the base; &lt; 0.1: a small perturbation).</p>"
+                        + _small_table(dominant, [("module", lambda l: l.name), ("UDR", lambda l: l.udr),
+                                                  ("σ_max(ΔW)", lambda l: l.delta_sigma_max),
+                                                  ("σ_max(W)", lambda l: l.base_sigma_max)]))
+
+    utilization = value_scale([layer.utilization for layer in layers], from_zero=True)
+    if utilization is not None:
+        sections.append("<h2>Utilization by layer and module</h2><p class=\"muted\">stable rank / r, coloured from 0 "
+                        "to the highest value in this adapter; hover a cell for its module.</p><div class=\"scroll\">"
+                        + _svg_heatmap(layers, lambda layer: layer.utilization, utilization,
+                                       "utilization = stable rank / r", "utilization heatmap") + "</div>")
+    udr_scale = value_scale([layer.udr for layer in layers], log=True)
+    if udr_scale is not None:
         sections.append(
-            "<h2>Update dominance (UDR) by layer and module</h2><p class=\"muted\">colour = SDI = log10 UDR from −3 "
-            "(dark) to +1 (yellow); grey = no base norm.</p><div class=\"scroll\">"
-            + _svg_heatmap(layers, lambda layer: layer.udr, lambda u: (math.log10(u + UDR_EPS) + 3) / 4, "UDR",
-                           "UDR heatmap") + "</div>")
-    strongest = sorted((layer for layer in layers if layer.top_singular_values and layer.sigma_max > 0),
+            "<h2>Update dominance (UDR) by layer and module</h2><p class=\"muted\">UDR on a log scale over this "
+            "adapter's range; dashed marks at the reading bands 0.1, 1 and 3 where they fall inside it; grey: no "
+            "base norm.</p><div class=\"scroll\">"
+            + _svg_heatmap(layers, lambda layer: layer.udr, udr_scale, "UDR (log scale)", "UDR heatmap", UDR_BANDS)
+            + "</div>")
+        udr_values = [layer.udr for layer in with_udr]
+        sections.append(
+            f"<h2>UDR distribution over modules</h2><p class=\"muted\">{len(udr_values)} modules; median "
+            f"{_fmt(summary['udr_median'])}, p90 {_fmt(summary['udr_p90'])}, max {_fmt(summary['udr_max'])}; share "
+            f"&gt; 0.1: {_fmt(summary['fraction_udr_gt_0_1'])}, &gt; 0.3: {_fmt(summary['fraction_udr_gt_0_3'])}.</p>"
+            + _svg_udr_histogram(udr_values, udr_scale))
+    elif result.udr_requested:
+        sections.append("<h2>Update dominance (UDR)</h2><p class=\"muted\">no module could be matched to a base "
+                        "norm; see the issues.</p>")
+    else:
+        sections.append("<h2>Update dominance (UDR)</h2><p class=\"muted\">not computed: add <code>--base-model "
+                        "PATH_OR_ID</code> (or <code>--base-norms FILE</code>) to see how large each update is next "
+                        "to the weight it modifies.</p>")
+
+    strongest = sorted((layer for layer in nonzero if layer.top_singular_values),
                        key=lambda layer: layer.delta_sigma_max, reverse=True)[:6]
     spectra = [(layer.name, [(i + 1.0, s / layer.sigma_max) for i, s in enumerate(layer.top_singular_values)])
                for layer in strongest]
     sections.append("<h2>Singular-value spectra of the strongest updates</h2><p class=\"muted\">σᵢ/σ₁ of the six "
-                    "modules with the largest ‖ΔW‖₂.</p>" + _svg_lines(spectra, "index i", "σᵢ / σ₁", "spectra"))
+                    "modules with the largest ‖ΔW‖₂; a fast drop means a few directions carry the update.</p>"
+                    + _svg_lines(spectra, "singular value index i", "σᵢ / σ₁", "spectra"))
     depth: Dict[int, List[ModuleAudit]] = {}
-    for layer in layers:
-        if layer.layer_index is not None and layer.stable_rank > 0:
+    for layer in nonzero:
+        if layer.layer_index is not None:
             depth.setdefault(layer.layer_index, []).append(layer)
     concentration = [("share of energy in σ₁ (1 / stable rank)",
                       [(float(index), float(np.mean([1.0 / layer.stable_rank for layer in group])))
                        for index, group in sorted(depth.items())]),
-                     ("k@90% / r", [(float(index), float(np.mean([layer.energy_rank_90 / max(layer.r, 1)
-                                                                  for layer in group])))
-                                    for index, group in sorted(depth.items())])]
+                     ("k@90 % / r", [(float(index), float(np.mean([layer.energy_rank_90 / max(layer.r, 1)
+                                                                   for layer in group])))
+                                     for index, group in sorted(depth.items())])]
     sections.append("<h2>Energy concentration over depth</h2><p class=\"muted\">means over the modules of each "
-                    "layer.</p>" + _svg_lines(concentration, "layer index", "fraction", "energy over depth"))
-    issues = "".join(f"<li>{html.escape(issue)}</li>" for issue in result.issues) or "<li>none</li>"
-    sections.append(f"<h2>Issues</h2><ul class=\"issues\">{issues}</ul>")
-    sections.append("<h2>Reading UDR</h2><pre>" + html.escape("\n".join(CHEAT_SHEET)) + "</pre>")
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>LoRA audit</title>"
-            f"<style>{_HTML_STYLE}</style></head><body>" + "".join(sections) + "</body></html>\n")
+                    "layer.</p>" + _svg_lines(concentration if depth else [], "layer index", "fraction",
+                                              "energy over depth"))
+    sections.append(f"<h2>Every module</h2><p class=\"muted\">{len(layers)} modules; click a column header to "
+                    "sort.</p>" + _module_table(layers))
+    groups = issue_groups(result.issues, (layer.name for layer in layers))
+    issue_html = "".join(
+        f"<li><details><summary>{len(items)} × {html.escape(template)}</summary><ul>"
+        + "".join(f"<li>{html.escape(issue)}</li>" for issue in items) + "</ul></details></li>"
+        if len(items) > 1 else f"<li>{html.escape(items[0])}</li>" for template, items in groups)
+    sections.append(f"<h2>Issues ({len(result.issues)})</h2><ul class=\"issues\">{issue_html or '<li>none</li>'}</ul>")
+    if with_udr:
+        sections.append("<h2>Reading UDR</h2><pre>" + html.escape("\n".join(CHEAT_SHEET + UTILIZATION_NOTE)) + "</pre>")
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>LoRA audit: {html.escape(name)}</title><style>{_HTML_STYLE}</style></head><body>"
+            + "".join(sections) + f"<script>{_SORT_SCRIPT}</script></body></html>\n")
 
 
 # ══ 8. compare runs ══════════════════════════════════════════════════════════
@@ -3139,8 +3643,9 @@ def _factor_loaders(path: str) -> Dict[str, Callable[[], Tuple[np.ndarray, np.nd
     return loaders
 
 
-def _audit_document(path: str) -> Tuple[Dict[str, Any], bool]:
-    """(audit document with layers, is it an adapter we can read factors from)."""
+def _audit_document(path: str, **udr: Optional[str]) -> Tuple[Dict[str, Any], bool]:
+    """(audit document with layers, is it an adapter we can read factors from);
+    ``udr`` (base_model, base_norms, base_norms_cache) applies to adapters only."""
     candidate = Path(path)
     if candidate.is_file() and candidate.suffix.lower() == ".json":
         try:
@@ -3151,24 +3656,30 @@ def _audit_document(path: str) -> Tuple[Dict[str, Any], bool]:
             raise AdapterFormatError(f"{candidate}: not an audit document with per-module rows "
                                      "(save one with `audit --json --layers`)")
         return document, False
-    return audit_lora_peft_dir(path).to_summary_dict(include_layers=True), True
+    return audit_lora_peft_dir(path, **udr).to_summary_dict(include_layers=True), True
 
 
 def _subtract(later: Any, earlier: Any) -> Optional[float]:
     numbers = (int, float)
     if isinstance(later, numbers) and isinstance(earlier, numbers) and not isinstance(later, bool):
+        if isinstance(later, int) and isinstance(earlier, int):
+            return later - earlier  # counts stay integers (printed as 13700, not 1.370e+04)
         return float(later) - float(earlier)
     return None
 
 
-def compare_adapters(path_a: str, path_b: str, *, overlaps: bool = True) -> Dict[str, Any]:
+def compare_adapters(path_a: str, path_b: str, *, overlaps: bool = True, base_model: Optional[str] = None,
+                     base_norms: Optional[str] = None, base_norms_cache: Optional[str] = None) -> Dict[str, Any]:
     """Compare two adapters (directories or saved ``audit --json --layers`` documents).
 
     Returns one JSON-ready document: both summaries side by side, per-module
     deltas for modules present in both, modules only in one, and — when both
-    are adapters over the same base shapes — how their updates overlap.
+    are adapters over the same base shapes — how their updates overlap.  With a
+    base (``base_model`` / ``base_norms`` / ``base_norms_cache``, as for an
+    audit), both adapters get UDR; a saved document keeps the UDR it was saved with.
     """
-    (doc_a, adapter_a), (doc_b, adapter_b) = _audit_document(path_a), _audit_document(path_b)
+    udr = {"base_model": base_model, "base_norms": base_norms, "base_norms_cache": base_norms_cache}
+    (doc_a, adapter_a), (doc_b, adapter_b) = _audit_document(path_a, **udr), _audit_document(path_b, **udr)
     rows_a = {row["name"]: row for row in doc_a["layers"] if isinstance(row, dict) and "name" in row}
     rows_b = {row["name"]: row for row in doc_b["layers"] if isinstance(row, dict) and "name" in row}
     common = [name for name in rows_a if name in rows_b]
@@ -3237,11 +3748,11 @@ def checkpoint_series(paths: Sequence[str]) -> List[str]:
     return [path for _, path in sorted(found)] if found else list(paths)
 
 
-def training_drift(paths: Sequence[str]) -> Dict[str, Any]:
+def training_drift(paths: Sequence[str], **udr: Optional[str]) -> Dict[str, Any]:
     """How the update moves between consecutive checkpoints: one row per pair."""
     rows = []
     for earlier, later in zip(paths, paths[1:]):
-        comparison = compare_adapters(earlier, later)
+        comparison = compare_adapters(earlier, later, **udr)
         summary = comparison["overlap_summary"]
         match_a, match_b = _CHECKPOINT.search(Path(earlier).name), _CHECKPOINT.search(Path(later).name)
         rows.append({"from": earlier, "to": later,
@@ -3281,9 +3792,18 @@ def render_comparison(document: Mapping[str, Any], top: int = 10) -> str:
         moved = sorted((m for m in document["modules"] if m["overlap"] and m["overlap"]["update_cosine"] is not None),
                        key=lambda m: m["overlap"]["update_cosine"])[:top]
         lines += ["", f"  modules whose updates differ most (lowest cosine, top {top}):"]
-        for m in moved:
-            lines.append(f"    {m['name']:<50} cos={_fmt(m['overlap']['update_cosine']):<8} "
-                         f"Δutil={_fmt(m['delta']['utilization']):<8} ΔUDR={_fmt(m['delta']['udr'])}")
+        lines += _aligned([(m["name"], f"cos={_fmt(m['overlap']['update_cosine'])}",
+                            f"Δutil={_fmt(m['delta']['utilization'])}", f"ΔUDR={_fmt(m['delta']['udr'])}")
+                           for m in moved], "<<<<", indent="    ")
+    elif top and document["modules"]:
+        # Saved audit documents have no factors, so no overlaps: rank by the metrics that moved.
+        def moved_by(m):
+            return (abs(m["delta"].get("udr") or 0.0), abs(m["delta"].get("utilization") or 0.0))
+        moved = sorted(document["modules"], key=moved_by, reverse=True)[:top]
+        lines += ["", f"  modules that changed most (largest |ΔUDR|, then |Δutilization|; top {top}):"]
+        lines += _aligned([(m["name"], f"util {_fmt(m['a']['utilization'])} → {_fmt(m['b']['utilization'])}",
+                            f"Δutil={_fmt(m['delta']['utilization'])}", f"ΔUDR={_fmt(m['delta']['udr'])}")
+                           for m in moved], "<<<<", indent="    ")
     for label, names in (("only in A", document["only_in_a"]), ("only in B", document["only_in_b"])):
         if names:
             lines.append(f"  {label}: " + ", ".join(names[:8]) + (" …" if len(names) > 8 else ""))
@@ -3315,10 +3835,159 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _issues_saying(*phrases: str) -> Callable[[Mapping[str, Any]], List[str]]:
+    return lambda document: [issue for issue in document.get("issues") or () if any(p in issue for p in phrases)]
+
+
+# --fail-on: integrity conditions a CI job can fail on, each read from the audit
+# document (so a batch line can be checked the same way).  UDR is deliberately
+# absent: it is instrumentation, not a gate.
+FAIL_CONDITIONS: Dict[str, Callable[[Mapping[str, Any]], List[str]]] = {
+    "issues": lambda document: list(document.get("issues") or ()),
+    "skipped": lambda document: ([f"{document['n_modules_skipped']} LoRA module(s) could not be audited"]
+                                 if document.get("n_modules_skipped") else []),
+    "nonfinite": _issues_saying("NaN/Inf", "overflows float64"),
+    "zero": _issues_saying("the update is zero"),
+    "unmatched-pattern": _issues_saying("matches no audited module"),
+    "rank-mismatch": _issues_saying("rank mismatch", "disagrees with config"),
+}
+
+
+def fail_on_reasons(document: Mapping[str, Any], conditions: Sequence[str]) -> List[str]:
+    """The reasons each condition holds for an audit document (empty: none holds).
+
+    >>> fail_on_reasons({"issues": [], "n_modules_skipped": 2}, ["issues", "skipped"])
+    ['skipped: 2 LoRA module(s) could not be audited']
+    """
+    return [f"{condition}: {reason}" for condition in conditions for reason in FAIL_CONDITIONS[condition](document)]
+
+
+def _report_failures(document: Mapping[str, Any], conditions: Sequence[str]) -> int:
+    """Print why --fail-on conditions hold (at most 5 reasons per condition) → exit code 1, else 0."""
+    failed = 0
+    for condition in conditions:
+        reasons = fail_on_reasons(document, [condition])
+        failed += bool(reasons)
+        for reason in reasons[:5]:
+            print(f"gradience-lite: fail-on {reason}", file=sys.stderr)
+        if len(reasons) > 5:
+            print(f"gradience-lite: fail-on {condition}: … and {len(reasons) - 5} more", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def check_base_paths(args: argparse.Namespace) -> None:
+    """Base-side paths that cannot be used are usage errors (exit 2), named in one
+    line — not one vague issue plus a misleading "no base weight" per module."""
+    if getattr(args, "no_udr", False):
+        return
+    if args.base_norms and not Path(args.base_norms).is_file():
+        raise UsageError(f"--base-norms {args.base_norms}: no such file")
+    if args.base_model and args.base_model != "auto":
+        import base_norms
+
+        try:
+            base_norms.resolve_base(args.base_model)
+        except AdapterFormatError as error:  # its message names where it looked (offline: the HF cache)
+            raise UsageError(f"--base-model (resolved offline): {error}") from None
+    cache = args.base_norms_cache
+    if cache and not Path(cache).exists():
+        if not args.base_model:
+            raise UsageError(f"--base-norms-cache {cache}: no such file, and no --base-model to compute it from")
+        if not Path(cache).resolve().parent.is_dir():
+            raise UsageError(f"--base-norms-cache {cache}: its directory does not exist")
+
+
+def resolve_auto_base(args: argparse.Namespace, path: str) -> None:
+    """``--base-model auto`` for one adapter: the config's ``base_model_name_or_path``,
+    so check_base_paths can refuse it up front like a typed path."""
+    if args.base_model != "auto" or args.no_udr:
+        return
+    files = find_adapter_files(path, adapter=args.adapter, weights=args.weights, config=args.adapter_config)
+    if files.config_path is None:
+        return  # no adapter_config.json (kohya, diffusers metadata …): the audit reports what it finds
+    raw, _ = load_adapter_config(files.config_path)
+    base = raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
+    if not isinstance(base, str) or not base:
+        raise UsageError(f"--base-model auto: {files.config_path or 'the adapter'} names no base_model_name_or_path; "
+                         "pass --base-model PATH_OR_ID")
+    args.base_model = base
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Epilogs keep their layout; an option's default is shown when it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, (), argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+EXIT_CODES = """exit codes:
+  0    the command ran (per-module problems are listed under issues, not fatal)
+  1    a --fail-on condition held (reasons on stderr; stdout still carries the report),
+       or, in a batch, some adapters failed (each has its error line)
+  2    usage error, unreadable adapter, or a --base-model / --base-norms / --base-norms-cache
+       path that does not exist (one line on stderr, never a traceback)
+  3    internal error (a bug in gradience-lite: please report it with the command line)
+  130  interrupted"""
+
+MAIN_EPILOG = f"""examples:
+  gradience-lite audit --help                 each command has its own help
+  gradience-lite audit ./my-adapter
+  gradience-lite audit ./my-adapter --base-model auto --html report.html
+  gradience-lite compare output_dir/
+
+{EXIT_CODES}"""
+
+FAIL_ON_HELP = """--fail-on conditions (comma-separated), for CI:
+  issues             any entry in issues
+  skipped            a LoRA module that could not be audited
+  nonfinite          NaN/Inf in a factor, or a metric that overflows float64
+  zero               a module whose update is zero (B·A = 0)
+  unmatched-pattern  a rank_pattern / alpha_pattern key that matches no module
+  rank-mismatch      factor ranks that disagree, or a stored rank that disagrees with the config
+UDR is instrumentation, not a gate: no condition looks at its value."""
+
+AUDIT_EPILOG = f"""examples:
+  gradience-lite audit ./my-adapter                          text report
+  gradience-lite audit ./my-adapter --json --layers > a.json one JSON document with per-module rows
+  gradience-lite audit ./my-adapter --base-model auto        UDR against the config's base (offline HF cache)
+  gradience-lite audit ./my-adapter --base-model ./base --html report.html
+  gradience-lite audit ./my-adapter --json --fail-on skipped,nonfinite,rank-mismatch   CI gate
+  gradience-lite audit run1/ run2/ run3/ --jsonl out.jsonl --jobs 4               batch
+
+{FAIL_ON_HELP}
+
+{EXIT_CODES}"""
+
+COMPARE_EPILOG = f"""examples:
+  gradience-lite compare adapter-a/ adapter-b/
+  gradience-lite compare a.json b.json --top 5       saved `audit --json --layers` documents
+  gradience-lite compare output_dir/                 its checkpoint-N folders, in step order
+  gradience-lite compare a/ b/ --base-model ./base   UDR on both sides
+
+{EXIT_CODES}"""
+
+
+def fail_on_conditions(value: str) -> Tuple[str, ...]:
+    """Parse ``--fail-on LIST``; an unknown name is a usage error."""
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in names if name not in FAIL_CONDITIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown condition(s) {', '.join(unknown) or repr(value)}; "
+                                         f"choose from {', '.join(FAIL_CONDITIONS)}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="gradience-lite", description="Audit LoRA adapters with NumPy only.")
+    parser = _ArgumentParser(prog="gradience-lite", description="Audit LoRA adapters with NumPy only.",
+                             formatter_class=_HelpFormatter, epilog=MAIN_EPILOG)
+    parser.add_argument("--version", action="version", version=f"gradience-lite {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    audit = commands.add_parser("audit", help="audit adapter directories or weights files")
+    audit = commands.add_parser("audit", help="audit adapter directories or weights files", formatter_class=_HelpFormatter,
+                                description="Audit a LoRA adapter: spectra, rank use and, with a base, UDR.",
+                                epilog=AUDIT_EPILOG)
     audit.add_argument("paths", nargs="*", metavar="PATH",
                        help="adapter directory or .safetensors file; several (or --jsonl) make a batch")
     audit.add_argument("--peft-dir", help="adapter directory (same as a positional PATH)")
@@ -3337,12 +4006,20 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--no-udr", action="store_true", help="skip UDR even if a base is given")
     audit.add_argument("--jsonl", metavar="OUT.jsonl", help="batch: write one JSON line per adapter")
     audit.add_argument("--jobs", type=int, default=1, metavar="N", help="batch: audit N adapters in parallel processes")
-    compare = commands.add_parser("compare", help="compare two adapters (or saved audit JSON), or a run's checkpoints")
+    audit.add_argument("--fail-on", type=fail_on_conditions, default=(), metavar="LIST",
+                       help="exit 1 when one of these integrity conditions holds (see below); stdout is unchanged")
+    compare = commands.add_parser("compare", help="compare two adapters (or saved audit JSON), or a run's checkpoints",
+                                  formatter_class=_HelpFormatter, epilog=COMPARE_EPILOG,
+                                  description="Compare two adapters side by side, or follow a run's checkpoints.")
     compare.add_argument("paths", nargs="+", metavar="PATH",
                          help="A B (adapters or audit JSON); or checkpoints in order; or one folder of checkpoint-N")
     compare.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     compare.add_argument("--top", type=int, default=10, metavar="N", help="list the N modules that changed most")
     compare.add_argument("--no-overlap", action="store_true", help="skip the update overlaps (metrics only)")
+    compare.add_argument("--base-model", metavar="PATH_OR_ID", help="UDR on both sides: base dir/file, offline hub id, or 'auto'")
+    compare.add_argument("--base-norms", metavar="FILE", help="precomputed base norms (read-only)")
+    compare.add_argument("--base-norms-cache", metavar="FILE", help="base norms cache: read, compute what is missing, write back")
+    commands.add_parser("norms", help="base-model norms: the same as `python -m base_norms` (norms --help)", add_help=False)
     return parser
 
 
@@ -3374,7 +4051,7 @@ def append_metrics_event(result: AuditResult, path: str) -> Dict[str, Any]:
 
 
 def _udr_options(args: argparse.Namespace) -> Dict[str, Optional[str]]:
-    wants_udr = not args.no_udr and (args.base_model or args.base_norms or args.base_norms_cache)
+    wants_udr = not getattr(args, "no_udr", False) and (args.base_model or args.base_norms or args.base_norms_cache)
     return {"base_model": args.base_model if wants_udr else None, "base_norms": args.base_norms if wants_udr else None,
             "base_norms_cache": args.base_norms_cache if wants_udr else None}
 
@@ -3386,7 +4063,12 @@ def _run_audit(args: argparse.Namespace) -> int:
     for name in ("top_wasteful", "top_singular_values", "jobs"):
         if getattr(args, name) < (1 if name == "jobs" else 0):
             raise UsageError(f"--{name.replace('_', '-')} must be >= {1 if name == 'jobs' else 0}")
+    if len(paths) <= 1 and not args.jsonl:
+        resolve_auto_base(args, paths[0] if paths else args.weights)
+    check_base_paths(args)
     if len(paths) > 1 or args.jsonl:
+        if args.fail_on:  # refused rather than dropped; fail_on_reasons() reads a batch line just as well
+            raise UsageError("--fail-on is for single audits; in a batch, each JSON line has the issues to gate on")
         return _run_batch(args, paths)
     # The HTML report plots spectra, so it asks for them when the user did not.
     top_k = args.top_singular_values or (64 if args.html else 0)
@@ -3398,14 +4080,16 @@ def _run_audit(args: argparse.Namespace) -> int:
         document = result.to_summary_dict(include_layers=args.layers)
         print(json.dumps(document, indent=2, allow_nan=False))
     else:
-        print(render_text_report(result, show_layers=args.layers, top_wasteful=args.top_wasteful))
+        print(render_text_report(result, show_layers=args.layers, top_wasteful=args.top_wasteful,
+                                 singular_values=args.top_singular_values))
     if args.html:
-        Path(args.html).write_text(render_html_report(result), encoding="utf-8")
+        Path(args.html).write_text(render_html_report(result, command=getattr(args, "command_line", None)),
+                                   encoding="utf-8")
         print(f"wrote HTML report to {args.html}", file=sys.stderr)
     if args.append:
         append_metrics_event(result, args.append)
         print(f"appended metrics event to {args.append}", file=sys.stderr)
-    return 0
+    return _report_failures(result.to_summary_dict(), args.fail_on)
 
 
 def batch_audit_line(path: str, options: Mapping[str, Any]) -> Dict[str, Any]:
@@ -3469,11 +4153,13 @@ def _run_compare(args: argparse.Namespace) -> int:
     paths = checkpoint_series(args.paths)
     if len(paths) < 2:
         raise UsageError("compare needs two paths, or a folder of checkpoint-N folders")
+    check_base_paths(args)
+    udr = _udr_options(args)
     if len(paths) == 2:
-        document = compare_adapters(paths[0], paths[1], overlaps=not args.no_overlap)
+        document = compare_adapters(paths[0], paths[1], overlaps=not args.no_overlap, **udr)
         text = render_comparison(document, top=args.top)
     else:
-        document = training_drift(paths)
+        document = training_drift(paths, **udr)
         text = render_drift(document)
     print(json.dumps(document, indent=2, allow_nan=False) if args.json else text)
     return 0
@@ -3481,8 +4167,14 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``gradience-lite`` / ``python -m gradience_lite``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["norms"]:  # one console entry for pipx / uv tool installs: `norms` is base_norms' CLI
+            import base_norms
+
+            return base_norms.main(argv[1:])
         args = build_parser().parse_args(argv)
+        args.command_line = "gradience-lite " + shlex.join(argv)  # recorded in the HTML report's header
         if args.command == "audit":
             return _run_audit(args)
         if args.command == "compare":
@@ -3491,6 +4183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, AdapterFormatError) as error:
         print(f"gradience-lite: error: {error}", file=sys.stderr)
         return 2
+    except SystemExit as exit_request:  # --help, --version, and base_norms' own argparse errors
+        return exit_request.code if isinstance(exit_request.code, int) else int(exit_request.code is not None)
     except BrokenPipeError:  # `... | head` closed the pipe: not an error of ours
         return 0
     except KeyboardInterrupt:
