@@ -1197,9 +1197,10 @@ FRAMEWORK_DTYPES = {
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
     "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
 }
-# Floats NumPy has no dtype for: the framework widens them to float32 (exact for
-# bf16 and fp8, so the numbers equal the file route's own decode).
-WIDENED_DTYPES = ("BF16", "F8_E4M3", "F8_E5M2")
+# Floats NumPy has no dtype for.  torch hands over their bits through an integer
+# view of the same width (no copy; decoded here exactly as a file's bytes are);
+# frameworks without one widen them to float32 themselves (exact for bf16 and fp8).
+BIT_VIEWS = {"BF16": ("int16", np.uint16), "F8_E4M3": ("uint8", np.uint8), "F8_E5M2": ("uint8", np.uint8)}
 
 
 def _describe_tensor(tensor: Any) -> Tuple[str, Tuple[int, ...], Optional[str]]:
@@ -1212,23 +1213,34 @@ def _describe_tensor(tensor: Any) -> Tuple[str, Tuple[int, ...], Optional[str]]:
     return (dtype, shape, None) if dtype else (framework_name, shape, f"unsupported dtype {framework_name}")
 
 
-def _as_numpy(tensor: Any, widen: bool) -> np.ndarray:
-    """The tensor's values as a NumPy array, converted by the tensor's own methods.
+def _framework_dtype(value: Any, name: str) -> Any:
+    """A dtype object of the framework that defines ``value``'s type (``torch.int16``,
+    ``mlx.core.float32``), from the already imported module; None if it has none."""
+    return getattr(sys.modules.get(type(value).__module__), name, None)
 
-    torch: ``t.detach().to("cpu")[.float()].numpy()`` (no copy for a CPU tensor
-    NumPy can hold); MLX: ``a.astype(mlx.core.float32)`` with the dtype taken
-    from the module that defines the array's type (already imported by the
-    caller); JAX, NumPy (ml_dtypes) and ``__array__`` objects: ``numpy.asarray``.
+
+def _as_numpy(tensor: Any, dtype: str) -> np.ndarray:
+    """The tensor's values as a NumPy array that :func:`decode` reads, converted by
+    the tensor's own methods.
+
+    torch: ``t.detach().to("cpu").numpy()`` — bf16 / fp8 through
+    ``.view(torch.int16 / torch.uint8)`` (their bits, no copy), else ``.float()``;
+    MLX: ``a.astype(mlx.core.float32)``; JAX, NumPy (ml_dtypes) and
+    ``__array__`` objects: ``numpy.asarray``, widened by NumPy.
     """
+    narrow = dtype in BIT_VIEWS
     value = tensor.detach() if callable(getattr(tensor, "detach", None)) else tensor
     if callable(getattr(value, "numpy", None)) and callable(getattr(value, "float", None)):  # torch's API
         value = value.to("cpu") if callable(getattr(value, "to", None)) else value
-        return (value.float() if widen else value).numpy()
-    if widen and not isinstance(value, np.ndarray) and callable(getattr(value, "astype", None)):
-        framework = sys.modules.get(type(value).__module__)
-        value = value.astype(getattr(framework, "float32", np.float32))
+        if not narrow:
+            return value.numpy()
+        integer_name, bits = BIT_VIEWS[dtype]
+        integer = _framework_dtype(value, integer_name)
+        return value.view(integer).numpy().view(bits) if integer is not None else value.float().numpy()
+    if narrow and not isinstance(value, np.ndarray) and callable(getattr(value, "astype", None)):
+        value = value.astype(_framework_dtype(value, "float32") or np.float32)
     array = np.asarray(value)
-    return array.astype(np.float32) if widen and array.dtype.kind != "f" else array
+    return array.astype(np.float32) if narrow and array.dtype.kind != "f" else array
 
 
 class _TensorSource:
@@ -1267,7 +1279,7 @@ class _TensorSource:
             if key not in held:
                 held.clear()
                 try:
-                    held[key] = _as_numpy(tensors[key], described(key)[0] in WIDENED_DTYPES)
+                    held[key] = _as_numpy(tensors[key], described(key)[0])
                 except Exception as error:  # noqa: BLE001 — whatever the framework raises, name the tensor
                     raise AdapterFormatError(f"tensor {key!r} ({type(tensors[key]).__name__}) could not be "
                                              f"converted to NumPy: {type(error).__name__}: {error}") from None

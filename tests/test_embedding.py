@@ -119,6 +119,35 @@ def test_framework_tensors_are_converted_one_at_a_time():
     assert FakeTorchTensor.peak_alive == 0
 
 
+class FakeTorchModuleTensor(FakeTorchTensor):
+    """A tensor whose type lives in an imported framework module that has ``int16``
+    (as torch's does): bf16 is handed over as its bits, through ``.view``."""
+
+    def detach(self):
+        return FakeTorchModuleTensor(self._values, str(self.dtype), self.device, False)
+
+    def to(self, device):
+        return FakeTorchModuleTensor(self._values, str(self.dtype), device, self.requires_grad)
+
+    def float(self):
+        raise AssertionError("bf16 must be read through its bits, not widened by the framework")
+
+    def view(self, dtype):
+        assert dtype is FAKE_TORCH.int16, "torch's view takes torch's own dtype"
+        return FakeTorchTensor(self._values.view(np.int16), "torch.int16", self.device, self.requires_grad)
+
+
+FAKE_TORCH = types.ModuleType("fake_torch")
+FAKE_TORCH.int16 = object()
+FakeTorchModuleTensor.__module__ = "fake_torch"
+
+
+def test_torch_bf16_is_read_through_its_bits_when_the_framework_offers_a_view(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fake_torch", FAKE_TORCH)
+    tensors = {name: FakeTorchModuleTensor(bits, "torch.bfloat16") for name, bits in bf16_bits(BF16_FILE).items()}
+    assert document(audited(tensors)) == document(audited(fake_torch_state_dict(BF16_FILE)))
+
+
 class FakeMlxArray:
     """MLX's way: ``astype(mlx.core.float32)``; NumPy cannot read a bf16 array."""
 
