@@ -12,7 +12,7 @@ The module reads top to bottom in the order data flows:
     3. config             → r, alpha, rsLoRA, rank/alpha patterns; kohya and MLX scale rules
     4. keys               → module records for PEFT, diffusers, kohya, LyCORIS, MLX-LM
     5. low-rank spectra   → singular values of B·A from r×r problems
-    6. audit              → per-module records (LoRA, LoHa, LoKr), summaries, UDR
+    6. audit              → tensors from any framework; per-module records (LoRA, LoHa, LoKr), summaries, UDR
     7. reports            → JSON contract, text report, HTML report
     8. compare            → two adapters side by side; drift over checkpoints
     9. CLI                → ``python -m gradience_lite audit|compare …``
@@ -1271,7 +1271,7 @@ class _TensorSource:
     def from_tensors(cls, tensors: Mapping[str, Any]) -> "_TensorSource":
         """Any mapping of array-likes.  At most one tensor is held converted at a
         time (the audit reads a factor, reduces it and releases it), so a state
-        dict of bf16 GPU tensors costs one float32 host copy of its largest factor."""
+        dict of GPU tensors costs one host copy of its largest factor."""
         described = functools.lru_cache(maxsize=None)(lambda key: _describe_tensor(tensors[key]))
         held: Dict[str, np.ndarray] = {}
 
@@ -1946,10 +1946,10 @@ def audit_lora_state_dict(tensors: Any, config: Any = None, *, include_top_singu
     """Audit LoRA factors keyed as PEFT saves them, wherever they live.
 
     ``tensors`` is a mapping of name → array-like — NumPy arrays, objects with
-    ``__array__``, or torch / JAX / MLX tensors in any dtype and on any device
-    (bf16 and fp8 are widened by the framework itself; no framework is
-    imported here) — or what :func:`open_safetensors` returns, or a path to a
-    ``.safetensors`` file.  Every route gives the same numbers, and tensors are
+    ``__array__``, or torch / JAX / MLX tensors in any dtype and on any device,
+    converted through their own methods (no framework is imported here; see
+    :func:`_as_numpy`) — or what :func:`open_safetensors` returns, or a path to
+    a ``.safetensors`` file.  Every route gives the same numbers, and tensors are
     converted one at a time as the audit reaches them.  ``config`` is the
     ``adapter_config.json`` dict, a PEFT ``LoraConfig`` (e.g.
     ``model.peft_config["default"]``), or ``None`` (scale 1, with an issue);
