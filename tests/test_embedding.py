@@ -137,15 +137,27 @@ class FakeTorchModuleTensor(FakeTorchTensor):
         return FakeTorchTensor(self._values.view(np.int16), "torch.int16", self.device, self.requires_grad)
 
 
-FAKE_TORCH = types.ModuleType("fake_torch")
-FAKE_TORCH.int16 = object()
-FakeTorchModuleTensor.__module__ = "fake_torch"
+def fake_framework(name, dtype_name, tensor_class):
+    """A framework module (as if imported by the caller) that defines ``tensor_class``
+    and a dtype object ``dtype_name``, as torch defines torch.int16 and MLX mlx.core.float32."""
+    module = types.ModuleType(name)
+    setattr(module, dtype_name, object())
+    tensor_class.__module__ = name
+    return module
+
+
+def audits_like_the_file(monkeypatch, framework, make_tensor):
+    monkeypatch.setitem(sys.modules, framework.__name__, framework)
+    tensors = {name: make_tensor(bits) for name, bits in bf16_bits(BF16_FILE).items()}
+    return document(audited(tensors)) == document(audited(BF16_FILE)).replace(
+        f'"weights_path": "{BF16_FILE}"', '"weights_path": null')
+
+
+FAKE_TORCH = fake_framework("fake_torch", "int16", FakeTorchModuleTensor)
 
 
 def test_torch_bf16_is_read_through_its_bits_when_the_framework_offers_a_view(monkeypatch):
-    monkeypatch.setitem(sys.modules, "fake_torch", FAKE_TORCH)
-    tensors = {name: FakeTorchModuleTensor(bits, "torch.bfloat16") for name, bits in bf16_bits(BF16_FILE).items()}
-    assert document(audited(tensors)) == document(audited(fake_torch_state_dict(BF16_FILE)))
+    assert audits_like_the_file(monkeypatch, FAKE_TORCH, lambda bits: FakeTorchModuleTensor(bits, "torch.bfloat16"))
 
 
 class FakeMlxArray:
@@ -164,15 +176,11 @@ class FakeMlxArray:
         return self._values
 
 
-FAKE_MLX = types.ModuleType("fake_mlx.core")
-FAKE_MLX.float32 = object()
-FakeMlxArray.__module__ = "fake_mlx.core"
+FAKE_MLX = fake_framework("fake_mlx.core", "float32", FakeMlxArray)
 
 
 def test_mlx_style_arrays_are_widened_with_their_own_dtype(monkeypatch):
-    monkeypatch.setitem(sys.modules, "fake_mlx.core", FAKE_MLX)
-    arrays = {name: FakeMlxArray(bits, "bfloat16") for name, bits in bf16_bits(BF16_FILE).items()}
-    assert document(audited(arrays)) == document(audited(fake_torch_state_dict(BF16_FILE)))
+    assert audits_like_the_file(monkeypatch, FAKE_MLX, lambda bits: FakeMlxArray(bits, "bfloat16"))
 
 
 class ArrayLike:
