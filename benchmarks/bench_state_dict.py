@@ -17,8 +17,10 @@ adapter held in memory (no file is read):
   benchmarks/_data/ and is in the page cache), in the same process and under
   the same machine load.
 
-Reported: median wall time per call (audit + JSONL append) and the growth of
-peak RSS over the state dict itself (the audit's own working memory).
+Reported: median wall time per call (audit + JSONL append), median CPU time
+per call (process time, all threads: what the call costs a busy machine,
+and far less sensitive than wall time to other processes' load), and the
+growth of peak RSS over the state dict itself (the audit's own working memory).
 """
 import argparse
 import resource
@@ -102,16 +104,17 @@ def measure(kind, rank, calls):
     tensors = state_dict(kind, rank)
     config = {"r": rank, "lora_alpha": 2 * rank}
     before = peak_rss_mib()
-    times = []
+    wall, cpu = [], []
     with tempfile.TemporaryDirectory() as folder:
         run_file = str(Path(folder) / "run.jsonl")
         for step in range(calls + 1):  # the first call is a warm-up (imports, first-touch of buffers)
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             result = gl.audit_lora_state_dict(tensors, config)
             gl.append_metrics_event(result, run_file, run_id="bench", step=step)
-            times.append(time.perf_counter() - started)
+            wall.append(time.perf_counter() - started)
+            cpu.append(time.process_time() - started_cpu)
         assert result.to_summary_dict()["n_layers"] == 224 and not result.issues, result.issues
-    return statistics.median(times[1:]), min(times[1:]), peak_rss_mib() - before
+    return statistics.median(wall[1:]), min(wall[1:]), statistics.median(cpu[1:]), peak_rss_mib() - before
 
 
 def main():
@@ -127,10 +130,10 @@ def main():
     except ImportError:
         print("(torch not importable: torch-bf16 case skipped)", file=sys.stderr)
     print(f"7B-shaped all-linear adapter, r={args.rank}, 224 modules; median of {args.calls} calls after a warm-up")
-    print(f"{'state dict':<12} {'per call':>10} {'fastest':>10} {'peak RSS growth':>16}")
+    print(f"{'state dict':<12} {'wall/call':>10} {'fastest':>10} {'CPU/call':>10} {'peak RSS growth':>16}")
     for kind in kinds:
-        median, fastest, growth = measure(kind, args.rank, args.calls)
-        print(f"{kind:<12} {median:>9.3f}s {fastest:>9.3f}s {growth:>13.0f} MiB")
+        median, fastest, cpu, growth = measure(kind, args.rank, args.calls)
+        print(f"{kind:<12} {median:>9.3f}s {fastest:>9.3f}s {cpu:>9.3f}s {growth:>13.0f} MiB")
 
 
 if __name__ == "__main__":
