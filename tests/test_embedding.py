@@ -83,6 +83,10 @@ def document(result):
     return json.dumps(result.to_summary_dict(include_layers=True), sort_keys=True)
 
 
+def rows_of(result):
+    return [layer.to_dict() for layer in result.layers]
+
+
 def audited(tensors):
     return gl.audit_lora_state_dict(tensors, CONFIG, include_top_singular_values=8)
 
@@ -101,7 +105,7 @@ def test_bf16_file_path_open_safetensors_and_torch_tensors_give_identical_json()
 def test_state_dict_route_equals_the_directory_audit_and_dense_svd():
     from_dir = gl.audit_lora_peft_dir(BF16_CASE, include_top_singular_values=8)
     from_tensors = audited(fake_torch_state_dict(BF16_FILE))
-    assert [layer.to_dict() for layer in from_dir.layers] == [layer.to_dict() for layer in from_tensors.layers]
+    assert rows_of(from_dir) == rows_of(from_tensors)
     tensors = oracle_load(BF16_FILE)
     for layer in from_tensors.layers:
         delta = dense_delta(tensors[layer.lora_a_key], tensors[layer.lora_b_key], layer.scale, layer.kind)
@@ -306,3 +310,14 @@ def test_append_metrics_event_takes_the_training_loops_run_id_and_step(tmp_path)
     events = [json.loads(line) for line in run_file.read_text().splitlines()]
     assert [(e["run_id"], e["step"]) for e in events] == [("train-1", 10), ("train-1", 20), ("train-1", 20)]
     assert all(e["schema"] == "gradience.vnext.telemetry/v1" and e["kind"] == "lora_audit" for e in events)
+
+
+@pytest.mark.parametrize("weights", sorted((FIXTURES / "formats").glob("*/*.safetensors")), ids=lambda p: p.parent.name)
+def test_a_weights_path_audits_like_the_directory_route_in_every_format(weights):
+    # The header metadata (kohya ss_*, diffusers lora_adapter_metadata) reaches the state-dict route too.
+    config_file = weights.parent / "adapter_config.json"  # the directory route finds it; here it is passed
+    config = json.loads(config_file.read_text()) if config_file.exists() else None
+    by_path = gl.audit_lora_state_dict(weights, config, include_top_singular_values=4)
+    by_dir = gl.audit_lora_peft_dir(weights, include_top_singular_values=4)
+    assert by_path.layers and rows_of(by_path) == rows_of(by_dir)
+    assert (by_path.adapter_format, by_path.format_metadata) == (by_dir.adapter_format, by_dir.format_metadata)
