@@ -3,7 +3,8 @@
 No framework is installed here, so torch / MLX / JAX tensors are stood in for
 by fakes that refuse what the real ones refuse (torch: ``.numpy()`` on a bf16,
 a grad-requiring or a GPU tensor; MLX: ``numpy.asarray`` of a bf16 array).
-The real torch + PEFT path is tests/test_training_loop.py.  The oracle for the
+The real torch + PEFT path is tests/test_training_loop.py, real JAX and MLX
+tests/test_frameworks.py (both skipped where those are absent).  The oracle for the
 numbers is the file route (itself checked against dense SVD in test_core) and
 a dense SVD of ΔW formed from independently decoded tensors.
 """
