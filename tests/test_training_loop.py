@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (CI runs thi
 peft = pytest.importorskip("peft", reason="peft is not installed (CI runs this file in a separate torch venv)")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (CI runs this file in a separate torch venv)")
 
+import base_norms  # noqa: E402
 import gradience_lite as gl  # noqa: E402
 from conftest import ROOT  # noqa: E402
 
@@ -30,14 +31,17 @@ def readme_example(marker: str) -> str:
     return found[0]
 
 
-def tiny_bf16_peft_model(seed=0):
+def tiny_bf16_peft_model(seed=0, save_base_to=None):
     """A tiny Llama from a config, in bf16, with bf16 LoRA factors (PEFT would
     otherwise upcast the adapter to float32; training in bf16 is the case a
-    NumPy-only auditor could not read)."""
+    NumPy-only auditor could not read).  ``save_base_to``: also save the base
+    model there (safetensors) before the adapter is attached."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    if save_base_to is not None:
+        model.save_pretrained(save_base_to)
     lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0, rank_pattern={"down_proj": 4})
     return peft.get_peft_model(model, lora, autocast_adapter_dtype=False)
 
@@ -136,3 +140,24 @@ def test_plain_loop_from_the_readme_appends_valid_events(tmp_path, monkeypatch):
     events = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
     assert [(event["run_id"], event["step"]) for event in events] == [("my-run", 3), ("my-run", 6)]
     assert all(event["metrics"]["n_layers"] == 2 * len(TARGETS) for event in events)
+
+
+def test_udr_in_the_loop_from_a_cached_base_equals_svd_of_the_live_weights(tmp_path, monkeypatch):
+    model = tiny_bf16_peft_model(save_base_to=tmp_path / "base")  # what the loop points base_model at
+    train(model, 3)
+    cache = tmp_path / "base_norms.json"
+    result = gl.audit_lora_state_dict(peft.get_peft_model_state_dict(model), model.peft_config["default"])
+    first = gl.attach_udr(result, base_model=str(tmp_path / "base"), base_norms_cache=str(cache))
+    # Later audits in the loop reuse the cache: no base tensor is decomposed again.
+    monkeypatch.setattr(base_norms, "tensor_norms", lambda *args, **kwargs: pytest.fail("recomputed a base norm"))
+    again = gl.attach_udr(result, base_model=str(tmp_path / "base"), base_norms_cache=str(cache))
+    assert rows(first) == rows(again)
+    modules = {name.replace("base_model.model.", "", 1): module for name, module in model.named_modules()
+               if isinstance(module, peft.tuners.lora.LoraLayer)}
+    assert first.to_summary_dict()["n_layers_with_udr"] == len(first.layers)
+    for layer in first.layers:
+        base = modules[layer.name].base_layer.weight.detach().double()
+        base_sigma = float(torch.linalg.svdvals(base)[0])
+        assert layer.base_sigma_max == pytest.approx(base_sigma, rel=1e-6)  # Lanczos tolerance
+        assert layer.base_fro_norm == pytest.approx(float(torch.linalg.norm(base)), rel=1e-12)
+        assert layer.udr == pytest.approx(layer.delta_sigma_max / base_sigma, rel=1e-6)
