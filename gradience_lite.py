@@ -9,10 +9,14 @@ The module reads top to bottom in the order data flows:
 
     1. safetensors bytes  → tensor records and decoded float arrays
     2. adapter files      → which weights / config / named adapter to read
-    3. config             → r, alpha, rsLoRA, rank/alpha patterns; kohya and MLX scale rules
-    4. keys               → module records for PEFT, diffusers, kohya, LyCORIS, MLX-LM
+    3. config             → r, alpha, rsLoRA, rank/alpha patterns; kohya and MLX scale rules;
+                            every LoraConfig field and what it does to ΔW;
+                            PEFT's tuners (LoHa, LoKr, AdaLoRA, VeRA) and the PEFT types refused
+    4. keys               → module records for PEFT, diffusers, kohya, LyCORIS, MLX-LM; the LoraConfig
+                            fields that change how factors combine (KaSA, BD-LoRA, MoE experts)
     5. low-rank spectra   → singular values of B·A from r×r problems
-    6. audit              → tensors from any framework; per-module records (LoRA, LoHa, LoKr), summaries, UDR
+    6. audit              → tensors from any framework; per-module records (LoRA, LoHa, LoKr, AdaLoRA, VeRA),
+                            summaries, UDR
     7. reports            → JSON contract, text report, HTML report
     8. compare            → two adapters side by side; drift over checkpoints
     9. CLI                → ``python -m gradience_lite audit|compare …``
@@ -317,11 +321,22 @@ class Workspace:
     Decoding into fresh arrays costs a page fault per 4 KiB (more than the
     decoding itself); reusing two buffers makes a streamed audit touch the
     same few megabytes over and over.  Arrays handed out are views that the
-    next read overwrites.
+    next read overwrites.  It also remembers the last few results computed
+    for a whole fused tensor (see ``remember``).
     """
 
     def __init__(self) -> None:
         self._buffers: Dict[Any, np.ndarray] = {}
+        self._recent: Dict[Any, Any] = {}  # see remember()
+
+    def remember(self, key: Any, compute: Callable[[], Any], keep: int = 2) -> Any:
+        """``compute()`` once per ``key`` among the last ``keep`` keys asked for
+        (consecutive expert modules share one pass over their fused A and B)."""
+        if key not in self._recent:
+            if len(self._recent) >= keep:
+                del self._recent[next(iter(self._recent))]
+            self._recent[key] = compute()
+        return self._recent[key]
 
     def take(self, count: int, dtype: Any) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -517,6 +532,77 @@ class AdapterConfig:
     target_modules: Any = None
     modules_to_save: Any = None
     layer_replication: Any = None
+    # AdaLoRA: module name → the boolean rank mask PEFT saved in rank_pattern (True = rank kept)
+    rank_masks: Tuple[Tuple[str, Tuple[bool, ...]], ...] = ()
+    lora_bias: bool = False
+    kasa: bool = False  # kasa_config set: ΔW = s·B·diag(lora_diag)·A
+    bd_lora: Optional["BdLora"] = None  # use_bdlora: which factor is block-diagonal, in how many blocks
+    target_parameters: Tuple[str, ...] = ()  # nn.Parameters wrapped by PEFT's ParamWrapper (MoE experts)
+    refusals: Tuple[str, ...] = ()  # fields that change ΔW in a way the audit cannot compute: no module is audited
+
+
+class BdLora(NamedTuple):
+    """PEFT's BdLoraConfig: modules whose name contains an ``a_patterns`` entry
+    have a block-diagonal lora_A, ``b_patterns`` a block-diagonal lora_B."""
+
+    a_patterns: Tuple[str, ...]
+    b_patterns: Tuple[str, ...]
+    nblocks: int
+
+
+class FieldRule(NamedTuple):
+    """What one LoraConfig field does to ΔW, and what the audit does about it."""
+
+    effect: str  # "none": ΔW unchanged;  "read": the audit implements it;  "note": audited, with an issue;  "refuse"
+    harmless: Tuple[Any, ...] = (None, False, {}, [])  # values with no effect (the default among them)
+    text: str = ""  # the issue, for "note" and "refuse"
+
+
+# Every field of PEFT 0.21.2's LoraConfig (peft/tuners/lora/config.py, with PeftConfig's
+# own fields), field by field: does it change the ΔW a module applies?  A key not in
+# this table is reported (PEFT 0.21.2 drops unknown keys with a warning, so a newer
+# PEFT's field may change ΔW in ways these numbers do not include).
+_BASE_CHANGING_INITS = "the base weight was modified at init (W − s·B₀·A₀ or a quantized residual)"
+LORA_CONFIG_FIELDS: Dict[str, FieldRule] = {
+    # PeftConfig metadata
+    "task_type": FieldRule("none"), "peft_type": FieldRule("read"), "auto_mapping": FieldRule("none"),
+    "peft_version": FieldRule("none"), "base_model_name_or_path": FieldRule("read"), "revision": FieldRule("none"),
+    "inference_mode": FieldRule("none"),
+    # scale and rank
+    "r": FieldRule("read"), "lora_alpha": FieldRule("read"), "use_rslora": FieldRule("read"),
+    "rank_pattern": FieldRule("read"), "alpha_pattern": FieldRule("read"),
+    # which modules are adapted (the saved tensors say it again)
+    "target_modules": FieldRule("none"), "exclude_modules": FieldRule("none"),
+    "layers_to_transform": FieldRule("none"), "layers_pattern": FieldRule("none"),
+    "modules_to_save": FieldRule("none"),  # whole modules saved: listed under non_lora_tensors
+    # training-time only: the eval forward and the merge are s·B·A
+    "lora_dropout": FieldRule("none"), "velora_config": FieldRule("none"), "monteclora_config": FieldRule("none"),
+    "runtime_config": FieldRule("none"), "megatron_config": FieldRule("none"), "megatron_core": FieldRule("none"),
+    "ensure_weight_tying": FieldRule("none"),  # tied copies store the same factors, ΔW = s·B·A each
+    "eva_config": FieldRule("none"), "loftq_config": FieldRule("none"), "corda_config": FieldRule("none"),
+    "lora_ga_config": FieldRule("none"),  # their effect is read from init_lora_weights
+    # ΔW transposed (fan_in_fan_out) or mapped to other base layers (layer_replication): same spectrum
+    "fan_in_fan_out": FieldRule("read"), "layer_replication": FieldRule("read"),
+    # variants the audit implements
+    "kasa_config": FieldRule("read"), "use_bdlora": FieldRule("read"), "target_parameters": FieldRule("read"),
+    "lora_bias": FieldRule("read"), "trainable_token_indices": FieldRule("read"),
+    "use_dora": FieldRule("note", text="use_dora: DoRA rescales each column of the merged weight by the magnitude "
+                          "vector (needs the base weight); the numbers are of the low-rank part s·B·A"),
+    "init_lora_weights": FieldRule("note", (True, False, "gaussian", "orthogonal", "eva", "mica"),
+                                   f"init_lora_weights: {_BASE_CHANGING_INITS}; ΔW is the adapter's s·B·A on that "
+                                   "modified base, not the change from the original base (save with "
+                                   "path_initial_model_for_weight_conversion for that)"),
+    "bias": FieldRule("note", ("none", None), "bias: the adapter also trains base biases (full tensors, listed "
+                      "under non_lora_tensors); they are not part of ΔW"),
+    "alora_invocation_tokens": FieldRule("note", text="alora_invocation_tokens: aLoRA applies ΔW only to tokens "
+                                         "from the invocation sequence on"),
+    "use_qalora": FieldRule("refuse", text="use_qalora: on GPTQ layers QALoRA pools the input in groups "
+                            "(qalora_group_size) before lora_A, on other layers it does nothing, and the adapter "
+                            "does not say which the base is"),
+    "qalora_group_size": FieldRule("none"),  # read with use_qalora
+    "arrow_config": FieldRule("refuse", text="arrow_config: Arrow routes each token through a mixture of task "
+                              "adapters; there is no single ΔW"),
+}
 
 
 def _compile_pattern_key(key: str) -> Tuple["re.Pattern[str]", Optional[str]]:
@@ -579,19 +665,24 @@ def parse_adapter_config(raw: Optional[Mapping[str, Any]]) -> Tuple[AdapterConfi
         issues.append("config: adapter config is not a JSON object; auditing from the weights alone")
         return AdapterConfig(), issues
     peft_type = raw.get("peft_type")
-    if peft_type not in (None, "LORA"):
-        issues.append(f"config: peft_type is {peft_type!r}, not LORA; LoRA keys are audited as LoRA")
+    known = isinstance(peft_type, str) and peft_type in PEFT_VARIANTS
+    if peft_type is not None and not known:  # the entry points refuse such adapters before parsing
+        issues.append(f"config: peft_type is {peft_type!r}, not a type gradience_lite audits; read as LORA")
+    variant = PEFT_VARIANTS[peft_type] if known else PEFT_VARIANTS["LORA"]
     values: Dict[str, Any] = {}
-    for name, cast in (("r", _positive_int), ("lora_alpha", _finite_number)):
-        if name not in raw:
-            issues.append(f"config: {name} is missing")
+    # Each tuner names its rank and alpha fields its own way (LoHa/LoKr "alpha", AdaLoRA "init_r").
+    for name, field_name, cast in (("r", variant.rank_field, _positive_int), ("lora_alpha", variant.alpha_field, _finite_number)):
+        if field_name is None:
+            continue
+        if field_name not in raw:
+            issues.append(f"config: {field_name} is missing")
             continue
         try:
-            values[name] = cast(raw[name])
+            values[name] = cast(raw[field_name])
         except (TypeError, ValueError):
-            issues.append(f"config: {name} = {raw[name]!r} is not a valid value; ignored")
+            issues.append(f"config: {field_name} = {raw[field_name]!r} is not a valid value; ignored")
     flags = {}
-    for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
+    for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
         value = raw.get(name, False)
         if value is None:
             value = False
@@ -599,19 +690,97 @@ def parse_adapter_config(raw: Optional[Mapping[str, Any]]) -> Tuple[AdapterConfi
             issues.append(f"config: {name} = {value!r} is not true/false; taken as false")
             value = False
         flags[name] = value
+    masks = variant.family == "adalora"  # AdaLoRA's rank_pattern holds boolean masks, not ranks
     return AdapterConfig(
         present=True,
         r=values.get("r"),
         lora_alpha=values.get("lora_alpha"),
-        rank_pattern=_parse_patterns(raw.get("rank_pattern"), "rank_pattern", _positive_int, issues),
+        rank_pattern=() if masks else _parse_patterns(raw.get("rank_pattern"), "rank_pattern", _positive_int, issues),
+        rank_masks=_parse_rank_masks(raw.get("rank_pattern"), issues) if masks else (),
         alpha_pattern=_parse_patterns(raw.get("alpha_pattern"), "alpha_pattern", _finite_number, issues),
         peft_type=peft_type if isinstance(peft_type, str) else None,
         base_model_name_or_path=raw.get("base_model_name_or_path") if isinstance(raw.get("base_model_name_or_path"), str) else None,
         target_modules=raw.get("target_modules"),
         modules_to_save=raw.get("modules_to_save"),
         layer_replication=raw.get("layer_replication"),
+        kasa=raw.get("kasa_config") is not None,
+        bd_lora=_parse_bd_lora(raw.get("use_bdlora"), issues),
+        target_parameters=_parse_target_parameters(raw.get("target_parameters"), issues),
+        refusals=_check_fields(raw, issues) if peft_type in (None, "LORA") else (),
         **flags,
     ), issues
+
+
+def _check_fields(raw: Mapping[str, Any], issues: List[str]) -> Tuple[str, ...]:
+    """Hold every key against LORA_CONFIG_FIELDS: unknown keys and noted fields
+    become issues; the texts of refusing fields are returned."""
+    refusals = []
+    unknown = sorted(str(key) for key in raw if key not in LORA_CONFIG_FIELDS)
+    if unknown:
+        issues.append(f"config: {_short_repr(', '.join(unknown))[1:-1]}: not LoraConfig field(s) of PEFT 0.21.2 "
+                      "(written by another version?); PEFT 0.21.2 ignores them on load and so does this audit — if "
+                      "they change ΔW in the version that wrote them, the numbers do not include it")
+    for name, rule in LORA_CONFIG_FIELDS.items():
+        value = raw.get(name)
+        # null or missing is the default; others are compared with their types (1 is not True).
+        if rule.effect not in ("note", "refuse") or value is None \
+                or any(type(value) is type(h) and value == h for h in rule.harmless):
+            continue
+        if rule.effect == "note":
+            issues.append(f"config: {rule.text} (value {_short_repr(value)})")
+        else:
+            refusals.append(f"{rule.text} (value {_short_repr(value)}); not audited")
+    return tuple(refusals)
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _parse_bd_lora(raw: Any, issues: List[str]) -> Optional[BdLora]:
+    if raw is None:
+        return None
+    patterns = {}
+    if isinstance(raw, Mapping):
+        for side in ("target_modules_bd_a", "target_modules_bd_b"):
+            value = raw.get(side) or []
+            names = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            patterns[side] = tuple(value) if names else None
+        nblocks = raw.get("nblocks", 1)
+    if not isinstance(raw, Mapping) or None in patterns.values() or isinstance(nblocks, bool) \
+            or not isinstance(nblocks, int) or nblocks < 1:
+        issues.append(f"config: use_bdlora = {_short_repr(raw)} is not a BdLoraConfig; block-diagonal modules "
+                      "cannot be told apart, no module is audited")
+        return BdLora((), (), 0)  # nblocks 0: refuse every module
+    return BdLora(patterns["target_modules_bd_a"], patterns["target_modules_bd_b"], nblocks)
+
+
+def _parse_target_parameters(raw: Any, issues: List[str]) -> Tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        issues.append(f"config: target_parameters = {_short_repr(raw)} is not a list of names; ignored")
+        return ()
+    return tuple(raw)
+
+
+def _parse_rank_masks(raw: Any, issues: List[str]) -> Tuple[Tuple[str, Tuple[bool, ...]], ...]:
+    # PEFT AdaLoRA (adalora/model.py _get_adapter_state_dict) saves rank_pattern as
+    # {"<module path>.lora_E": [bool per initial rank]} and drops the masked ranks from the weights.
+    if raw in (None, {}):
+        return ()
+    if not isinstance(raw, dict):
+        issues.append("config: rank_pattern is not an object; AdaLoRA masks ignored")
+        return ()
+    masks = []
+    for key, mask in raw.items():
+        if not isinstance(mask, list) or not all(isinstance(bit, bool) for bit in mask):
+            issues.append(f"config: rank_pattern[{key!r}] is not a list of true/false; ignored")
+            continue
+        module = key[:-len(".lora_E")] if key.endswith(".lora_E") else key
+        masks.append((module_name_from_prefix(module), tuple(mask)))
+    return tuple(masks)
 
 
 MAX_CONFIG_BYTES = 10 * 1000 * 1000
@@ -632,6 +801,11 @@ def load_adapter_config(path: Optional[str]) -> Tuple[Optional[Dict[str, Any]], 
                       "r inferred from shapes, scale taken as 1.0"]
 
 
+def pattern_name(module_name: str) -> str:
+    """The name PEFT matched patterns against: an expert module "<path>.<param>[e]" shares its parameter's."""
+    return re.sub(r"\[\d+\]$", "", module_name)
+
+
 def match_pattern(patterns: Sequence[PatternKey], module_name: str) -> Optional[PatternKey]:
     """PEFT's rule: the first key (in config order) matching a dot-aligned tail wins."""
     if len(module_name) > MAX_NAME_LENGTH:
@@ -646,6 +820,7 @@ class ModuleScale(NamedTuple):
     scale_rule: str  # "alpha/r", "alpha/sqrt(r)", or "implicit 1"
     rank_pattern_key: Optional[str]
     alpha_pattern_key: Optional[str]
+    problem: Optional[str] = None  # the config and the stored factors cannot be reconciled: not audited
 
 
 def module_scale(config: AdapterConfig, module_name: str, stored_r: int) -> ModuleScale:
@@ -693,6 +868,175 @@ def absolute_scale(scale: Optional[float]) -> Callable[["LoraModule", int, Optio
     return rule
 
 
+def lora_scale(config: AdapterConfig) -> ScaleRule:
+    """PEFT LoRA: :func:`module_scale` for every module (an expert: by its parameter's name)."""
+    return lambda module, rank, alpha: module_scale(config, pattern_name(module.name), rank)
+
+
+def _unloadable(stored: int, config_r: Optional[int]) -> Optional[str]:
+    # PEFT builds each layer from the config's r and then loads the weights: another stored rank fails to load.
+    if config_r is None or stored == config_r:
+        return None
+    return f"stored rank {stored} disagrees with the config's r = {config_r}; PEFT cannot load this module"
+
+
+def lycoris_peft_scale(config: AdapterConfig) -> ScaleRule:
+    """PEFT LoHa / LoKr (tuners/loha|lokr/model.py ``_create_and_replace``, layer.py
+    ``update_layer``): scaling = alpha / r, r and alpha looked up in rank_pattern /
+    alpha_pattern.  r is the config's, not a stored shape: LoKr with both halves
+    full stores no rank at all, and PEFT still divides by r (LyCORIS would use 1).
+    LoHaConfig / LoKrConfig have no rsLoRA option."""
+    def rule(module: LoraModule, rank: int, alpha: Optional[float]) -> ModuleScale:
+        looked_up = module_scale(config, module.name, rank)
+        stores_rank = not (module.part("lokr_w1") and module.part("lokr_w2"))
+        problem = _unloadable(rank, looked_up.config_r) if stores_rank else None
+        if problem or looked_up.alpha is None or not looked_up.config_r:
+            return looked_up._replace(problem=problem)
+        return looked_up._replace(scale=looked_up.alpha / looked_up.config_r, scale_rule="alpha/r")
+    return rule
+
+
+ADALORA_RANKNUM_EPS = np.float32(1e-5)
+
+
+def adalora_scale(config: AdapterConfig) -> ScaleRule:
+    """PEFT AdaLoRA (tuners/adalora/layer.py ``SVDLinear.forward``): ΔW = B·(A ⊙ E)·scaling / (ranknum + 1e-5).
+
+    On load (adalora/model.py ``resize_modules_by_rank_pattern``) a module with a
+    mask is rebuilt with r = the kept ranks, so scaling = lora_alpha, or that r
+    when lora_alpha ≤ 0; ranknum is restored to init_r (it is not saved).  The
+    saved weights hold only the kept ranks; a mask that does not match them is
+    an adapter PEFT itself cannot load, so the module is refused.
+    """
+    masks = dict(config.rank_masks)
+
+    def rule(module: LoraModule, rank: int, alpha: Optional[float]) -> ModuleScale:
+        init_r, lora_alpha, mask = config.r, config.lora_alpha, masks.get(module.name)
+        if init_r is None or lora_alpha is None:
+            return ModuleScale(init_r, lora_alpha, 1.0, "implicit 1", None, None)
+        loaded_r, ranknum = init_r, init_r
+        if mask is None and rank != init_r:
+            return ModuleScale(init_r, lora_alpha, 1.0, "alpha/(ranknum+1e-5)", None, None,
+                               f"lora_A stores {rank} ranks, init_r is {init_r} and rank_pattern has no mask for it "
+                               "(PEFT cannot load this module)")
+        if mask is not None:
+            loaded_r = sum(mask)
+            ranknum = init_r if loaded_r > 0 else 0  # update_layer(r=0) sets ranknum 0 and nothing restores it
+            problem = (f"rank_pattern mask has {len(mask)} entries but init_r is {init_r}" if len(mask) != init_r else
+                       f"rank_pattern mask keeps {loaded_r} ranks but lora_A stores {rank}" if loaded_r != rank else None)
+            if problem:
+                return ModuleScale(loaded_r, lora_alpha, 1.0, "alpha/(ranknum+1e-5)", None, None,
+                                   problem + " (PEFT cannot load this module)")
+        scaling, rule_name = (lora_alpha, "alpha/(ranknum+1e-5)") if lora_alpha > 0 else (loaded_r, "r/(ranknum+1e-5)")
+        # ranknum is a float32 parameter: the 1e-5 is added in float32, as PEFT's forward does.
+        return ModuleScale(loaded_r, lora_alpha, scaling / float(np.float32(ranknum) + ADALORA_RANKNUM_EPS),
+                           rule_name, None, None)
+    return rule
+
+
+def vera_scale(config: AdapterConfig) -> ScaleRule:
+    """PEFT VeRA has no scalar scale: λ_b and λ_d carry it (tuners/vera/layer.py)."""
+    return lambda module, rank, alpha: ModuleScale(config.r, None, 1.0, "1 (vera: λ_b, λ_d)", None, None,
+                                                   _unloadable(rank, config.r))
+
+
+class PeftVariant(NamedTuple):
+    """One of PEFT's additive low-rank tuners: how its config and its saved keys name things."""
+
+    family: str  # the per-module ``family``
+    rank_field: str  # the config field with the default rank
+    alpha_field: Optional[str]  # the config field with alpha (None: the tuner has no scalar scale)
+    scale: Callable[[AdapterConfig], ScaleRule]
+    roles: Tuple[str, ...] = ()  # per-module tensors: the layer class's adapter_layer_names
+    shared_roles: Tuple[str, ...] = ()  # tensors saved once on the tuner and used by every module
+
+
+# PeftType (PEFT 0.21.2 peft/utils/peft_types.py) → the tuners audited exactly.
+PEFT_VARIANTS: Dict[str, PeftVariant] = {
+    "LORA": PeftVariant("lora", "r", "lora_alpha", lora_scale),
+    "LOHA": PeftVariant("loha", "r", "alpha", lycoris_peft_scale,
+                        ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")),
+    "LOKR": PeftVariant("lokr", "r", "alpha", lycoris_peft_scale,
+                        ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")),
+    "ADALORA": PeftVariant("adalora", "init_r", "lora_alpha", adalora_scale, ("lora_A", "lora_B", "lora_E")),
+    "VERA": PeftVariant("vera", "r", None, vera_scale, ("vera_lambda_b", "vera_lambda_d"), ("vera_A", "vera_B")),
+}
+
+# Every other PeftType, with what it learns: none is an update ΔW = B·A the
+# adapter file alone determines (prompts, rotations, scalings, sparse or
+# full-rank updates, updates built from the base weight, input-routed mixtures).
+NOT_LOW_RANK_ADDITIVE: Dict[str, str] = {
+    "PROMPT_TUNING": "learned virtual prompt tokens",
+    "MULTITASK_PROMPT_TUNING": "learned virtual prompt tokens",
+    "P_TUNING": "a prompt encoder producing virtual tokens",
+    "PREFIX_TUNING": "learned key/value prefixes",
+    "ADAPTION_PROMPT": "gated adaption prompts",
+    "CPT": "context-aware prompt tuning",
+    "CARTRIDGE": "a learned KV-cache prefix",
+    "IA3": "learned per-channel scaling vectors",
+    "OFT": "an orthogonal rotation of the weight",
+    "BOFT": "a butterfly-factorised orthogonal rotation of the weight",
+    "HRA": "Householder reflections multiplying the weight",
+    "ROAD": "2-D rotations of the outputs",
+    "OSF": "fine-tuning inside the weight's own SVD subspaces",
+    "GLORA": "W0 + W0·A + B, an update proportional to the base weight",
+    "HIRA": "a Hadamard product with the base weight",
+    "MISS": "shard-shared updates that depend on the base weight",
+    "BONE": "block-affine updates that depend on the base weight",
+    "DEFT": "a residual projection of the base weight",
+    "PEANUT": "a non-linear function of the base weight",
+    "DELORA": "a low-rank direction scaled by the base weight's column norms",
+    "TINYLORA": "projections through the base weight's SVD",
+    "ADAMSS": "updates inside subspaces of the base weight's SVD",
+    "FROD": "a re-parameterisation of the whole weight",
+    "FOURIERFT": "sparse Fourier coefficients, a full-rank update",
+    "WAVEFT": "sparse wavelet coefficients, a full-rank update",
+    "SHIRA": "a sparse high-rank update",
+    "SUPERTUNING": "a sparse update of selected weight entries",
+    "C3A": "circular convolutions, a full-rank update",
+    "RANDLORA": "a full-rank combination of random low-rank bases",
+    "LN_TUNING": "fine-tuned LayerNorm parameters",
+    "TRAINABLE_TOKENS": "replaced embedding rows",
+    "BEFT": "bias fine-tuning",
+    "SHADOW": "a parallel shadow network",
+    "POLY": "an input-routed mixture of LoRA modules",
+    "XLORA": "an input-routed mixture of LoRA adapters",
+}
+# Additive low-rank updates whose exact ΔW is not implemented: refused by name
+# rather than audited with LoRA's formula.
+LOW_RANK_NOT_IMPLEMENTED: Dict[str, str] = {
+    "GRALORA": "block-wise (granular) low-rank updates",
+    "VBLORA": "low-rank factors assembled from a shared vector bank",
+    "UNILORA": "low-rank factors drawn from one shared parameter vector",
+    "LILY": "low-rank updates with shared projectors",
+    "PVERA": "probabilistic VeRA",
+    "PSOFT": "B·(R − I)·A with an orthogonal core",
+}
+
+
+def peft_type_refusal(raw_config: Any) -> Optional[str]:
+    """Why the adapter a PEFT config describes cannot be audited, or None.
+
+    One line for the CLI's exit 2: the type named, and why.
+    """
+    if not isinstance(raw_config, Mapping):
+        return None
+    peft_type = raw_config.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type in PEFT_VARIANTS:
+        if peft_type == "VERA" and raw_config.get("save_projection") is False:
+            return ("peft_type VERA with save_projection false: the shared projections vera_A / vera_B are not in the "
+                    "file (PEFT regenerates them from projection_prng_key with torch's random generator), so ΔW "
+                    "cannot be computed; gradience_lite does not invent them")
+        return None
+    if peft_type in NOT_LOW_RANK_ADDITIVE:
+        return (f"peft_type {peft_type} ({NOT_LOW_RANK_ADDITIVE[peft_type]}) is not a low-rank additive update "
+                "ΔW = B·A; gradience_lite audits only LoRA, LoHa, LoKr, AdaLoRA and VeRA")
+    if peft_type in LOW_RANK_NOT_IMPLEMENTED:
+        return (f"peft_type {peft_type} ({LOW_RANK_NOT_IMPLEMENTED[peft_type]}) is a low-rank additive update whose "
+                "exact ΔW gradience_lite does not implement; refused rather than audited with LoRA's formula")
+    return f"peft_type {peft_type!r} is not a PEFT type gradience_lite knows; refused rather than audited as LoRA"
+
+
 # ══ 4. keys → LoRA modules ═══════════════════════════════════════════════════
 
 PEFT_WRAPPER = "base_model.model."
@@ -703,6 +1047,7 @@ _LORA_KEY = re.compile(
     r"|(?P<embedding>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?"
     r"|lora_B(?:\.[^.]+)?\.(?P<bias>bias)"
     r"|(?P<magnitude>lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?"
+    r"|(?P<diag>lora_diag)(?:\.[^.]+)?"
     r")$")
 
 
@@ -714,11 +1059,14 @@ class LoraModule(NamedTuple):
     bias_key: Optional[str] = None
     magnitude_key: Optional[str] = None  # PEFT lora_magnitude_vector, kohya/LyCORIS dora_scale, MLX .m
     duplicate_keys: Tuple[str, ...] = ()  # a second key for a role already filled
-    family: str = "lora"  # "lora" | "loha" | "lokr"
+    family: str = "lora"  # "lora" | "loha" | "lokr" | "adalora" | "vera"
     layout: str = "peft"  # "peft": A r×in, B out×r;  "mlx": A in×r, B r×out (SwitchLinear: per expert, PEFT-like)
     expert: Optional[int] = None  # index along a leading experts axis (MLX SwitchLinear)
-    parts: Tuple[Tuple[str, str], ...] = ()  # further tensors by role: "alpha", "mid", "hada_w1_a", "lokr_w1", …
+    parts: Tuple[Tuple[str, str], ...] = ()  # further tensors by role: "alpha", "mid", "hada_w1_a", "lora_diag", …
     component: Optional[str] = None  # diffusers pipeline component ("unet", "text_encoder", …)
+    experts: Optional[int] = None  # PEFT ParamWrapper: experts fused along the rank axis (layout "peft_experts")
+    blocks: Optional[Tuple[str, int]] = None  # BD-LoRA: ("lora_A" | "lora_B", number of diagonal blocks)
+    in_features: Optional[int] = None  # the base layer's input width where the format stores none (VeRA)
 
     def part(self, role: str) -> Optional[str]:
         return dict(self.parts).get(role)
@@ -748,6 +1096,8 @@ def group_lora_keys(keys: Iterable[str]) -> Tuple[List[LoraModule], List[str]]:
         elif match["embedding"]:
             slot["kind"] = "embedding"
             role = "a_key" if match["embedding"].endswith("A") else "b_key"
+        elif match["diag"]:
+            role = "lora_diag"
         else:
             role = "bias_key" if match["bias"] else "magnitude_key"
         if role in slot:  # e.g. lora_A.weight and lora_A.default.weight: which one is real is unknowable
@@ -755,7 +1105,8 @@ def group_lora_keys(keys: Iterable[str]) -> Tuple[List[LoraModule], List[str]]:
             continue
         slot[role] = key
     modules = [LoraModule(name, slot["kind"], slot.get("a_key"), slot.get("b_key"),
-                          slot.get("bias_key"), slot.get("magnitude_key"), tuple(slot.get("duplicates", ())))
+                          slot.get("bias_key"), slot.get("magnitude_key"), tuple(slot.get("duplicates", ())),
+                          parts=(("lora_diag", slot["lora_diag"]),) if "lora_diag" in slot else ())
                for name, slot in sorted(parts.items(), key=lambda item: _natural_key(item[0]))]
     return modules, others
 
@@ -788,7 +1139,11 @@ def detect_format(keys: Sequence[str], metadata: Mapping[str, str], config: Opti
 
     LyCORIS files may mix LoCon keys (lora_down/lora_up) with LoHa/LoKr keys:
     any hada_/lokr_ key makes the file "lycoris".
+    PEFT's own LoHa / LoKr / AdaLoRA / VeRA are "peft": their config says so.
     """
+    peft_type = config.get("peft_type") if isinstance(config, Mapping) else None
+    if isinstance(peft_type, str) and peft_type in PEFT_VARIANTS and PEFT_VARIANTS[peft_type].roles:
+        return "peft"  # PEFT's LoHa / LoKr keys look like LyCORIS's; the config says whose they are
     if any(".hada_w1_a" in key or ".lokr_w1" in key or ".lokr_w2" in key for key in keys):
         return "lycoris"
     if any(key.endswith((".lora_down.weight", ".lora_up.weight")) for key in keys):
@@ -824,6 +1179,27 @@ def _group_kohya_keys(keys: Iterable[str]) -> Tuple[List[LoraModule], List[str]]
     return modules, others
 
 
+def _group_peft_tuner_keys(keys: Iterable[str], variant: PeftVariant) -> Tuple[List[LoraModule], List[str]]:
+    """PEFT LoHa / LoKr / AdaLoRA / VeRA save ``<prefix><module>.<role>`` with the
+    roles of the tuner's layer class; VeRA's shared ``base_model.vera_A`` /
+    ``vera_B`` join every module."""
+    parts: Dict[str, Dict[str, str]] = {}
+    shared: Dict[str, str] = {}
+    others: List[str] = []
+    for key in keys:
+        prefix, _, role = key.rpartition(".")
+        if role in variant.shared_roles and prefix == "base_model":
+            shared[role] = key
+        elif role in variant.roles and prefix:
+            parts.setdefault(module_name_from_prefix(prefix), {})[role] = key
+        else:
+            others.append(key)
+    modules = [LoraModule(name, "linear", None, None, family=variant.family,
+                          parts=tuple(sorted({**shared, **roles}.items())))
+               for name, roles in sorted(parts.items(), key=lambda item: _natural_key(item[0]))]
+    return modules, others
+
+
 def _group_mlx_keys(keys: Iterable[str], shape_of: Callable[[str], Tuple[int, ...]]
                     ) -> Tuple[List[LoraModule], List[str]]:
     parts: Dict[str, Dict[str, str]] = {}
@@ -846,9 +1222,12 @@ def _group_mlx_keys(keys: Iterable[str], shape_of: Callable[[str], Tuple[int, ..
     return modules, others
 
 
-def group_modules(adapter_format: str, keys: Sequence[str], shape_of: Callable[[str], Tuple[int, ...]]
-                  ) -> Tuple[List[LoraModule], List[str]]:
-    """Group a file's keys into modules by its format; return (modules, non-LoRA keys)."""
+def group_modules(adapter_format: str, keys: Sequence[str], shape_of: Callable[[str], Tuple[int, ...]],
+                  peft_type: Optional[str] = None) -> Tuple[List[LoraModule], List[str]]:
+    """Group a file's keys into modules by its format (and PEFT tuner); return (modules, non-LoRA keys)."""
+    variant = PEFT_VARIANTS.get(peft_type) if adapter_format == "peft" and isinstance(peft_type, str) else None
+    if variant is not None and variant.roles:
+        return _group_peft_tuner_keys(keys, variant)
     if adapter_format in ("kohya", "lycoris", "diffusers-old"):
         return _group_kohya_keys(keys)
     if adapter_format == "mlx":
@@ -858,6 +1237,145 @@ def group_modules(adapter_format: str, keys: Sequence[str], shape_of: Callable[[
         modules = [module._replace(component=module.name.split(".", 1)[0])
                    if module.name.split(".", 1)[0] in DIFFUSERS_COMPONENTS else module for module in modules]
     return modules, others
+
+
+# ── LoraConfig fields that change how a PEFT module's factors combine ───────
+# PEFT 0.21.2, peft/tuners/lora/:
+#   KaSA (variants.py, KasaLinearVariant.forward): ΔW = s·B·diag(lora_diag)·A.
+#   BD-LoRA (variants.py, BlockDiagonalLinear / BdLoraLinearVariant): lora_A or
+#     lora_B is block-diagonal, its .weight holding the diagonal blocks stacked by rows.
+#   target_parameters (layer.py, ParamWrapper): E experts fused into one pair,
+#     lora_A (r·E, in) expert-major and lora_B (out, r·E) rank-major;
+#     ΔW_e = s·B[:, e::E]·A[e·r:(e+1)·r] (stored transposed when the experts are (E, in, out)).
+
+# PEFT wraps each targeted nn.Parameter of a module in its own ParamWrapper,
+# nested in the module's parameter-registration order (the first registered is
+# innermost); the saved keys only show the depth, one ".base_layer" per level.
+# transformers' expert modules register their input projection before down_proj.
+EXPERT_PARAMETER_ORDER = ("gate_up_proj", "up_proj", "down_proj")
+_WRAPPER_LEVEL = ".base_layer"
+
+
+def _targeted_parameters(path: str, by_module: Mapping[str, Dict[str, None]]) -> Tuple[str, ...]:
+    # PEFT (tuners_utils._inject_parameters): "<module>.<param>" is targeted when it equals
+    # a listed name or ends with "." + that name, i.e. when the listed name's module part
+    # is a dot-aligned tail of the module path (or empty).
+    parts = path.split(".")
+    found: Dict[str, None] = {}  # an ordered set
+    for head in [".".join(parts[i:]) for i in range(len(parts))] + [""]:
+        found.update(by_module.get(head, {}))
+    return tuple(found)
+
+
+def _parameter_wrappers(modules: Sequence[LoraModule], target_parameters: Sequence[str]
+                        ) -> Tuple[Dict[str, Tuple[str, str]], Dict[str, str]]:
+    """Saved module name → (module path, parameter name) for PEFT ParamWrappers,
+    and module name → why the parameter cannot be told."""
+    by_module: Dict[str, Dict[str, None]] = {}
+    for target in target_parameters:
+        head, _, parameter = target.rpartition(".")
+        by_module.setdefault(head, {})[parameter] = None
+    levels: Dict[str, Dict[int, str]] = {}
+    for module in modules if by_module else ():
+        path, depth = module.name, 0
+        while path.endswith(_WRAPPER_LEVEL):
+            path, depth = path[:-len(_WRAPPER_LEVEL)], depth + 1
+        if _targeted_parameters(path, by_module):
+            levels.setdefault(path, {})[depth] = module.name
+    owners, problems = {}, {}
+    for path, by_depth in levels.items():
+        targeted = _targeted_parameters(path, by_module)
+        if len(targeted) == 1 and set(by_depth) == {0}:
+            owners[by_depth[0]] = (path, targeted[0])
+        elif set(by_depth) == set(range(len(targeted))) and all(p in EXPERT_PARAMETER_ORDER for p in targeted):
+            innermost_first = sorted(targeted, key=EXPERT_PARAMETER_ORDER.index)
+            for depth, name in by_depth.items():
+                owners[name] = (path, innermost_first[len(targeted) - 1 - depth])
+        else:
+            for name in by_depth.values():
+                problems[name] = (f"{name}: target_parameters: {len(by_depth)} nested ParamWrapper(s) on {path} "
+                                  f"for parameters {_short_repr(list(targeted))}; which is which follows the "
+                                  "module's parameter registration order, unknown here; not audited")
+    return owners, problems
+
+
+def _expert_modules(module: LoraModule, path: str, parameter: str, config: AdapterConfig,
+                    shape_of: Callable[[str], Tuple[int, ...]]) -> Tuple[List[LoraModule], Optional[str]]:
+    """One module per expert, named "<module path>.<parameter name>[e]" (one, without [e], for a 2-D parameter)."""
+    key = f"{path}.{parameter}"  # PEFT matches rank_pattern / alpha_pattern against this name
+    if module.a_key is None or module.b_key is None:
+        return [module._replace(name=key)], None
+    rank_key = match_pattern(config.rank_pattern, key)
+    rank = rank_key.value if rank_key else config.r
+    a_shape, b_shape = shape_of(module.a_key), shape_of(module.b_key)
+    if rank is None:
+        return [], f"{key}: target_parameters: the config has no r to split the fused experts' factors by; not audited"
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] % rank or b_shape[1] != a_shape[0]:
+        return [], (f"{key}: target_parameters: factors A{list(a_shape)} / B{list(b_shape)} are not "
+                    f"(r·E, in) / (out, r·E) with r = {rank}; not audited")
+    experts = a_shape[0] // rank
+    if experts == 1:
+        return [module._replace(name=key)], None
+    return [module._replace(name=f"{key}[{expert}]", family="lora_expert", layout="peft_experts", expert=expert,
+                            experts=experts) for expert in range(experts)], None
+
+
+def _bd_lora_module(module: LoraModule, bd_lora: BdLora) -> Tuple[Optional[LoraModule], Optional[str]]:
+    # PEFT (BdLoraLinearVariant.init): "pattern in target_name", a plain substring test.
+    side_a = any(pattern in module.name for pattern in bd_lora.a_patterns)
+    side_b = any(pattern in module.name for pattern in bd_lora.b_patterns)
+    if bd_lora.nblocks < 1 or (side_a and side_b):
+        return None, f"{module.name}: use_bdlora: cannot tell which factor is block-diagonal; not audited"
+    if not (side_a or side_b):
+        return module, None  # match_strict=False: a plain LoRA module
+    return module._replace(family="bd_lora", blocks=("lora_A" if side_a else "lora_B", bd_lora.nblocks)), None
+
+
+def resolve_lora_fields(modules: Sequence[LoraModule], non_lora: Sequence[str], config: AdapterConfig,
+                        shape_of: Callable[[str], Tuple[int, ...]]) -> Tuple[List[LoraModule], List[str], List[str]]:
+    """Apply the LoraConfig fields that change how a PEFT module's factors combine
+    (KaSA, BD-LoRA, target_parameters) and the refusals.
+
+    Returns (modules to audit, one issue per refused module, config issues).
+    """
+    notes: List[str] = []
+    refused = [f"{module_name_from_prefix(key.rsplit('.token_adapter', 1)[0])}: trainable_token_indices: PEFT "
+               "replaces these embedding rows by the stored values (W[idx] := delta), a change that is not low-rank "
+               "and needs the base weight; not audited" for key in non_lora if key.endswith("trainable_tokens_delta")]
+    if config.refusals:
+        return [], refused + [f"{module.name}: {'; '.join(config.refusals)}" for module in modules], notes
+    stray_bias = [module.name for module in modules if module.bias_key and config.present and not config.lora_bias]
+    if stray_bias:
+        notes.append(f"config: lora_bias is false but {len(stray_bias)} module(s) saved lora_B.bias (e.g. "
+                     f"{stray_bias[0]}); PEFT does not load it, so delta_bias_norm is a shift PEFT would not apply")
+    if config.kasa:
+        notes.append("config: kasa_config: when the adapter loads, PEFT also truncates each adapted base weight to "
+                     "its top min(out, in) − r singular components; ΔW is the adapter's s·B·diag(d)·A on that "
+                     "truncated weight, and base norms are of the stored base (same σ_max)")
+    owners, problems = _parameter_wrappers(modules, config.target_parameters)
+    resolved = []
+    for module in modules:
+        problem = problems.get(module.name)  # already "<module>: …"
+        if module.name in owners:
+            experts, problem = _expert_modules(module, *owners[module.name], config, shape_of)
+            resolved.extend(experts)
+        elif module.part("lora_diag"):
+            if config.present and not config.kasa:
+                problem = (f"{module.name}: lora_diag is saved but the config has no kasa_config (PEFT would drop it "
+                           "on load); the adapter contradicts itself; not audited")
+            else:
+                resolved.append(module._replace(family="kasa"))
+        elif config.kasa and module.a_key:
+            problem = (f"{module.name}: kasa_config is set but no lora_diag is saved (PEFT would draw it at random "
+                       "on load); not audited")
+        elif config.bd_lora is not None and problem is None:
+            module, problem = _bd_lora_module(module, config.bd_lora)
+            resolved.extend([module] if module else [])
+        elif problem is None:
+            resolved.append(module)
+        if problem:
+            refused.append(problem)
+    return resolved, refused, notes
 
 
 _ATTN_TOKENS = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value", "attn", "self_attn",
@@ -880,7 +1398,7 @@ def module_type(name: str) -> str:
     an attention block).  kohya names flatten the path with underscores
     ("…_self_attn_q_proj"), so for them underscore-delimited markers are used.
     """
-    name = re.sub(r"\[\d+\]$", "", name).lower()  # an MLX expert index
+    name = pattern_name(name).lower()  # an expert index
     if "." not in name and "_" in name:
         flat = f"_{name}_"
         attn = max((flat.rfind(marker) for marker in _FLAT_ATTN), default=-1)
@@ -918,6 +1436,7 @@ class AuditSetup(NamedTuple):
     scale_rule: ScaleRule
     issues: List[str]
     format_metadata: Dict[str, str]
+    in_features: Optional[Dict[str, int]] = None  # module → base input width, for formats that store none (VeRA)
 
 
 def _diffusers_configs(metadata: Mapping[str, str], issues: List[str]) -> Dict[Optional[str], AdapterConfig]:
@@ -982,8 +1501,8 @@ def configure(adapter_format: str, raw_config: Any, load_issues: List[str],
     issues.extend(config_issues)
     if not config.present:
         issues.append("config: no usable adapter config; r taken from the weights, scale = 1.0 for every module")
-    return AuditSetup(adapter_format, config, lambda module, rank, alpha: module_scale(config, module.name, rank),
-                      issues, format_metadata)
+    variant = PEFT_VARIANTS.get(config.peft_type or "LORA", PEFT_VARIANTS["LORA"])
+    return AuditSetup(adapter_format, config, variant.scale(config), issues, format_metadata)
 
 
 # ══ 5. low-rank spectra ══════════════════════════════════════════════════════
@@ -1163,20 +1682,23 @@ class ModuleAudit:
     top_singular_values: Optional[Tuple[float, ...]] = None
     lora_bias_key: Optional[str] = None
     lora_bias_norm: Optional[float] = None
+    delta_bias_norm: Optional[float] = None  # |s|·‖lora_B.bias‖: the shift PEFT adds to the output bias
     dora_magnitude: Optional[Dict[str, float]] = None
     base_sigma_max: Optional[float] = None
     base_fro_norm: Optional[float] = None
     udr: Optional[float] = None
     udr_f: Optional[float] = None
     sdi: Optional[float] = None
-    family: str = "lora"  # "lora" | "loha" | "lokr"
+    family: str = "lora"  # "lora" | "loha" | "lokr" | "adalora" | "vera"
     max_rank: Optional[int] = None  # upper bound on rank(ΔW) given the factorisation
+    lora_e: Optional[Tuple[float, ...]] = None  # AdaLoRA: the stored singular-value-like weights E, as saved
     issues: Tuple[str, ...] = ()
 
     def to_dict(self) -> Dict[str, Any]:
         row = {name: getattr(self, name) for name in self.__dataclass_fields__}
         row["a_shape"], row["b_shape"] = list(self.a_shape), list(self.b_shape)
         row["top_singular_values"] = list(self.top_singular_values) if self.top_singular_values is not None else None
+        row["lora_e"] = list(self.lora_e) if self.lora_e is not None else None
         row["issues"] = list(self.issues)
         return row
 
@@ -1255,10 +1777,18 @@ class _TensorSource:
     def __init__(self, describe: Callable[[str], Tuple[str, Tuple[int, ...], Optional[str]]],
                  raw: Callable[[str], np.ndarray], release: Callable[[str], None] = lambda key: None):
         self.describe, self.raw, self.release = describe, raw, release
+        self._shared: Dict[str, np.ndarray] = {}
 
     def load(self, key: str) -> np.ndarray:
         """The whole tensor as a new float64 array."""
         return decode(self.raw(key), self.describe(key)[0])
+
+    def load_shared(self, key: str) -> np.ndarray:
+        """A tensor every module uses (VeRA's projections): decoded once and kept; never modify it."""
+        if key not in self._shared:
+            self._shared[key] = self.load(key)
+            self.release(key)
+        return self._shared[key]
 
     @classmethod
     def from_file(cls, sf: SafetensorsFile) -> "_TensorSource":
@@ -1300,6 +1830,9 @@ class FactorRef(NamedTuple):
     shape: Tuple[int, int]  # the stored tensor (or expert slice) viewed as a matrix
     rank_axis: int  # 0: stored as r×n (PEFT A, MLX B); 1: stored as n×r (PEFT B, MLX A)
     expert: Optional[int] = None
+    stacked: Optional[Tuple[int, ...]] = None  # view the tensor with this shape before taking the expert
+    expert_axis: int = 0  # the axis of the (stacked) tensor that indexes experts
+    blocks: int = 1  # BD-LoRA: the matrix is block-diagonal; these are its blocks, stacked by rows
 
 
 class _Factors(NamedTuple):
@@ -1327,6 +1860,34 @@ def _factor_layout(module: LoraModule, a_shape: Tuple[int, ...], b_shape: Tuple[
         rank = a_shape[1]
         return _Factors(module.kind, rank, FactorRef(module.a_key, (a_shape[0], rank), 1),
                         FactorRef(module.b_key, (rank, b_shape[1]), 0)), None
+    if module.layout == "peft_experts":
+        # PEFT ParamWrapper (layer.py get_delta_factors): A (r·E, in) viewed as (E, r, in),
+        # B (out, r·E) viewed as (out, r, E); expert e is A[e] and B[:, :, e].
+        experts = module.experts or 1
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] % experts or b_shape[1] != a_shape[0]:
+            return None, f"fused expert factors A{list(a_shape)} / B{list(b_shape)} are not (r·E, in) / (out, r·E)"
+        rank = a_shape[0] // experts
+        return _Factors(module.kind, rank,
+                        FactorRef(module.a_key, (rank, a_shape[1]), 0, module.expert, (experts, rank, a_shape[1]), 0),
+                        FactorRef(module.b_key, (b_shape[0], rank), 1, module.expert, (b_shape[0], rank, experts),
+                                  2)), None
+    if module.blocks is not None:
+        # BD-LoRA (variants.py BlockDiagonalLinear): the block-diagonal factor's weight is
+        # (rows, columns / nblocks), block i being its i-th chunk of rows.
+        side, nblocks = module.blocks
+        rank = a_shape[0] if a_shape else 0
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            fits = False
+        elif side == "lora_A":  # A (r, in/nb), B (out, r)
+            fits = b_shape[1] == rank and rank % nblocks == 0
+        else:  # A (r, in), B (out, r/nb)
+            fits = b_shape[1] * nblocks == rank and b_shape[0] % nblocks == 0
+        if not fits:
+            return None, (f"BD-LoRA factors A{list(a_shape)} / B{list(b_shape)} do not fit {nblocks} diagonal "
+                          f"blocks of {side}")
+        a_blocks, b_blocks = (nblocks, 1) if side == "lora_A" else (1, nblocks)
+        return _Factors(module.kind, rank, FactorRef(module.a_key, (rank, a_shape[1]), 0, blocks=a_blocks),
+                        FactorRef(module.b_key, (b_shape[0], b_shape[1]), 1, blocks=b_blocks)), None
     expert = module.expert
     if len(a_shape) == 2 and len(b_shape) == 2:
         if a_shape[0] != b_shape[1]:
@@ -1367,6 +1928,8 @@ class _PreparedModule(NamedTuple):
     magnitude: Optional[Dict[str, float]]
     tall: Optional[Tuple[np.ndarray, np.ndarray]] = None  # computed factors (Aᵀ, B), for the QR fallback
     sigma: Optional[np.ndarray] = None  # a spectrum computed directly (LoKr, dense fallback)
+    lora_e: Optional[Tuple[float, ...]] = None
+    diag: Optional[np.ndarray] = None  # KaSA: ΔW = s·B·diag(d)·A, folded into A's r×r factor
 
 
 CHUNK_ELEMENTS = 1 << 18  # 2 MiB of float64: bounded memory, and large enough that per-chunk overhead is noise
@@ -1374,34 +1937,75 @@ CHUNK_ELEMENTS = 1 << 18  # 2 MiB of float64: bounded memory, and large enough t
 
 def _stored_matrix(source: _TensorSource, ref: FactorRef) -> np.ndarray:
     raw = source.raw(ref.key)
-    return (raw[ref.expert] if ref.expert is not None else raw).reshape(ref.shape)
+    if ref.expert is not None:  # a view, never a copy: the expert's slice is read chunk by chunk later
+        stacked = raw.reshape(ref.stacked) if ref.stacked else raw
+        raw = stacked[ref.expert] if ref.expert_axis == 0 else np.moveaxis(stacked, ref.expert_axis, 0)[ref.expert]
+    return raw.reshape(ref.shape)
+
+
+def _block_diagonal(blocks: Sequence[np.ndarray]) -> np.ndarray:
+    out = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)))
+    row = column = 0
+    for block in blocks:
+        out[row:row + block.shape[0], column:column + block.shape[1]] = block
+        row, column = row + block.shape[0], column + block.shape[1]
+    return out
 
 
 def _streamed_gram(source: _TensorSource, ref: FactorRef, workspace: Optional[Workspace]) -> np.ndarray:
     """The r×r Gram of a factor (A·Aᵀ for A, Bᵀ·B for B), decoded chunk by chunk along its long axis.
 
-    Peak memory is one chunk, whatever the tensor's size.
+    Peak memory is one chunk, whatever the tensor's size.  A block-diagonal
+    factor's Gram is block-diagonal: one Gram per stored block.
     """
+    if ref.expert is not None and ref.stacked is not None:
+        def every_expert() -> np.ndarray:
+            return _fused_expert_grams(source, ref, workspace)
+        key = (ref.key, ref.stacked, ref.expert_axis)
+        return (workspace.remember(key, every_expert) if workspace is not None else every_expert())[ref.expert]
     dtype_name = source.describe(ref.key)[0]
-    raw = _stored_matrix(source, ref)
-    rank, length = ref.shape[ref.rank_axis], ref.shape[1 - ref.rank_axis]
-    step = max(1, CHUNK_ELEMENTS // max(rank, 1))
-    gram = np.zeros((rank, rank))
+    grams = []
+    stored = _stored_matrix(source, ref)
+    for raw in np.split(stored, ref.blocks, axis=0) if ref.blocks > 1 else (stored,):
+        rank, length = raw.shape[ref.rank_axis], raw.shape[1 - ref.rank_axis]
+        step = max(1, CHUNK_ELEMENTS // max(rank, 1))
+        gram = np.zeros((rank, rank))
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite Gram is handled by the caller
+            for start in range(0, length, step):
+                if ref.rank_axis == 0:
+                    chunk = decode(raw[:, start:start + step], dtype_name, workspace=workspace)
+                    gram += chunk @ chunk.T
+                else:
+                    chunk = decode(raw[start:start + step], dtype_name, workspace=workspace)
+                    gram += chunk.T @ chunk
+        grams.append(gram)
+    return grams[0] if ref.blocks == 1 else _block_diagonal(grams)
+
+
+def _fused_expert_grams(source: _TensorSource, ref: FactorRef, workspace: Optional[Workspace]) -> np.ndarray:
+    """The Gram of every expert (E×r×r) of a PEFT fused factor — A viewed (E, r, in),
+    B viewed (out, r, E) — in one pass over the tensor.  B's experts interleave, so
+    one expert's slice is strided: read one expert at a time, the whole tensor
+    would pass through memory once per expert."""
+    dtype_name = source.describe(ref.key)[0]
+    # experts first, rank last: A → (E, in, r), B → (E, out, r); the rank axis is 1 in both layouts
+    view = np.moveaxis(source.raw(ref.key).reshape(ref.stacked), (ref.expert_axis, 1), (0, 2))
+    experts, length, rank = view.shape
+    step = max(1, CHUNK_ELEMENTS // max(rank * experts, 1))
+    grams = np.zeros((experts, rank, rank))
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite Gram is handled by the caller
         for start in range(0, length, step):
-            if ref.rank_axis == 0:
-                chunk = decode(raw[:, start:start + step], dtype_name, workspace=workspace)
-                gram += chunk @ chunk.T
-            else:
-                chunk = decode(raw[start:start + step], dtype_name, workspace=workspace)
-                gram += chunk.T @ chunk
-    return gram
+            # decoded into a contiguous (E, rows, r): a batched product over strided operands is twice as slow
+            chunk = decode(view[:, start:start + step], dtype_name, workspace=workspace)
+            grams += np.swapaxes(chunk, 1, 2) @ chunk
+    return grams
 
 
 def _tall_factor(source: _TensorSource, ref: FactorRef) -> np.ndarray:
     """The whole factor as a tall float64 matrix (n×r), for the rare Householder-QR path."""
     values = decode(_stored_matrix(source, ref), source.describe(ref.key)[0])
-    return values.T if ref.rank_axis == 0 else values
+    talls = [block.T if ref.rank_axis == 0 else block for block in np.split(values, ref.blocks, axis=0)]
+    return talls[0] if ref.blocks == 1 else _block_diagonal(talls)
 
 
 def _check_tensors(module: LoraModule, source: _TensorSource, keys: Sequence[str]) -> Optional[str]:
@@ -1414,9 +2018,13 @@ def _check_tensors(module: LoraModule, source: _TensorSource, keys: Sequence[str
     return None
 
 
-def _load_finite(module: LoraModule, source: _TensorSource, key: str) -> Tuple[Optional[np.ndarray], Optional[str]]:
-    values = source.load(key)
-    source.release(key)
+def _load_finite(module: LoraModule, source: _TensorSource, key: str, shared: bool = False
+                 ) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    if shared:
+        values = source.load_shared(key)
+    else:
+        values = source.load(key)
+        source.release(key)
     bad = int(values.size - np.count_nonzero(np.isfinite(values)))
     if bad:
         return None, f"{module.name}: {key.rsplit('.', 1)[-1] if '.' in key else key} contains {bad} NaN/Inf values; not audited"
@@ -1434,6 +2042,11 @@ def _extras(module: LoraModule, source: _TensorSource) -> Tuple[Optional[float],
     return bias_norm, magnitude
 
 
+# Families whose ΔW is s·B·A with stored factors (seen through a view: an expert's
+# slice, a block-diagonal layout, KaSA's diagonal on the r×r factor): streamed.
+STREAMED_FAMILIES = ("lora", "kasa", "bd_lora", "lora_expert")
+
+
 def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Optional[Workspace],
                     scale_rule: ScaleRule) -> Tuple[Optional[_PreparedModule], List[str]]:
     """Validate one module and reduce its factors to r×r Gram matrices.
@@ -1445,7 +2058,7 @@ def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Option
     name = module.name
     if module.duplicate_keys:
         return None, [f"{name}: more than one tensor for the same factor ({', '.join(module.duplicate_keys)}); not audited"]
-    if module.family != "lora" or module.part("lora_mid.weight"):
+    if module.family not in STREAMED_FAMILIES or module.part("lora_mid.weight"):
         return _prepare_computed(module, source, scale_rule)
     if module.a_key is None or module.b_key is None:
         if module.a_key is None and module.b_key is None:
@@ -1475,22 +2088,49 @@ def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Option
     alpha, problem = _alpha_value(module, source)
     if problem:
         return None, [problem]
+    diag, problem = _kasa_diag(module, source, layout.rank)
+    if problem:
+        return None, [problem]
     bias_norm, magnitude = _extras(module, source)
     dtype = a_dtype if a_dtype == b_dtype else f"{a_dtype}/{b_dtype}"
     a_matrix, b_matrix = (layout.a.shape, layout.b.shape) if module.expert is not None else (a_shape, b_shape)
-    return _PreparedModule(module, layout, tuple(a_matrix), tuple(b_matrix), dtype,
-                           math.prod(a_matrix) + math.prod(b_matrix), scale_rule(module, layout.rank, alpha),
-                           layout.rank, layout.rank, grams[0], grams[1], bias_norm, magnitude), []
+    params = math.prod(a_matrix) + math.prod(b_matrix) + (diag.size if diag is not None else 0)
+    return _PreparedModule(module, layout, tuple(a_matrix), tuple(b_matrix), dtype, params,
+                           scale_rule(module, layout.rank, alpha), layout.rank, layout.rank, grams[0], grams[1],
+                           bias_norm, magnitude, diag=diag), []
 
 
-def _alpha_value(module: LoraModule, source: _TensorSource) -> Tuple[Optional[float], Optional[str]]:
-    """The scalar ``alpha`` tensor kohya / LyCORIS store per module (any float dtype)."""
-    key = module.part("alpha")
-    if key is None:
+def _kasa_diag(module: LoraModule, source: _TensorSource, rank: int) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """KaSA's lora_diag (r values), or None for other families."""
+    key = module.part("lora_diag")
+    if module.family != "kasa" or key is None:
         return None, None
     problem = _check_tensors(module, source, (key,))
     if problem:
         return None, problem
+    values, problem = _load_finite(module, source, key)
+    if problem:
+        return None, problem
+    if values.shape != (rank,):
+        return None, f"{module.name}: lora_diag has shape {list(values.shape)}, not [{rank}] (the rank); not audited"
+    return values, None
+
+
+def _is_number(dtype: str) -> bool:
+    return dtype != "BOOL" if dtype in DTYPES else dtype.startswith(("FLOAT", "INT", "UINT"))
+
+
+def _alpha_value(module: LoraModule, source: _TensorSource) -> Tuple[Optional[float], Optional[str]]:
+    """The scalar ``alpha`` tensor kohya / LyCORIS store per module: any numeric
+    dtype (diffusers' ``convert_state_dict_to_kohya`` writes an int64 0-d tensor), 0-d or one element."""
+    key = module.part("alpha")
+    if key is None:
+        return None, None
+    dtype, _, problem = source.describe(key)
+    if problem:
+        return None, f"{module.name}: tensor {key!r}: {problem}; not audited"
+    if not _is_number(dtype):
+        return None, f"{module.name}: alpha tensor {key!r} has non-numeric dtype {dtype}; not audited"
     values = source.load(key)
     if values.size != 1 or not np.isfinite(values).all():
         return None, f"{module.name}: alpha tensor {key!r} is not one finite number; not audited"
@@ -1518,7 +2158,7 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
         return None, [problem]
     values: Dict[str, np.ndarray] = {}
     for role, key in factor_roles.items():
-        loaded, problem = _load_finite(module, source, key)
+        loaded, problem = _load_finite(module, source, key, shared=role in SHARED_ROLES)
         if problem:
             return None, [problem]
         values[role] = loaded
@@ -1526,22 +2166,28 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
     if problem:
         return None, [problem]
     try:
-        built = {"lora": _tucker_lora, "loha": _loha, "lokr": _lokr}[module.family](values)
+        built = FAMILY_BUILDERS[module.family](values, module)
+    except FactorsUnavailable as error:
+        return None, [f"{name}: {error}; not audited"]
     except (KeyError, ValueError) as error:
         return None, [f"{name}: {module.family} factors do not fit together ({error}); not audited"]
+    scale = scale_rule(module, built.rank if built.rank is not None else built.max_rank, alpha)
+    if scale.problem:
+        return None, [f"{name}: {scale.problem}; not audited"]
     bias_norm, magnitude = _extras(module, source)
     dtypes = sorted({source.describe(key)[0] for key in factor_roles.values()})
     shapes = {role: tuple(v.shape) for role, v in values.items()}
-    params = sum(v.size for v in values.values())
-    scale = scale_rule(module, built.rank, alpha)
+    params = sum(v.size for role, v in values.items() if role not in SHARED_ROLES)  # VeRA's frozen projections are not trained
     # The batched stage groups by the size of the r×r problem: r² for LoHa's Khatri–Rao route.
     inner = built.a.shape[0] if built.a is not None else built.rank
     layout = _Factors(built.kind, inner)
-    a_shape = shapes.get("lora_down.weight") or shapes.get("hada_w1_b") or shapes.get("lokr_w1") or shapes.get("lokr_w1_a") or ()
-    b_shape = shapes.get("lora_up.weight") or shapes.get("hada_w1_a") or shapes.get("lokr_w2") or shapes.get("lokr_w2_a") or ()
+    a_shape = next((shapes[role] for role in A_SHAPE_ROLES if role in shapes), ())
+    b_shape = next((shapes[role] for role in B_SHAPE_ROLES if role in shapes), ())
+    # LoKr with both halves full stores no rank: r is the config's (what PEFT divides alpha by), else the capacity.
+    rank = built.rank if built.rank is not None else (scale.config_r or built.max_rank)
     common = dict(module=module, layout=layout, a_shape=a_shape, b_shape=b_shape, dtype="/".join(dtypes),
-                  params=params, scale=scale, r=built.rank, max_rank=built.max_rank, bias_norm=bias_norm,
-                  magnitude=magnitude)
+                  params=params, scale=scale, r=rank, max_rank=built.max_rank, bias_norm=bias_norm,
+                  magnitude=magnitude, lora_e=built.lora_e)
     if built.sigma is not None:
         return _PreparedModule(gram_a=None, gram_b=None, sigma=built.sigma, **common), []
     tall_a, tall_b = built.a.T, built.b
@@ -1552,18 +2198,28 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
 
 class _Built(NamedTuple):
     kind: str
-    rank: int  # the stored dimension r (what alpha is divided by; LoKr with both halves full: its capacity)
+    rank: Optional[int]  # the stored dimension r; None when the factors store none (LoKr with both halves full)
     max_rank: int  # an upper bound on rank(ΔW); the low-rank route's inner size when a/b are given
     a: Optional[np.ndarray] = None  # r×n
     b: Optional[np.ndarray] = None  # m×r
     sigma: Optional[np.ndarray] = None
+    lora_e: Optional[Tuple[float, ...]] = None  # AdaLoRA's E, reported as stored
+
+
+class FactorsUnavailable(ValueError):
+    """The stored factors are fine, but something ΔW needs is not in the adapter."""
+
+
+# Which stored tensor is reported as a_shape / b_shape, by family (first present wins).
+A_SHAPE_ROLES = ("lora_down.weight", "hada_w1_b", "lokr_w1", "lokr_w1_a", "lora_A", "vera_A")
+B_SHAPE_ROLES = ("lora_up.weight", "hada_w1_a", "lokr_w2", "lokr_w2_a", "lora_B", "vera_B")
 
 
 def _matrix(values: np.ndarray) -> np.ndarray:
     return values.reshape(values.shape[0], -1)
 
 
-def _tucker_lora(values: Dict[str, np.ndarray]) -> _Built:
+def _tucker_lora(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
     # LoCon with Tucker: ΔW[o, i, h, w] = Σ_{a,b} up[o, a]·mid[a, b, h, w]·down[b, i]
     # (forward: down 1×1, then mid k×k, then up 1×1), i.e. B = up, A = mid ∘ down.
     up, down, mid = _matrix(values["lora_up.weight"]), _matrix(values["lora_down.weight"]), values["lora_mid.weight"]
@@ -1573,7 +2229,7 @@ def _tucker_lora(values: Dict[str, np.ndarray]) -> _Built:
     return _Built("conv", up.shape[1], min(up.shape[1], up.shape[0], a.shape[1]), a=a, b=up)
 
 
-def _loha(values: Dict[str, np.ndarray]) -> _Built:
+def _loha(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
     # ΔW = (w1a·w1b) ⊙ (w2a·w2b).  The Hadamard product of two rank-r products is
     # P·Q with P the row-wise Kronecker product of w1a and w2a (out×r₁r₂) and Q the
     # column-wise one of w1b and w2b (r₁r₂×in): the low-rank route with r² for r.
@@ -1598,7 +2254,7 @@ def _loha(values: Dict[str, np.ndarray]) -> _Built:
     return _Built(kind, w1a.shape[1], max_rank, a=q, b=p)
 
 
-def _lokr(values: Dict[str, np.ndarray]) -> _Built:
+def _lokr(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
     # ΔW = kron(W1, W2): its singular values are all products σᵢ(W1)·σⱼ(W2), with
     # W2 viewed as (c, d·∏kernel) — the same column order torch.kron gives a conv.
     if "lokr_w1" in values:
@@ -1624,8 +2280,47 @@ def _lokr(values: Dict[str, np.ndarray]) -> _Built:
         rank = w2a.shape[1]
         kernel = values["lokr_w2_b"].shape[2:]
     sigma = np.sort(np.outer(sigma1, sigma2).ravel())[::-1]
-    max_rank = cap1 * cap2
-    return _Built("conv" if kernel else "linear", rank if rank is not None else max_rank, max_rank, sigma=sigma)
+    return _Built("conv" if kernel else "linear", rank, cap1 * cap2, sigma=sigma)
+
+
+def _adalora(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
+    # PEFT AdaLoRA: ΔW ∝ B·(A ⊙ E) with E (r×1) weighting A's rows, i.e. B·diag(E)·A —
+    # the LoRA route with A' = E ⊙ A.  r = 0 (every rank masked away) is a zero update.
+    a, b, e = values["lora_A"], values["lora_B"], values["lora_E"]
+    if a.ndim != 2 or b.ndim != 2 or e.size != a.shape[0] or b.shape[1] != a.shape[0]:
+        raise ValueError(f"lora_A {list(a.shape)}, lora_E {list(e.shape)}, lora_B {list(b.shape)} are not r×in, r×1, out×r")
+    weights = tuple(float(v) for v in e.reshape(-1))
+    if a.shape[0] == 0:
+        return _Built("linear", 0, 0, sigma=np.zeros(1), lora_e=weights)
+    return _Built("linear", a.shape[0], a.shape[0], a=e.reshape(-1, 1) * a, b=b, lora_e=weights)
+
+
+def _vera(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
+    # PEFT VeRA (tuners/vera/layer.py Linear.forward): ΔW = diag(λ_b)·B[:out, :]·diag(λ_d)·A[:, :in],
+    # the shared projections sliced to this layer; out = len(λ_b), in is not stored.
+    if "vera_A" not in values or "vera_B" not in values:
+        raise FactorsUnavailable("the shared projections vera_A / vera_B are not in the file (saved with "
+                                 "save_projection false?); they are never invented")
+    a, b, lambda_b, lambda_d = (values[k] for k in ("vera_A", "vera_B", "vera_lambda_b", "vera_lambda_d"))
+    if module.in_features is None:
+        raise FactorsUnavailable(f"a VeRA adapter does not store in_features (vera_A has {a.shape[-1]} columns, the "
+                                 "widest targeted layer's); pass --base-model (or a --base-norms file) to read it "
+                                 "from the base weight's shape")
+    out_features, rank = lambda_b.size, lambda_d.size
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
+        raise ValueError(f"vera_A {list(a.shape)} / vera_B {list(b.shape)} do not have r = len(λ_d) = {rank}")
+    if module.in_features > a.shape[1] or out_features > b.shape[0]:
+        raise ValueError(f"layer {out_features}×{module.in_features} is larger than vera_B rows × vera_A columns")
+    sliced_a = lambda_d.reshape(-1, 1) * a[:, :module.in_features]
+    sliced_b = lambda_b.reshape(-1, 1) * b[:out_features]
+    return _Built("linear", rank, min(rank, out_features, module.in_features), a=sliced_a, b=sliced_b)
+
+
+# family → how its ΔW factors are built from the module's stored tensors
+FAMILY_BUILDERS: Dict[str, Callable[[Dict[str, np.ndarray], LoraModule], _Built]] = {
+    "lora": _tucker_lora, "loha": _loha, "lokr": _lokr, "adalora": _adalora, "vera": _vera,
+}
+SHARED_ROLES = frozenset(role for variant in PEFT_VARIANTS.values() for role in variant.shared_roles)
 
 
 BATCH_MODULES = 32
@@ -1656,6 +2351,9 @@ def _module_spectra(prepared: Sequence[_PreparedModule], source: _TensorSource) 
                 tall = _tall_factor(source, ref)
                 source.release(ref.key)
             factors[slot] = gram_factor(tall, item.gram_a if side == 0 else item.gram_b)
+        for slot, index in enumerate(indices):
+            if prepared[index].diag is not None:  # R_AᵀR_A = A·Aᵀ ⇒ (R_A·D)ᵀ(R_A·D) = (D·A)(D·A)ᵀ
+                factors[slot] = factors[slot] * prepared[index].diag[None, :]
         sigma = core_singular_values(factors[len(indices):], factors[:len(indices)])
         for row, index in enumerate(indices):
             spectra[index] = sigma[row]
@@ -1671,7 +2369,8 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         issues.append(f"{name}: stored rank {rank} disagrees with config {source_of_r} = {scale.config_r}; "
                       f"the stored rank is used for the scale")
     if spectrum.sigma_max == 0.0:
-        issues.append(f"{name}: the update is zero (B·A = 0, e.g. a freshly initialised adapter)")
+        why = "rank 0: AdaLoRA masked every rank" if rank == 0 else "B·A = 0, e.g. a freshly initialised adapter"
+        issues.append(f"{name}: the update is zero ({why})")
     abs_scale = abs(scale.scale)
     if not all(math.isfinite(v) for v in (spectrum.frob_sq, abs_scale * spectrum.sigma_max,
                                           abs_scale * math.sqrt(spectrum.frob_sq))):
@@ -1692,7 +2391,8 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         delta_sigma_max=abs_scale * spectrum.sigma_max, delta_fro_norm=abs_scale * math.sqrt(spectrum.frob_sq),
         top_singular_values=tuple(float(s) for s in sigma[:top_k]) if top_k > 0 else None,
         lora_bias_key=item.module.bias_key, lora_bias_norm=item.bias_norm, dora_magnitude=item.magnitude,
-        family=item.module.family, max_rank=item.max_rank, issues=tuple(issues))
+        delta_bias_norm=abs_scale * item.bias_norm if item.bias_norm is not None else None,
+        family=item.module.family, max_rank=item.max_rank, lora_e=item.lora_e, issues=tuple(issues))
 
 
 # How a percentile is read between modules: "linear" interpolates (numpy.percentile's
@@ -1865,10 +2565,17 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
     so only one block's Grams are ever held.  (Worker threads were measured
     and dropped: OpenBLAS serialises concurrent small BLAS calls, so they
     bought nothing on 2 cores.)"""
-    modules, non_lora = group_modules(setup.adapter_format, keys, lambda key: source.describe(key)[1])
+    shape_of = lambda key: source.describe(key)[1]  # noqa: E731
+    modules, non_lora = group_modules(setup.adapter_format, keys, shape_of, setup.config.peft_type)
+    if setup.in_features:
+        modules = [module._replace(in_features=setup.in_features.get(module.name)) for module in modules]
     if not modules:
         issues.append("no LoRA factors found (no lora_A/lora_B, lora_down/lora_up, hada_, lokr_ or lora_a/lora_b keys)")
     config = setup.config
+    refused: List[str] = []
+    if setup.adapter_format in ("peft", "diffusers"):
+        modules, refused, notes = resolve_lora_fields(modules, non_lora, config, shape_of)
+        issues.extend(notes + refused)
     workspace = Workspace()
     prepared: List[_PreparedModule] = []
     spectra: List[np.ndarray] = []
@@ -1893,12 +2600,12 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
         record = _module_record(item, sigma, spectrum, config, top_k)
         issues.extend(record.issues)
         layers.append(record)
-    names = [layer.name for layer in layers]
+    names = {pattern_name(layer.name) for layer in layers}
     for patterns, label in ((config.rank_pattern, "rank_pattern"), (config.alpha_pattern, "alpha_pattern")):
         for pattern in patterns:
             if not any(match_pattern((pattern,), name) for name in names):
                 issues.append(f"config: {label} key {pattern.key!r} matches no audited module")
-    return layers, non_lora, len(modules) - len(prepared)
+    return layers, non_lora, len(modules) + len(refused) - len(prepared)
 
 
 def _config_document(config: Any) -> Any:
@@ -1965,6 +2672,9 @@ def audit_lora_state_dict(tensors: Any, config: Any = None, *, include_top_singu
     ('q_proj', 2.0)
     """
     config = _config_document(_alias(config, adapter_config, "config", "adapter_config"))
+    refusal = peft_type_refusal(config)
+    if refusal:
+        raise AdapterFormatError(f"adapter config: {refusal}")
     source, keys, metadata, weights_path = _tensor_source(tensors)
     setup = configure(detect_format(keys, metadata, config), config, [], metadata)
     issues = list(setup.issues)
@@ -2001,8 +2711,13 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
     files = find_adapter_files(path, adapter=adapter, weights=weights, config=adapter_config)
     sf = open_safetensors(files.weights_path)
     raw_config, load_issues = load_adapter_config(files.config_path)
+    refusal = peft_type_refusal(raw_config)
+    if refusal:
+        raise AdapterFormatError(f"{files.config_path}: {refusal}")
     keys = list(sf.tensors)
     setup = configure(detect_format(keys, sf.metadata, raw_config), raw_config, load_issues, sf.metadata)
+    if setup.config.peft_type == "VERA":
+        setup = _with_base_in_features(setup, keys, base_model, (base_norms, base_norms_cache))
     issues = list(setup.issues)
     layers, non_lora, skipped = _audit(_TensorSource.from_file(sf), keys, setup, issues, include_top_singular_values)
     result = AuditResult(tuple(layers), tuple(issues), adapter_name=files.adapter_name,
@@ -2014,6 +2729,55 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
         result = attach_udr(result, base_model=base_model, base_norms=base_norms,
                             base_norms_cache=base_norms_cache, progress=progress)
     return result
+
+
+def _base_shapes(base_model: Optional[str], norms_files: Sequence[Optional[str]]
+                 ) -> Tuple[Dict[str, Tuple[Tuple[int, ...], str]], Optional[str]]:
+    """Base parameter name → (shape, dtype): from the checkpoint's headers, else
+    from the records of a norms file or cache (which keep each weight's shape)."""
+    import base_norms
+
+    try:
+        if base_model:
+            parameters = base_norms.list_parameters(base_norms.resolve_base(base_model))
+            return {name: (shape, dtype) for name, (_, shape, dtype) in parameters.items()}, None
+        shapes: Dict[str, Tuple[Tuple[int, ...], str]] = {}
+        for path in norms_files:
+            if path and Path(path).exists():
+                for name, record in base_norms.load_norms(path)["norms"].items():
+                    shape = record.get("shape")
+                    if isinstance(shape, list) and all(type(d) is int for d in shape):
+                        shapes[name] = (tuple(shape), str(record.get("dtype", "F32")))
+        return shapes, None
+    except AdapterFormatError as error:  # base_norms.NormsFileError included
+        return {}, str(error)
+
+
+def _with_base_in_features(setup: AuditSetup, keys: Sequence[str], base_model: Optional[str],
+                           norms_files: Sequence[Optional[str]]) -> AuditSetup:
+    """VeRA stores no layer's input width: read it from the base weight's shape
+    (``(out, in)``; ``(in, out)`` with fan_in_fan_out, GPT-2's Conv1D)."""
+    if base_model == "auto":
+        base_model = setup.config.base_model_name_or_path
+    if not base_model and not any(norms_files):
+        return setup
+    issues = list(setup.issues)
+    shapes, problem = _base_shapes(base_model, norms_files)
+    if problem:
+        return setup._replace(issues=issues + [f"vera: in_features not read from the base: {problem}"])
+    names = [module.name for module in _group_peft_tuner_keys(keys, PEFT_VARIANTS["VERA"])[0]]
+    matches, match_issues = match_base_parameters(names, shapes)
+    issues.extend(issue.replace("udr:", "vera:", 1).replace("UDR not computed", "in_features unknown")
+                  for issue in match_issues)
+    in_features = {}
+    for name, parameter in matches.items():
+        shape, dtype = shapes[parameter]
+        if len(shape) == 2 and _is_float(dtype):  # a packed (quantized) weight's shape is not the layer's
+            in_features[name] = shape[0] if setup.config.fan_in_fan_out else shape[1]
+        else:
+            issues.append(f"vera: {name}: base weight {parameter} is {dtype} {list(shape)}, not a float matrix; "
+                          "in_features unknown")
+    return setup._replace(issues=issues, in_features=in_features)
 
 
 # ── UDR: base norms matched to modules ──────────────────────────────────────
@@ -2513,15 +3277,25 @@ def _factor_loaders(path: str) -> Dict[str, Callable[[], Tuple[np.ndarray, np.nd
     raw_config, _ = load_adapter_config(files.config_path)
     keys = list(sf.tensors)
     source = _TensorSource.from_file(sf)
-    modules, _ = group_modules(detect_format(keys, sf.metadata, raw_config), keys, lambda key: source.describe(key)[1])
+    shape_of = lambda key: source.describe(key)[1]  # noqa: E731
+    adapter_format = detect_format(keys, sf.metadata, raw_config)
+    config = parse_adapter_config(raw_config)[0]
+    # grouped by the PEFT tuner too: AdaLoRA's lora_A / lora_B are not a plain pair (lora_E sits between)
+    modules, non_lora = group_modules(adapter_format, keys, shape_of, config.peft_type)
+    if adapter_format in ("peft", "diffusers"):
+        modules = resolve_lora_fields(modules, non_lora, config, shape_of)[0]
     loaders = {}
     for module in modules:
-        if module.family != "lora" or module.part("lora_mid.weight") or not module.a_key or not module.b_key \
-                or module.duplicate_keys or _check_tensors(module, source, (module.a_key, module.b_key)):
+        if module.family not in STREAMED_FAMILIES or module.part("lora_mid.weight") or not module.a_key \
+                or not module.b_key or module.duplicate_keys \
+                or _check_tensors(module, source, (module.a_key, module.b_key)):
             continue
-        layout, problem = _factor_layout(module, source.describe(module.a_key)[1], source.describe(module.b_key)[1])
-        if problem is None and layout.rank > 0:
-            loaders[module.name] = (lambda layout=layout: (_tall_factor(source, layout.a).T, _tall_factor(source, layout.b)))
+        layout, problem = _factor_layout(module, shape_of(module.a_key), shape_of(module.b_key))
+        diag, diag_problem = _kasa_diag(module, source, layout.rank) if problem is None else (None, None)
+        if problem is None and diag_problem is None and layout.rank > 0:
+            loaders[module.name] = (lambda layout=layout, diag=diag: (
+                _tall_factor(source, layout.a).T * (diag[:, None] if diag is not None else 1.0),
+                _tall_factor(source, layout.b)))
     return loaders
 
 
