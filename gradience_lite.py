@@ -15,7 +15,8 @@ The module reads top to bottom in the order data flows:
     4. keys               → module records for PEFT, diffusers, kohya, LyCORIS, MLX-LM; the LoraConfig
                             fields that change how factors combine (KaSA, BD-LoRA, MoE experts)
     5. low-rank spectra   → singular values of B·A from r×r problems
-    6. audit              → per-module records (LoRA, LoHa, LoKr, AdaLoRA, VeRA), summaries, UDR
+    6. audit              → tensors from any framework; per-module records (LoRA, LoHa, LoKr, AdaLoRA, VeRA),
+                            summaries, UDR
     7. reports            → JSON contract, text report, HTML report
     8. compare            → two adapters side by side; drift over checkpoints
     9. CLI                → ``python -m gradience_lite audit|compare …``
@@ -51,6 +52,7 @@ __all__ = [
     "AdapterFormatError",
     "AuditResult",
     "ModuleAudit",
+    "append_metrics_event",
     "attach_udr",
     "audit_lora_peft_dir",
     "audit_lora_state_dict",
@@ -352,14 +354,15 @@ def decode(raw: np.ndarray, dtype_name: str, dtype: Any = np.float64,
     """Decode raw stored values (any shape or strides) to ``dtype``.
 
     ``dtype_name`` is the safetensors dtype (``"BF16"``…); NumPy-native values
-    (including in-memory arrays) are simply cast.  With ``workspace`` the
-    result is a view into its buffer, valid until the workspace's next use.
+    (including in-memory arrays, and a bf16 tensor a framework already widened
+    to float32) are simply cast.  With ``workspace`` the result is a view into
+    its buffer, valid until the workspace's next use.
     """
     spec = DTYPES.get(dtype_name)
     dtype = np.dtype(dtype)
     count = raw.size
     target = (workspace.take(count, dtype) if workspace is not None else np.empty(count, dtype)).reshape(raw.shape)
-    if spec is None or spec.decode is None:
+    if spec is None or spec.decode is None or raw.dtype != spec.storage:
         np.copyto(target, raw, casting="unsafe")
     elif dtype == np.float32:
         spec.decode(raw, target)
@@ -1703,12 +1706,75 @@ class ModuleAudit:
         return row
 
 
+# ── in-memory tensors from any framework ────────────────────────────────────
+# A training loop hands over torch tensors (bf16, perhaps on a GPU, perhaps
+# requiring grad), JAX or MLX arrays.  None of those frameworks is imported
+# here: shapes and dtypes are read from attributes, and each tensor is asked,
+# through its own methods, for a NumPy array of a dtype NumPy has — only when
+# the audit reaches it, and only one at a time.
+
+# A framework's dtype name (``str(t.dtype)`` after its last dot: "torch.bfloat16",
+# "mlx.core.bfloat16", NumPy/JAX "bfloat16") → the safetensors name a file of
+# the same tensors reports, so both routes give the same JSON.
+FRAMEWORK_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+}
+# Floats NumPy has no dtype for.  torch hands over their bits through an integer
+# view of the same width (no copy; decoded here exactly as a file's bytes are);
+# frameworks without one widen them to float32 themselves (exact for bf16 and fp8).
+BIT_VIEWS = {"BF16": ("int16", np.uint16), "F8_E4M3": ("uint8", np.uint8), "F8_E5M2": ("uint8", np.uint8)}
+
+
+def _describe_tensor(tensor: Any) -> Tuple[str, Tuple[int, ...], Optional[str]]:
+    """(safetensors dtype name, shape, problem) of any array-like, without converting it."""
+    if not (hasattr(tensor, "dtype") and hasattr(tensor, "shape")):
+        tensor = np.asarray(tensor)  # lists, objects with only __array__
+    framework_name = tensor.dtype.name if isinstance(tensor, np.ndarray) else str(tensor.dtype).rsplit(".", 1)[-1]
+    shape = tuple(int(d) for d in tensor.shape)
+    dtype = FRAMEWORK_DTYPES.get(framework_name)
+    return (dtype, shape, None) if dtype else (framework_name, shape, f"unsupported dtype {framework_name}")
+
+
+def _framework_dtype(value: Any, name: str) -> Any:
+    """A dtype object of the framework that defines ``value``'s type (``torch.int16``,
+    ``mlx.core.float32``), from the already imported module; None if it has none."""
+    return getattr(sys.modules.get(type(value).__module__), name, None)
+
+
+def _as_numpy(tensor: Any, dtype: str) -> np.ndarray:
+    """The tensor's values as a NumPy array that :func:`decode` reads, converted by
+    the tensor's own methods.
+
+    torch: ``t.detach().to("cpu").numpy()`` — bf16 / fp8 through
+    ``.view(torch.int16 / torch.uint8)`` (their bits, no copy), else ``.float()``;
+    MLX: ``a.astype(mlx.core.float32)``; JAX, NumPy (ml_dtypes) and
+    ``__array__`` objects: ``numpy.asarray``, widened by NumPy.
+    """
+    narrow = dtype in BIT_VIEWS
+    value = tensor.detach() if callable(getattr(tensor, "detach", None)) else tensor
+    if callable(getattr(value, "numpy", None)) and callable(getattr(value, "float", None)):  # torch's API
+        value = value.to("cpu") if callable(getattr(value, "to", None)) else value
+        if not narrow:
+            return value.numpy()
+        integer_name, bits = BIT_VIEWS[dtype]
+        integer = _framework_dtype(value, integer_name)
+        return value.view(integer).numpy().view(bits) if integer is not None else value.float().numpy()
+    if narrow and not isinstance(value, np.ndarray) and callable(getattr(value, "astype", None)):
+        value = value.astype(_framework_dtype(value, "float32") or np.float32)
+    array = np.asarray(value)
+    return array.astype(np.float32) if narrow and array.dtype.kind != "f" else array
+
+
 class _TensorSource:
     """Uniform access to tensors in a safetensors file or an in-memory dict.
 
     ``describe(key)`` → (dtype name, shape, problem); ``raw(key)`` → the stored
     values as an array view (decode with :func:`decode`); ``release(key)``
-    drops a file tensor's pages once it has been reduced.
+    drops a tensor once it has been reduced (a file tensor's pages, a
+    framework tensor's NumPy copy).
     """
 
     def __init__(self, describe: Callable[[str], Tuple[str, Tuple[int, ...], Optional[str]]],
@@ -1735,13 +1801,24 @@ class _TensorSource:
         return cls(describe, lambda key: raw_view(sf, sf.tensors[key]), lambda key: release_pages(sf, sf.tensors[key]))
 
     @classmethod
-    def from_arrays(cls, tensors: Mapping[str, Any]) -> "_TensorSource":
-        def describe(key):
-            array = np.asarray(tensors[key])
-            kind = array.dtype.kind
-            dtype = array.dtype.name.upper() if kind in "fiub" else array.dtype.name
-            return dtype, tuple(array.shape), None if kind in "fiub" else f"unsupported dtype {array.dtype.name}"
-        return cls(describe, lambda key: np.asarray(tensors[key]))
+    def from_tensors(cls, tensors: Mapping[str, Any]) -> "_TensorSource":
+        """Any mapping of array-likes.  At most one tensor is held converted at a
+        time (the audit reads a factor, reduces it and releases it), so a state
+        dict of GPU tensors costs one host copy of its largest factor."""
+        described = functools.lru_cache(maxsize=None)(lambda key: _describe_tensor(tensors[key]))
+        held: Dict[str, np.ndarray] = {}
+
+        def raw(key):
+            if key not in held:
+                held.clear()
+                try:
+                    held[key] = _as_numpy(tensors[key], described(key)[0])
+                except Exception as error:  # noqa: BLE001 — whatever the framework raises, name the tensor
+                    raise AdapterFormatError(f"tensor {key!r} ({type(tensors[key]).__name__}) could not be "
+                                             f"converted to NumPy: {type(error).__name__}: {error}") from None
+            return held[key]
+
+        return cls(described, raw, lambda key: held.pop(key, None))
 
 
 def _is_float(dtype: str) -> bool:
@@ -2321,13 +2398,22 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         family=item.module.family, max_rank=item.max_rank, lora_e=item.lora_e, issues=tuple(issues))
 
 
-def _percentile(values: Sequence[float], q: float) -> Optional[float]:
-    """The q-th percentile with linear interpolation (numpy.percentile's default
-    rule), without numpy.percentile's first-call import cost."""
+# How a percentile is read between modules: "linear" interpolates (numpy.percentile's
+# default, the documented contract); "nearest" takes the element at round((n−1)·q)
+# with Python's round (halves to even) — upstream gradience 0.11.0's rule for its
+# UDR / SDI statistics, offered so a migrating user's dashboards stay continuous.
+PERCENTILE_RULES = ("linear", "nearest")
+
+
+def _percentile(values: Sequence[float], q: float, rule: str = "linear") -> Optional[float]:
+    """The q-th percentile by ``rule`` (see PERCENTILE_RULES), without
+    numpy.percentile's first-call import cost."""
     if not len(values):
         return None
     ordered = sorted(float(v) for v in values)
     position = (len(ordered) - 1) * q / 100.0
+    if rule == "nearest":
+        return ordered[int(round(position))]
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
@@ -2348,7 +2434,7 @@ def suggest_rank(k: Optional[float]) -> Optional[int]:
     return 1 << max(0, math.ceil(math.log2(max(k, 1.0))))
 
 
-def _by_type(layers: Sequence[ModuleAudit]) -> Dict[str, Dict[str, Any]]:
+def _by_type(layers: Sequence[ModuleAudit], udr_rule: str = "linear") -> Dict[str, Dict[str, Any]]:
     table = {}
     for kind in ("attn", "mlp", "other"):
         group = [layer for layer in layers if layer.module_type == kind]
@@ -2364,10 +2450,10 @@ def _by_type(layers: Sequence[ModuleAudit]) -> Dict[str, Dict[str, Any]]:
             "energy_rank_90_p50": _percentile(ranks90, 50),
             "energy_rank_90_p90": _percentile(ranks90, 90),
             "n_layers_with_udr": len(udr),
-            "udr_median": _median(udr),
-            "udr_p90": _percentile(udr, 90),
+            "udr_median": _percentile(udr, 50, udr_rule),
+            "udr_p90": _percentile(udr, 90, udr_rule),
             "udr_max": max(udr) if udr else None,
-            "sdi_median": math.log10(_median(udr) + UDR_EPS) if udr else None,
+            "sdi_median": math.log10(_percentile(udr, 50, udr_rule) + UDR_EPS) if udr else None,
         }
     return table
 
@@ -2392,7 +2478,11 @@ class AuditResult:
     format_metadata: Dict[str, str] = field(default_factory=dict)  # kohya ss_* training metadata
     udr_requested: bool = False
 
-    def summary(self) -> Dict[str, Any]:
+    def summary(self, percentile: str = "linear") -> Dict[str, Any]:
+        """The summary statistics; ``percentile`` is the rule for UDR / SDI
+        percentiles (rank percentiles are linear in both this tool and upstream)."""
+        if percentile not in PERCENTILE_RULES:
+            raise ValueError(f"percentile must be one of {', '.join(PERCENTILE_RULES)}, not {percentile!r}")
         layers = self.layers
         ranks90 = [layer.energy_rank_90 for layer in layers]
         params = np.array([layer.params for layer in layers], dtype=np.float64)
@@ -2413,27 +2503,29 @@ class AuditResult:
             "energy_rank_90_p90": p90,
             "suggested_r_global_median": suggest_rank(p50),
             "suggested_r_global_90": suggest_rank(p90),
-            "by_type": _by_type(layers),
+            "by_type": _by_type(layers, percentile),
             "n_layers_with_udr": len(udr),
             "udr_mean": _mean(udr),
-            "udr_median": _median(udr),
-            "udr_p90": _percentile(udr, 90),
+            "udr_median": _percentile(udr, 50, percentile),
+            "udr_p90": _percentile(udr, 90, percentile),
             "udr_max": max(udr) if udr else None,
             "sdi_mean": _mean(sdi),
-            "sdi_median": _median(sdi),
-            "sdi_p90": _percentile(sdi, 90),
+            "sdi_median": _percentile(sdi, 50, percentile),
+            "sdi_p90": _percentile(sdi, 90, percentile),
             "fraction_udr_gt_0_1": sum(u > 0.1 for u in udr) / len(udr) if udr else None,
             "fraction_udr_gt_0_3": sum(u > 0.3 for u in udr) / len(udr) if udr else None,
         }
 
-    def to_summary_dict(self, include_layers: bool = False, topk_layers: Optional[int] = None) -> Dict[str, Any]:
+    def to_summary_dict(self, include_layers: bool = False, topk_layers: Optional[int] = None, *,
+                        percentile: str = "linear") -> Dict[str, Any]:
         """JSON-ready summary; ``include_layers`` adds per-module rows under ``layers``
-        (``topk_layers`` keeps the N lowest-utilisation modules)."""
+        (``topk_layers`` keeps the N lowest-utilisation modules).  ``percentile="nearest"``
+        reads UDR / SDI percentiles as upstream gradience 0.11.0 did (see PERCENTILE_RULES)."""
         out: Dict[str, Any] = {"schema": SCHEMA_VERSION, "format": self.adapter_format,
                                "format_metadata": dict(self.format_metadata),
                                "adapter_name": self.adapter_name, "weights_path": self.weights_path,
                                "config_path": self.config_path, "other_adapters": list(self.other_adapters)}
-        out.update(self.summary())
+        out.update(self.summary(percentile))
         out["non_lora_tensors"] = list(self.non_lora_tensors)
         out["issues"] = list(self.issues)
         if include_layers:
@@ -2443,10 +2535,15 @@ class AuditResult:
             out["layers"] = [layer.to_dict() for layer in layers]
         return json_safe(out)
 
-    def to_metrics_event(self, run_id: str, step: Optional[int] = None, *, ts: Optional[float] = None) -> Dict[str, Any]:
-        """The summary wrapped as a gradience telemetry ``metrics`` event."""
+    def to_metrics_event(self, run_id: str, step: Optional[int] = None, *, ts: Optional[float] = None,
+                         include_layers: bool = False, topk_layers: Optional[int] = None,
+                         percentile: str = "linear") -> Dict[str, Any]:
+        """The summary wrapped as a gradience telemetry ``metrics`` event; the
+        keywords after ``ts`` go to :meth:`to_summary_dict` (``include_layers`` and
+        ``topk_layers`` are also upstream gradience's names there)."""
+        metrics = self.to_summary_dict(include_layers, topk_layers, percentile=percentile)
         return {"schema": TELEMETRY_SCHEMA, "ts": time.time() if ts is None else ts, "run_id": run_id,
-                "event": "metrics", "kind": "lora_audit", "step": step, "metrics": self.to_summary_dict()}
+                "event": "metrics", "kind": "lora_audit", "step": step, "metrics": metrics}
 
 
 def json_safe(value: Any) -> Any:
@@ -2514,9 +2611,59 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
     return layers, non_lora, len(modules) + len(refused) - len(prepared)
 
 
-def audit_lora_state_dict(tensors: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None, *,
-                          include_top_singular_values: int = 0) -> AuditResult:
-    """Audit LoRA factors already in memory (any float arrays keyed as PEFT saves them).
+def _config_document(config: Any) -> Any:
+    """A config as the dict ``adapter_config.json`` would hold: a mapping as it is, a
+    PEFT ``LoraConfig`` through its ``to_dict()``, upstream gradience's
+    ``LoRAAdapterConfig`` through its ``raw`` dict."""
+    if config is None or isinstance(config, Mapping):
+        return config
+    if callable(getattr(config, "to_dict", None)):
+        return config.to_dict()
+    raw = getattr(config, "raw", None)
+    return raw if isinstance(raw, Mapping) else config  # anything else: parse_adapter_config says why it is unusable
+
+
+def _alias(ours: Any, theirs: Any, our_name: str, their_name: str) -> Any:
+    """One argument under its gradience_lite name or upstream gradience's (an alias, same behaviour)."""
+    if theirs is None:
+        return ours
+    if ours is not None and ours != theirs:
+        raise TypeError(f"{our_name}= and its alias {their_name}= were both given, with different values")
+    return theirs
+
+
+def _tensor_source(tensors: Any) -> Tuple[_TensorSource, List[str], Dict[str, str], Optional[str]]:
+    """(source, keys, header metadata, weights path) for a mapping of tensors, an
+    :func:`open_safetensors` result, or a path to a ``.safetensors`` file."""
+    if isinstance(tensors, (str, os.PathLike)):
+        path = Path(tensors)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise _pickle_refusal(path)
+        if path.is_dir():
+            raise AdapterFormatError(f"{path}: is a directory; audit_lora_peft_dir(path) reads a directory "
+                                     "with its adapter_config.json, audit_lora_state_dict takes a weights file")
+        tensors = open_safetensors(path)
+    if isinstance(tensors, SafetensorsFile):
+        return _TensorSource.from_file(tensors), list(tensors.tensors), dict(tensors.metadata), tensors.path
+    if not isinstance(tensors, Mapping):
+        raise AdapterFormatError(f"audit_lora_state_dict takes a mapping of tensors, an open_safetensors() result "
+                                 f"or a .safetensors path, not {type(tensors).__name__}")
+    return _TensorSource.from_tensors(tensors), list(tensors), {}, None
+
+
+def audit_lora_state_dict(tensors: Any, config: Any = None, *, include_top_singular_values: int = 0,
+                          adapter_config: Any = None) -> AuditResult:
+    """Audit LoRA factors keyed as PEFT saves them, wherever they live.
+
+    ``tensors`` is a mapping of name → array-like — NumPy arrays, objects with
+    ``__array__``, or torch / JAX / MLX tensors in any dtype and on any device,
+    converted through their own methods (no framework is imported here; see
+    :func:`_as_numpy`) — or what :func:`open_safetensors` returns, or a path to
+    a ``.safetensors`` file.  Every route gives the same numbers, and tensors are
+    converted one at a time as the audit reaches them.  ``config`` is the
+    ``adapter_config.json`` dict, a PEFT ``LoraConfig`` (e.g.
+    ``model.peft_config["default"]``), or ``None`` (scale 1, with an issue);
+    ``adapter_config=`` is upstream gradience's name for it (an alias).
 
     A pure function of its inputs: suitable as a map task over many adapters.
 
@@ -2527,23 +2674,26 @@ def audit_lora_state_dict(tensors: Mapping[str, Any], config: Optional[Mapping[s
     >>> result.layers[0].name, result.layers[0].scale
     ('q_proj', 2.0)
     """
-    keys = list(tensors)
+    config = _config_document(_alias(config, adapter_config, "config", "adapter_config"))
     refusal = peft_type_refusal(config)
     if refusal:
         raise AdapterFormatError(f"adapter config: {refusal}")
-    setup = configure(detect_format(keys, {}, config), config, [], {})
+    source, keys, metadata, weights_path = _tensor_source(tensors)
+    setup = configure(detect_format(keys, metadata, config), config, [], metadata)
     issues = list(setup.issues)
-    layers, non_lora, skipped = _audit(_TensorSource.from_arrays(tensors), keys, setup, issues,
-                                       include_top_singular_values)
-    return AuditResult(tuple(layers), tuple(issues), non_lora_tensors=tuple(non_lora),
-                       n_modules_skipped=skipped, adapter_format=setup.adapter_format, config=setup.config)
+    layers, non_lora, skipped = _audit(source, keys, setup, issues, include_top_singular_values)
+    return AuditResult(tuple(layers), tuple(issues), weights_path=weights_path, non_lora_tensors=tuple(non_lora),
+                       n_modules_skipped=skipped, adapter_format=setup.adapter_format, config=setup.config,
+                       format_metadata=setup.format_metadata)
 
 
 def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values: int = 0,
                         adapter: Optional[str] = None, weights: Optional[str] = None,
                         adapter_config: Optional[str] = None, base_model: Optional[str] = None,
                         base_norms: Optional[str] = None, base_norms_cache: Optional[str] = None,
-                        progress: Optional[Callable[[str], None]] = None) -> AuditResult:
+                        progress: Optional[Callable[[str], None]] = None, base_model_id: Optional[str] = None,
+                        adapter_config_path: Optional[str] = None,
+                        adapter_weights_path: Optional[str] = None) -> AuditResult:
     """Audit a PEFT adapter directory (or a weights file).
 
     Raises :class:`AdapterFormatError` when nothing can be audited (no weights,
@@ -2551,11 +2701,16 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
     in the result's ``issues``.  With ``base_model`` (a path or an offline hub
     id; ``"auto"`` reads the config's ``base_model_name_or_path``) or
     ``base_norms`` / ``base_norms_cache`` the UDR fields are filled.
+    Upstream gradience's names are aliases: ``base_model_id`` = ``base_model``,
+    ``adapter_config_path`` = ``adapter_config``, ``adapter_weights_path`` = ``weights``.
 
     >>> result = audit_lora_peft_dir("tests/fixtures/peft/llama_fp32_qv")   # doctest: +SKIP
     >>> result.to_summary_dict()["n_layers"]                                  # doctest: +SKIP
     4
     """
+    base_model = _alias(base_model, base_model_id, "base_model", "base_model_id")
+    adapter_config = _alias(adapter_config, adapter_config_path, "adapter_config", "adapter_config_path")
+    weights = _alias(weights, adapter_weights_path, "weights", "adapter_weights_path")
     files = find_adapter_files(path, adapter=adapter, weights=weights, config=adapter_config)
     sf = open_safetensors(files.weights_path)
     raw_config, load_issues = load_adapter_config(files.config_path)
@@ -2771,12 +2926,17 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
 
 
 def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_norms: Optional[str] = None,
-               base_norms_cache: Optional[str] = None, progress: Optional[Callable[[str], None]] = None) -> AuditResult:
+               base_norms_cache: Optional[str] = None, progress: Optional[Callable[[str], None]] = None,
+               base_model_id: Optional[str] = None) -> AuditResult:
     """Fill ``base_sigma_max``, ``base_fro_norm``, ``udr``, ``udr_f``, ``sdi`` per module.
 
     The audit always completes: a missing base, an unmatched module or a failed
     convergence leaves that module's UDR fields null with a specific issue.
+    Works on any result, e.g. one from :func:`audit_lora_state_dict` in a
+    training loop (the base's norms are cached with ``base_norms_cache``).
+    ``base_model_id`` is upstream gradience's name for ``base_model`` (an alias).
     """
+    base_model = _alias(base_model, base_model_id, "base_model", "base_model_id")
     issues = list(result.issues)
     if base_model == "auto":
         base_model = result.config.base_model_name_or_path
@@ -4040,11 +4200,17 @@ def _read_run_context(path: Path) -> Tuple[Optional[str], Optional[int]]:
     return run_id, step
 
 
-def append_metrics_event(result: AuditResult, path: str) -> Dict[str, Any]:
-    """Append the audit as a metrics event, reusing the file's run_id and last step."""
+def append_metrics_event(result: AuditResult, path: str, *, run_id: Optional[str] = None,
+                         step: Optional[int] = None) -> Dict[str, Any]:
+    """Append the audit as a metrics event to a JSONL telemetry file.
+
+    ``run_id`` / ``step`` default to the file's own run_id and last step (what
+    ``--append`` does); a training loop passes its global step.
+    """
     target = Path(path)
-    run_id, step = _read_run_context(target)
-    event = result.to_metrics_event(run_id or f"gradience-lite-{int(time.time())}", step)
+    file_run_id, file_step = _read_run_context(target) if run_id is None or step is None else (None, None)
+    run_id = run_id or file_run_id or f"gradience-lite-{int(time.time())}"
+    event = result.to_metrics_event(run_id, file_step if step is None else step)
     with target.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(event, allow_nan=False) + "\n")
     return event
