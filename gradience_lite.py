@@ -9,10 +9,14 @@ The module reads top to bottom in the order data flows:
 
     1. safetensors bytes  → tensor records and decoded float arrays
     2. adapter files      → which weights / config / named adapter to read
-    3. config             → r, alpha, rsLoRA, rank/alpha patterns; kohya and MLX scale rules
-    4. keys               → module records for PEFT, diffusers, kohya, LyCORIS, MLX-LM
+    3. config             → r, alpha, rsLoRA, rank/alpha patterns; kohya and MLX scale rules;
+                            every LoraConfig field and what it does to ΔW;
+                            PEFT's tuners (LoHa, LoKr, AdaLoRA, VeRA) and the PEFT types refused
+    4. keys               → module records for PEFT, diffusers, kohya, LyCORIS, MLX-LM; the LoraConfig
+                            fields that change how factors combine (KaSA, BD-LoRA, MoE experts)
     5. low-rank spectra   → singular values of B·A from r×r problems
-    6. audit              → per-module records (LoRA, LoHa, LoKr), summaries, UDR
+    6. audit              → tensors from any framework; per-module records (LoRA, LoHa, LoKr, AdaLoRA, VeRA),
+                            summaries, UDR
     7. reports            → JSON contract, text report, HTML report
     8. compare            → two adapters side by side; drift over checkpoints
     9. CLI                → ``python -m gradience_lite audit|compare …``
@@ -39,6 +43,7 @@ import math
 import os
 import re
 import signal
+import shlex
 import stat
 import sys
 import time
@@ -52,11 +57,13 @@ __all__ = [
     "AdapterFormatError",
     "AuditResult",
     "ModuleAudit",
+    "append_metrics_event",
     "attach_udr",
     "audit_lora_peft_dir",
     "audit_lora_state_dict",
     "batch_audit_line",
     "compare_adapters",
+    "fail_on_reasons",
     "lowrank_singular_values",
     "main",
     "open_safetensors",
@@ -67,6 +74,7 @@ __all__ = [
     "training_drift",
 ]
 
+__version__ = "0.1.0"  # the one source of the version: pyproject.toml reads it (dynamic)
 SCHEMA_VERSION = "gradience_lite.audit/1"
 TELEMETRY_SCHEMA = "gradience.vnext.telemetry/v1"
 UDR_EPS = 1e-12
@@ -382,11 +390,22 @@ class Workspace:
     Decoding into fresh arrays costs a page fault per 4 KiB (more than the
     decoding itself); reusing two buffers makes a streamed audit touch the
     same few megabytes over and over.  Arrays handed out are views that the
-    next read overwrites.
+    next read overwrites.  It also remembers the last few results computed
+    for a whole fused tensor (see ``remember``).
     """
 
     def __init__(self) -> None:
         self._buffers: Dict[Any, np.ndarray] = {}
+        self._recent: Dict[Any, Any] = {}  # see remember()
+
+    def remember(self, key: Any, compute: Callable[[], Any], keep: int = 2) -> Any:
+        """``compute()`` once per ``key`` among the last ``keep`` keys asked for
+        (consecutive expert modules share one pass over their fused A and B)."""
+        if key not in self._recent:
+            if len(self._recent) >= keep:
+                del self._recent[next(iter(self._recent))]
+            self._recent[key] = compute()
+        return self._recent[key]
 
     def take(self, count: int, dtype: Any) -> np.ndarray:
         key = dtype if dtype is _RAW_BYTES else np.dtype(dtype)
@@ -404,14 +423,15 @@ def decode(raw: np.ndarray, dtype_name: str, dtype: Any = np.float64,
     """Decode raw stored values (any shape or strides) to ``dtype``.
 
     ``dtype_name`` is the safetensors dtype (``"BF16"``…); NumPy-native values
-    (including in-memory arrays) are simply cast.  With ``workspace`` the
-    result is a view into its buffer, valid until the workspace's next use.
+    (including in-memory arrays, and a bf16 tensor a framework already widened
+    to float32) are simply cast.  With ``workspace`` the result is a view into
+    its buffer, valid until the workspace's next use.
     """
     spec = DTYPES.get(dtype_name)
     dtype = np.dtype(dtype)
     count = raw.size
     target = (workspace.take(count, dtype) if workspace is not None else np.empty(count, dtype)).reshape(raw.shape)
-    if spec is None or spec.decode is None:
+    if spec is None or spec.decode is None or raw.dtype != spec.storage:
         np.copyto(target, raw, casting="unsafe")
     elif dtype == np.float32:
         spec.decode(raw, target)
@@ -612,6 +632,77 @@ class AdapterConfig:
     target_modules: Any = None
     modules_to_save: Any = None
     layer_replication: Any = None
+    # AdaLoRA: module name → the boolean rank mask PEFT saved in rank_pattern (True = rank kept)
+    rank_masks: Tuple[Tuple[str, Tuple[bool, ...]], ...] = ()
+    lora_bias: bool = False
+    kasa: bool = False  # kasa_config set: ΔW = s·B·diag(lora_diag)·A
+    bd_lora: Optional["BdLora"] = None  # use_bdlora: which factor is block-diagonal, in how many blocks
+    target_parameters: Tuple[str, ...] = ()  # nn.Parameters wrapped by PEFT's ParamWrapper (MoE experts)
+    refusals: Tuple[str, ...] = ()  # fields that change ΔW in a way the audit cannot compute: no module is audited
+
+
+class BdLora(NamedTuple):
+    """PEFT's BdLoraConfig: modules whose name contains an ``a_patterns`` entry
+    have a block-diagonal lora_A, ``b_patterns`` a block-diagonal lora_B."""
+
+    a_patterns: Tuple[str, ...]
+    b_patterns: Tuple[str, ...]
+    nblocks: int
+
+
+class FieldRule(NamedTuple):
+    """What one LoraConfig field does to ΔW, and what the audit does about it."""
+
+    effect: str  # "none": ΔW unchanged;  "read": the audit implements it;  "note": audited, with an issue;  "refuse"
+    harmless: Tuple[Any, ...] = (None, False, {}, [])  # values with no effect (the default among them)
+    text: str = ""  # the issue, for "note" and "refuse"
+
+
+# Every field of PEFT 0.21.2's LoraConfig (peft/tuners/lora/config.py, with PeftConfig's
+# own fields), field by field: does it change the ΔW a module applies?  A key not in
+# this table is reported (PEFT 0.21.2 drops unknown keys with a warning, so a newer
+# PEFT's field may change ΔW in ways these numbers do not include).
+_BASE_CHANGING_INITS = "the base weight was modified at init (W − s·B₀·A₀ or a quantized residual)"
+LORA_CONFIG_FIELDS: Dict[str, FieldRule] = {
+    # PeftConfig metadata
+    "task_type": FieldRule("none"), "peft_type": FieldRule("read"), "auto_mapping": FieldRule("none"),
+    "peft_version": FieldRule("none"), "base_model_name_or_path": FieldRule("read"), "revision": FieldRule("none"),
+    "inference_mode": FieldRule("none"),
+    # scale and rank
+    "r": FieldRule("read"), "lora_alpha": FieldRule("read"), "use_rslora": FieldRule("read"),
+    "rank_pattern": FieldRule("read"), "alpha_pattern": FieldRule("read"),
+    # which modules are adapted (the saved tensors say it again)
+    "target_modules": FieldRule("none"), "exclude_modules": FieldRule("none"),
+    "layers_to_transform": FieldRule("none"), "layers_pattern": FieldRule("none"),
+    "modules_to_save": FieldRule("none"),  # whole modules saved: listed under non_lora_tensors
+    # training-time only: the eval forward and the merge are s·B·A
+    "lora_dropout": FieldRule("none"), "velora_config": FieldRule("none"), "monteclora_config": FieldRule("none"),
+    "runtime_config": FieldRule("none"), "megatron_config": FieldRule("none"), "megatron_core": FieldRule("none"),
+    "ensure_weight_tying": FieldRule("none"),  # tied copies store the same factors, ΔW = s·B·A each
+    "eva_config": FieldRule("none"), "loftq_config": FieldRule("none"), "corda_config": FieldRule("none"),
+    "lora_ga_config": FieldRule("none"),  # their effect is read from init_lora_weights
+    # ΔW transposed (fan_in_fan_out) or mapped to other base layers (layer_replication): same spectrum
+    "fan_in_fan_out": FieldRule("read"), "layer_replication": FieldRule("read"),
+    # variants the audit implements
+    "kasa_config": FieldRule("read"), "use_bdlora": FieldRule("read"), "target_parameters": FieldRule("read"),
+    "lora_bias": FieldRule("read"), "trainable_token_indices": FieldRule("read"),
+    "use_dora": FieldRule("note", text="use_dora: DoRA rescales each column of the merged weight by the magnitude "
+                          "vector (needs the base weight); the numbers are of the low-rank part s·B·A"),
+    "init_lora_weights": FieldRule("note", (True, False, "gaussian", "orthogonal", "eva", "mica"),
+                                   f"init_lora_weights: {_BASE_CHANGING_INITS}; ΔW is the adapter's s·B·A on that "
+                                   "modified base, not the change from the original base (save with "
+                                   "path_initial_model_for_weight_conversion for that)"),
+    "bias": FieldRule("note", ("none", None), "bias: the adapter also trains base biases (full tensors, listed "
+                      "under non_lora_tensors); they are not part of ΔW"),
+    "alora_invocation_tokens": FieldRule("note", text="alora_invocation_tokens: aLoRA applies ΔW only to tokens "
+                                         "from the invocation sequence on"),
+    "use_qalora": FieldRule("refuse", text="use_qalora: on GPTQ layers QALoRA pools the input in groups "
+                            "(qalora_group_size) before lora_A, on other layers it does nothing, and the adapter "
+                            "does not say which the base is"),
+    "qalora_group_size": FieldRule("none"),  # read with use_qalora
+    "arrow_config": FieldRule("refuse", text="arrow_config: Arrow routes each token through a mixture of task "
+                              "adapters; there is no single ΔW"),
+}
 
 
 def _unsafe_regex(key: str) -> Optional[str]:
@@ -850,19 +941,24 @@ def parse_adapter_config(raw: Optional[Mapping[str, Any]]) -> Tuple[AdapterConfi
         issues.append("config: adapter config is not a JSON object; auditing from the weights alone")
         return AdapterConfig(), issues
     peft_type = raw.get("peft_type")
-    if peft_type not in (None, "LORA"):
-        issues.append(f"config: peft_type is {peft_type!r}, not LORA; LoRA keys are audited as LoRA")
+    known = isinstance(peft_type, str) and peft_type in PEFT_VARIANTS
+    if peft_type is not None and not known:  # the entry points refuse such adapters before parsing
+        issues.append(f"config: peft_type is {peft_type!r}, not a type gradience_lite audits; read as LORA")
+    variant = PEFT_VARIANTS[peft_type] if known else PEFT_VARIANTS["LORA"]
     values: Dict[str, Any] = {}
-    for name, cast in (("r", _positive_int), ("lora_alpha", _finite_number)):
-        if name not in raw:
-            issues.append(f"config: {name} is missing")
+    # Each tuner names its rank and alpha fields its own way (LoHa/LoKr "alpha", AdaLoRA "init_r").
+    for name, field_name, cast in (("r", variant.rank_field, _positive_int), ("lora_alpha", variant.alpha_field, _finite_number)):
+        if field_name is None:
+            continue
+        if field_name not in raw:
+            issues.append(f"config: {field_name} is missing")
             continue
         try:
-            values[name] = cast(raw[name])
+            values[name] = cast(raw[field_name])
         except (TypeError, ValueError):
-            issues.append(f"config: {name} = {raw[name]!r} is not a valid value; ignored")
+            issues.append(f"config: {field_name} = {raw[field_name]!r} is not a valid value; ignored")
     flags = {}
-    for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
+    for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
         value = raw.get(name, False)
         if value is None:
             value = False
@@ -871,19 +967,98 @@ def parse_adapter_config(raw: Optional[Mapping[str, Any]]) -> Tuple[AdapterConfi
             value = False
         flags[name] = value
     budget = _PatternBudget()
+    masks = variant.family == "adalora"  # AdaLoRA's rank_pattern holds boolean masks, not ranks
     return AdapterConfig(
         present=True,
         r=values.get("r"),
         lora_alpha=values.get("lora_alpha"),
-        rank_pattern=_parse_patterns(raw.get("rank_pattern"), "rank_pattern", _positive_int, issues, budget),
+        rank_pattern=() if masks else _parse_patterns(raw.get("rank_pattern"), "rank_pattern", _positive_int, issues,
+                                                      budget),
+        rank_masks=_parse_rank_masks(raw.get("rank_pattern"), issues) if masks else (),
         alpha_pattern=_parse_patterns(raw.get("alpha_pattern"), "alpha_pattern", _finite_number, issues, budget),
         peft_type=peft_type if isinstance(peft_type, str) else None,
         base_model_name_or_path=raw.get("base_model_name_or_path") if isinstance(raw.get("base_model_name_or_path"), str) else None,
         target_modules=raw.get("target_modules"),
         modules_to_save=raw.get("modules_to_save"),
         layer_replication=raw.get("layer_replication"),
+        kasa=raw.get("kasa_config") is not None,
+        bd_lora=_parse_bd_lora(raw.get("use_bdlora"), issues),
+        target_parameters=_parse_target_parameters(raw.get("target_parameters"), issues),
+        refusals=_check_fields(raw, issues) if peft_type in (None, "LORA") else (),
         **flags,
     ), issues
+
+
+def _check_fields(raw: Mapping[str, Any], issues: List[str]) -> Tuple[str, ...]:
+    """Hold every key against LORA_CONFIG_FIELDS: unknown keys and noted fields
+    become issues; the texts of refusing fields are returned."""
+    refusals = []
+    unknown = sorted(str(key) for key in raw if key not in LORA_CONFIG_FIELDS)
+    if unknown:
+        issues.append(f"config: {_short_repr(', '.join(unknown))[1:-1]}: not LoraConfig field(s) of PEFT 0.21.2 "
+                      "(written by another version?); PEFT 0.21.2 ignores them on load and so does this audit — if "
+                      "they change ΔW in the version that wrote them, the numbers do not include it")
+    for name, rule in LORA_CONFIG_FIELDS.items():
+        value = raw.get(name)
+        # null or missing is the default; others are compared with their types (1 is not True).
+        if rule.effect not in ("note", "refuse") or value is None \
+                or any(type(value) is type(h) and value == h for h in rule.harmless):
+            continue
+        if rule.effect == "note":
+            issues.append(f"config: {rule.text} (value {_short_repr(value)})")
+        else:
+            refusals.append(f"{rule.text} (value {_short_repr(value)}); not audited")
+    return tuple(refusals)
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _parse_bd_lora(raw: Any, issues: List[str]) -> Optional[BdLora]:
+    if raw is None:
+        return None
+    patterns = {}
+    if isinstance(raw, Mapping):
+        for side in ("target_modules_bd_a", "target_modules_bd_b"):
+            value = raw.get(side) or []
+            names = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            patterns[side] = tuple(value) if names else None
+        nblocks = raw.get("nblocks", 1)
+    if not isinstance(raw, Mapping) or None in patterns.values() or isinstance(nblocks, bool) \
+            or not isinstance(nblocks, int) or nblocks < 1:
+        issues.append(f"config: use_bdlora = {_short_repr(raw)} is not a BdLoraConfig; block-diagonal modules "
+                      "cannot be told apart, no module is audited")
+        return BdLora((), (), 0)  # nblocks 0: refuse every module
+    return BdLora(patterns["target_modules_bd_a"], patterns["target_modules_bd_b"], nblocks)
+
+
+def _parse_target_parameters(raw: Any, issues: List[str]) -> Tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        issues.append(f"config: target_parameters = {_short_repr(raw)} is not a list of names; ignored")
+        return ()
+    return tuple(raw)
+
+
+def _parse_rank_masks(raw: Any, issues: List[str]) -> Tuple[Tuple[str, Tuple[bool, ...]], ...]:
+    # PEFT AdaLoRA (adalora/model.py _get_adapter_state_dict) saves rank_pattern as
+    # {"<module path>.lora_E": [bool per initial rank]} and drops the masked ranks from the weights.
+    if raw in (None, {}):
+        return ()
+    if not isinstance(raw, dict):
+        issues.append("config: rank_pattern is not an object; AdaLoRA masks ignored")
+        return ()
+    masks = []
+    for key, mask in raw.items():
+        if not isinstance(mask, list) or not all(isinstance(bit, bool) for bit in mask):
+            issues.append(f"config: rank_pattern[{key!r}] is not a list of true/false; ignored")
+            continue
+        module = key[:-len(".lora_E")] if key.endswith(".lora_E") else key
+        masks.append((module_name_from_prefix(module), tuple(mask)))
+    return tuple(masks)
 
 
 MAX_CONFIG_BYTES = 10 * 1000 * 1000
@@ -902,6 +1077,11 @@ def load_adapter_config(path: Optional[str]) -> Tuple[Optional[Dict[str, Any]], 
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
         return None, [f"config: {path} could not be read ({type(error).__name__}: {error}); "
                       "r inferred from shapes, scale taken as 1.0"]
+
+
+def pattern_name(module_name: str) -> str:
+    """The name PEFT matched patterns against: an expert module "<path>.<param>[e]" shares its parameter's."""
+    return re.sub(r"\[[0-9]{1,9}\]$", "", module_name)
 
 
 def match_pattern(patterns: Sequence[PatternKey], module_name: str) -> Optional[PatternKey]:
@@ -950,6 +1130,7 @@ class ModuleScale(NamedTuple):
     scale_rule: str  # "alpha/r", "alpha/sqrt(r)", or "implicit 1"
     rank_pattern_key: Optional[str]
     alpha_pattern_key: Optional[str]
+    problem: Optional[str] = None  # the config and the stored factors cannot be reconciled: not audited
 
 
 def module_scale(config: AdapterConfig, module_name: str, stored_r: int) -> ModuleScale:
@@ -997,6 +1178,175 @@ def absolute_scale(scale: Optional[float]) -> Callable[["LoraModule", int, Optio
     return rule
 
 
+def lora_scale(config: AdapterConfig) -> ScaleRule:
+    """PEFT LoRA: :func:`module_scale` for every module (an expert: by its parameter's name)."""
+    return lambda module, rank, alpha: module_scale(config, pattern_name(module.name), rank)
+
+
+def _unloadable(stored: int, config_r: Optional[int]) -> Optional[str]:
+    # PEFT builds each layer from the config's r and then loads the weights: another stored rank fails to load.
+    if config_r is None or stored == config_r:
+        return None
+    return f"stored rank {stored} disagrees with the config's r = {config_r}; PEFT cannot load this module"
+
+
+def lycoris_peft_scale(config: AdapterConfig) -> ScaleRule:
+    """PEFT LoHa / LoKr (tuners/loha|lokr/model.py ``_create_and_replace``, layer.py
+    ``update_layer``): scaling = alpha / r, r and alpha looked up in rank_pattern /
+    alpha_pattern.  r is the config's, not a stored shape: LoKr with both halves
+    full stores no rank at all, and PEFT still divides by r (LyCORIS would use 1).
+    LoHaConfig / LoKrConfig have no rsLoRA option."""
+    def rule(module: LoraModule, rank: int, alpha: Optional[float]) -> ModuleScale:
+        looked_up = module_scale(config, module.name, rank)
+        stores_rank = not (module.part("lokr_w1") and module.part("lokr_w2"))
+        problem = _unloadable(rank, looked_up.config_r) if stores_rank else None
+        if problem or looked_up.alpha is None or not looked_up.config_r:
+            return looked_up._replace(problem=problem)
+        return looked_up._replace(scale=looked_up.alpha / looked_up.config_r, scale_rule="alpha/r")
+    return rule
+
+
+ADALORA_RANKNUM_EPS = np.float32(1e-5)
+
+
+def adalora_scale(config: AdapterConfig) -> ScaleRule:
+    """PEFT AdaLoRA (tuners/adalora/layer.py ``SVDLinear.forward``): ΔW = B·(A ⊙ E)·scaling / (ranknum + 1e-5).
+
+    On load (adalora/model.py ``resize_modules_by_rank_pattern``) a module with a
+    mask is rebuilt with r = the kept ranks, so scaling = lora_alpha, or that r
+    when lora_alpha ≤ 0; ranknum is restored to init_r (it is not saved).  The
+    saved weights hold only the kept ranks; a mask that does not match them is
+    an adapter PEFT itself cannot load, so the module is refused.
+    """
+    masks = dict(config.rank_masks)
+
+    def rule(module: LoraModule, rank: int, alpha: Optional[float]) -> ModuleScale:
+        init_r, lora_alpha, mask = config.r, config.lora_alpha, masks.get(module.name)
+        if init_r is None or lora_alpha is None:
+            return ModuleScale(init_r, lora_alpha, 1.0, "implicit 1", None, None)
+        loaded_r, ranknum = init_r, init_r
+        if mask is None and rank != init_r:
+            return ModuleScale(init_r, lora_alpha, 1.0, "alpha/(ranknum+1e-5)", None, None,
+                               f"lora_A stores {rank} ranks, init_r is {init_r} and rank_pattern has no mask for it "
+                               "(PEFT cannot load this module)")
+        if mask is not None:
+            loaded_r = sum(mask)
+            ranknum = init_r if loaded_r > 0 else 0  # update_layer(r=0) sets ranknum 0 and nothing restores it
+            problem = (f"rank_pattern mask has {len(mask)} entries but init_r is {init_r}" if len(mask) != init_r else
+                       f"rank_pattern mask keeps {loaded_r} ranks but lora_A stores {rank}" if loaded_r != rank else None)
+            if problem:
+                return ModuleScale(loaded_r, lora_alpha, 1.0, "alpha/(ranknum+1e-5)", None, None,
+                                   problem + " (PEFT cannot load this module)")
+        scaling, rule_name = (lora_alpha, "alpha/(ranknum+1e-5)") if lora_alpha > 0 else (loaded_r, "r/(ranknum+1e-5)")
+        # ranknum is a float32 parameter: the 1e-5 is added in float32, as PEFT's forward does.
+        return ModuleScale(loaded_r, lora_alpha, scaling / float(np.float32(ranknum) + ADALORA_RANKNUM_EPS),
+                           rule_name, None, None)
+    return rule
+
+
+def vera_scale(config: AdapterConfig) -> ScaleRule:
+    """PEFT VeRA has no scalar scale: λ_b and λ_d carry it (tuners/vera/layer.py)."""
+    return lambda module, rank, alpha: ModuleScale(config.r, None, 1.0, "1 (vera: λ_b, λ_d)", None, None,
+                                                   _unloadable(rank, config.r))
+
+
+class PeftVariant(NamedTuple):
+    """One of PEFT's additive low-rank tuners: how its config and its saved keys name things."""
+
+    family: str  # the per-module ``family``
+    rank_field: str  # the config field with the default rank
+    alpha_field: Optional[str]  # the config field with alpha (None: the tuner has no scalar scale)
+    scale: Callable[[AdapterConfig], ScaleRule]
+    roles: Tuple[str, ...] = ()  # per-module tensors: the layer class's adapter_layer_names
+    shared_roles: Tuple[str, ...] = ()  # tensors saved once on the tuner and used by every module
+
+
+# PeftType (PEFT 0.21.2 peft/utils/peft_types.py) → the tuners audited exactly.
+PEFT_VARIANTS: Dict[str, PeftVariant] = {
+    "LORA": PeftVariant("lora", "r", "lora_alpha", lora_scale),
+    "LOHA": PeftVariant("loha", "r", "alpha", lycoris_peft_scale,
+                        ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")),
+    "LOKR": PeftVariant("lokr", "r", "alpha", lycoris_peft_scale,
+                        ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")),
+    "ADALORA": PeftVariant("adalora", "init_r", "lora_alpha", adalora_scale, ("lora_A", "lora_B", "lora_E")),
+    "VERA": PeftVariant("vera", "r", None, vera_scale, ("vera_lambda_b", "vera_lambda_d"), ("vera_A", "vera_B")),
+}
+
+# Every other PeftType, with what it learns: none is an update ΔW = B·A the
+# adapter file alone determines (prompts, rotations, scalings, sparse or
+# full-rank updates, updates built from the base weight, input-routed mixtures).
+NOT_LOW_RANK_ADDITIVE: Dict[str, str] = {
+    "PROMPT_TUNING": "learned virtual prompt tokens",
+    "MULTITASK_PROMPT_TUNING": "learned virtual prompt tokens",
+    "P_TUNING": "a prompt encoder producing virtual tokens",
+    "PREFIX_TUNING": "learned key/value prefixes",
+    "ADAPTION_PROMPT": "gated adaption prompts",
+    "CPT": "context-aware prompt tuning",
+    "CARTRIDGE": "a learned KV-cache prefix",
+    "IA3": "learned per-channel scaling vectors",
+    "OFT": "an orthogonal rotation of the weight",
+    "BOFT": "a butterfly-factorised orthogonal rotation of the weight",
+    "HRA": "Householder reflections multiplying the weight",
+    "ROAD": "2-D rotations of the outputs",
+    "OSF": "fine-tuning inside the weight's own SVD subspaces",
+    "GLORA": "W0 + W0·A + B, an update proportional to the base weight",
+    "HIRA": "a Hadamard product with the base weight",
+    "MISS": "shard-shared updates that depend on the base weight",
+    "BONE": "block-affine updates that depend on the base weight",
+    "DEFT": "a residual projection of the base weight",
+    "PEANUT": "a non-linear function of the base weight",
+    "DELORA": "a low-rank direction scaled by the base weight's column norms",
+    "TINYLORA": "projections through the base weight's SVD",
+    "ADAMSS": "updates inside subspaces of the base weight's SVD",
+    "FROD": "a re-parameterisation of the whole weight",
+    "FOURIERFT": "sparse Fourier coefficients, a full-rank update",
+    "WAVEFT": "sparse wavelet coefficients, a full-rank update",
+    "SHIRA": "a sparse high-rank update",
+    "SUPERTUNING": "a sparse update of selected weight entries",
+    "C3A": "circular convolutions, a full-rank update",
+    "RANDLORA": "a full-rank combination of random low-rank bases",
+    "LN_TUNING": "fine-tuned LayerNorm parameters",
+    "TRAINABLE_TOKENS": "replaced embedding rows",
+    "BEFT": "bias fine-tuning",
+    "SHADOW": "a parallel shadow network",
+    "POLY": "an input-routed mixture of LoRA modules",
+    "XLORA": "an input-routed mixture of LoRA adapters",
+}
+# Additive low-rank updates whose exact ΔW is not implemented: refused by name
+# rather than audited with LoRA's formula.
+LOW_RANK_NOT_IMPLEMENTED: Dict[str, str] = {
+    "GRALORA": "block-wise (granular) low-rank updates",
+    "VBLORA": "low-rank factors assembled from a shared vector bank",
+    "UNILORA": "low-rank factors drawn from one shared parameter vector",
+    "LILY": "low-rank updates with shared projectors",
+    "PVERA": "probabilistic VeRA",
+    "PSOFT": "B·(R − I)·A with an orthogonal core",
+}
+
+
+def peft_type_refusal(raw_config: Any) -> Optional[str]:
+    """Why the adapter a PEFT config describes cannot be audited, or None.
+
+    One line for the CLI's exit 2: the type named, and why.
+    """
+    if not isinstance(raw_config, Mapping):
+        return None
+    peft_type = raw_config.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type in PEFT_VARIANTS:
+        if peft_type == "VERA" and raw_config.get("save_projection") is False:
+            return ("peft_type VERA with save_projection false: the shared projections vera_A / vera_B are not in the "
+                    "file (PEFT regenerates them from projection_prng_key with torch's random generator), so ΔW "
+                    "cannot be computed; gradience_lite does not invent them")
+        return None
+    if peft_type in NOT_LOW_RANK_ADDITIVE:
+        return (f"peft_type {peft_type} ({NOT_LOW_RANK_ADDITIVE[peft_type]}) is not a low-rank additive update "
+                "ΔW = B·A; gradience_lite audits only LoRA, LoHa, LoKr, AdaLoRA and VeRA")
+    if peft_type in LOW_RANK_NOT_IMPLEMENTED:
+        return (f"peft_type {peft_type} ({LOW_RANK_NOT_IMPLEMENTED[peft_type]}) is a low-rank additive update whose "
+                "exact ΔW gradience_lite does not implement; refused rather than audited with LoRA's formula")
+    return f"peft_type {peft_type!r} is not a PEFT type gradience_lite knows; refused rather than audited as LoRA"
+
+
 # ══ 4. keys → LoRA modules ═══════════════════════════════════════════════════
 
 PEFT_WRAPPER = "base_model.model."
@@ -1007,6 +1357,7 @@ _LORA_KEY = re.compile(
     r"|(?P<embedding>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?"
     r"|lora_B(?:\.[^.]+)?\.(?P<bias>bias)"
     r"|(?P<magnitude>lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?"
+    r"|(?P<diag>lora_diag)(?:\.[^.]+)?"
     r")$")
 
 
@@ -1018,11 +1369,14 @@ class LoraModule(NamedTuple):
     bias_key: Optional[str] = None
     magnitude_key: Optional[str] = None  # PEFT lora_magnitude_vector, kohya/LyCORIS dora_scale, MLX .m
     duplicate_keys: Tuple[str, ...] = ()  # a second key for a role already filled
-    family: str = "lora"  # "lora" | "loha" | "lokr"
+    family: str = "lora"  # "lora" | "loha" | "lokr" | "adalora" | "vera"
     layout: str = "peft"  # "peft": A r×in, B out×r;  "mlx": A in×r, B r×out (SwitchLinear: per expert, PEFT-like)
     expert: Optional[int] = None  # index along a leading experts axis (MLX SwitchLinear)
-    parts: Tuple[Tuple[str, str], ...] = ()  # further tensors by role: "alpha", "mid", "hada_w1_a", "lokr_w1", …
+    parts: Tuple[Tuple[str, str], ...] = ()  # further tensors by role: "alpha", "mid", "hada_w1_a", "lora_diag", …
     component: Optional[str] = None  # diffusers pipeline component ("unet", "text_encoder", …)
+    experts: Optional[int] = None  # PEFT ParamWrapper: experts fused along the rank axis (layout "peft_experts")
+    blocks: Optional[Tuple[str, int]] = None  # BD-LoRA: ("lora_A" | "lora_B", number of diagonal blocks)
+    in_features: Optional[int] = None  # the base layer's input width where the format stores none (VeRA)
 
     def part(self, role: str) -> Optional[str]:
         return dict(self.parts).get(role)
@@ -1052,6 +1406,8 @@ def group_lora_keys(keys: Iterable[str]) -> Tuple[List[LoraModule], List[str]]:
         elif match["embedding"]:
             slot["kind"] = "embedding"
             role = "a_key" if match["embedding"].endswith("A") else "b_key"
+        elif match["diag"]:
+            role = "lora_diag"
         else:
             role = "bias_key" if match["bias"] else "magnitude_key"
         if role in slot:  # e.g. lora_A.weight and lora_A.default.weight: which one is real is unknowable
@@ -1059,7 +1415,8 @@ def group_lora_keys(keys: Iterable[str]) -> Tuple[List[LoraModule], List[str]]:
             continue
         slot[role] = key
     modules = [LoraModule(name, slot["kind"], slot.get("a_key"), slot.get("b_key"),
-                          slot.get("bias_key"), slot.get("magnitude_key"), tuple(slot.get("duplicates", ())))
+                          slot.get("bias_key"), slot.get("magnitude_key"), tuple(slot.get("duplicates", ())),
+                          parts=(("lora_diag", slot["lora_diag"]),) if "lora_diag" in slot else ())
                for name, slot in sorted(parts.items(), key=lambda item: _natural_key(item[0]))]
     return modules, others
 
@@ -1097,7 +1454,11 @@ def detect_format(keys: Sequence[str], metadata: Mapping[str, str], config: Opti
 
     LyCORIS files may mix LoCon keys (lora_down/lora_up) with LoHa/LoKr keys:
     any hada_/lokr_ key makes the file "lycoris".
+    PEFT's own LoHa / LoKr / AdaLoRA / VeRA are "peft": their config says so.
     """
+    peft_type = config.get("peft_type") if isinstance(config, Mapping) else None
+    if isinstance(peft_type, str) and peft_type in PEFT_VARIANTS and PEFT_VARIANTS[peft_type].roles:
+        return "peft"  # PEFT's LoHa / LoKr keys look like LyCORIS's; the config says whose they are
     if any(".hada_w1_a" in key or ".lokr_w1" in key or ".lokr_w2" in key for key in keys):
         return "lycoris"
     if any(key.endswith((".lora_down.weight", ".lora_up.weight")) for key in keys):
@@ -1133,6 +1494,25 @@ def _group_kohya_keys(keys: Iterable[str]) -> Tuple[List[LoraModule], List[str]]
     return modules, others
 
 
+def _group_peft_tuner_keys(keys: Iterable[str], variant: PeftVariant) -> Tuple[List[LoraModule], List[str]]:
+    """PEFT LoHa / LoKr / AdaLoRA / VeRA save ``<prefix><module>.<role>`` with the
+    roles of the tuner's layer class; VeRA's shared ``base_model.vera_A`` /
+    ``vera_B`` join every module."""
+    parts: Dict[str, Dict[str, str]] = {}
+    shared: Dict[str, str] = {}
+    others: List[str] = []
+    for key in keys:
+        prefix, _, role = key.rpartition(".")
+        if role in variant.shared_roles and prefix == "base_model":
+            shared[role] = key
+        elif role in variant.roles and prefix:
+            parts.setdefault(module_name_from_prefix(prefix), {})[role] = key
+        else:
+            others.append(key)
+    modules = [LoraModule(name, "linear", None, None, family=variant.family,
+                          parts=tuple(sorted({**shared, **roles}.items())))
+               for name, roles in sorted(parts.items(), key=lambda item: _natural_key(item[0]))]
+    return modules, others
 # MLX SwitchLinear stores experts along a leading axis, one module each.  Real
 # MoE models have at most 256 routed experts (DeepSeek-V3); a header claiming
 # 10**7 (with zero bytes behind them) would otherwise create 10**7 modules.
@@ -1161,9 +1541,12 @@ def _group_mlx_keys(keys: Iterable[str], shape_of: Callable[[str], Tuple[int, ..
     return modules, others
 
 
-def group_modules(adapter_format: str, keys: Sequence[str], shape_of: Callable[[str], Tuple[int, ...]]
-                  ) -> Tuple[List[LoraModule], List[str]]:
-    """Group a file's keys into modules by its format; return (modules, non-LoRA keys)."""
+def group_modules(adapter_format: str, keys: Sequence[str], shape_of: Callable[[str], Tuple[int, ...]],
+                  peft_type: Optional[str] = None) -> Tuple[List[LoraModule], List[str]]:
+    """Group a file's keys into modules by its format (and PEFT tuner); return (modules, non-LoRA keys)."""
+    variant = PEFT_VARIANTS.get(peft_type) if adapter_format == "peft" and isinstance(peft_type, str) else None
+    if variant is not None and variant.roles:
+        return _group_peft_tuner_keys(keys, variant)
     if adapter_format in ("kohya", "lycoris", "diffusers-old"):
         return _group_kohya_keys(keys)
     if adapter_format == "mlx":
@@ -1173,6 +1556,145 @@ def group_modules(adapter_format: str, keys: Sequence[str], shape_of: Callable[[
         modules = [module._replace(component=module.name.split(".", 1)[0])
                    if module.name.split(".", 1)[0] in DIFFUSERS_COMPONENTS else module for module in modules]
     return modules, others
+
+
+# ── LoraConfig fields that change how a PEFT module's factors combine ───────
+# PEFT 0.21.2, peft/tuners/lora/:
+#   KaSA (variants.py, KasaLinearVariant.forward): ΔW = s·B·diag(lora_diag)·A.
+#   BD-LoRA (variants.py, BlockDiagonalLinear / BdLoraLinearVariant): lora_A or
+#     lora_B is block-diagonal, its .weight holding the diagonal blocks stacked by rows.
+#   target_parameters (layer.py, ParamWrapper): E experts fused into one pair,
+#     lora_A (r·E, in) expert-major and lora_B (out, r·E) rank-major;
+#     ΔW_e = s·B[:, e::E]·A[e·r:(e+1)·r] (stored transposed when the experts are (E, in, out)).
+
+# PEFT wraps each targeted nn.Parameter of a module in its own ParamWrapper,
+# nested in the module's parameter-registration order (the first registered is
+# innermost); the saved keys only show the depth, one ".base_layer" per level.
+# transformers' expert modules register their input projection before down_proj.
+EXPERT_PARAMETER_ORDER = ("gate_up_proj", "up_proj", "down_proj")
+_WRAPPER_LEVEL = ".base_layer"
+
+
+def _targeted_parameters(path: str, by_module: Mapping[str, Dict[str, None]]) -> Tuple[str, ...]:
+    # PEFT (tuners_utils._inject_parameters): "<module>.<param>" is targeted when it equals
+    # a listed name or ends with "." + that name, i.e. when the listed name's module part
+    # is a dot-aligned tail of the module path (or empty).
+    parts = path.split(".")
+    found: Dict[str, None] = {}  # an ordered set
+    for head in [".".join(parts[i:]) for i in range(len(parts))] + [""]:
+        found.update(by_module.get(head, {}))
+    return tuple(found)
+
+
+def _parameter_wrappers(modules: Sequence[LoraModule], target_parameters: Sequence[str]
+                        ) -> Tuple[Dict[str, Tuple[str, str]], Dict[str, str]]:
+    """Saved module name → (module path, parameter name) for PEFT ParamWrappers,
+    and module name → why the parameter cannot be told."""
+    by_module: Dict[str, Dict[str, None]] = {}
+    for target in target_parameters:
+        head, _, parameter = target.rpartition(".")
+        by_module.setdefault(head, {})[parameter] = None
+    levels: Dict[str, Dict[int, str]] = {}
+    for module in modules if by_module else ():
+        path, depth = module.name, 0
+        while path.endswith(_WRAPPER_LEVEL):
+            path, depth = path[:-len(_WRAPPER_LEVEL)], depth + 1
+        if _targeted_parameters(path, by_module):
+            levels.setdefault(path, {})[depth] = module.name
+    owners, problems = {}, {}
+    for path, by_depth in levels.items():
+        targeted = _targeted_parameters(path, by_module)
+        if len(targeted) == 1 and set(by_depth) == {0}:
+            owners[by_depth[0]] = (path, targeted[0])
+        elif set(by_depth) == set(range(len(targeted))) and all(p in EXPERT_PARAMETER_ORDER for p in targeted):
+            innermost_first = sorted(targeted, key=EXPERT_PARAMETER_ORDER.index)
+            for depth, name in by_depth.items():
+                owners[name] = (path, innermost_first[len(targeted) - 1 - depth])
+        else:
+            for name in by_depth.values():
+                problems[name] = (f"{name}: target_parameters: {len(by_depth)} nested ParamWrapper(s) on {path} "
+                                  f"for parameters {_short_repr(list(targeted))}; which is which follows the "
+                                  "module's parameter registration order, unknown here; not audited")
+    return owners, problems
+
+
+def _expert_modules(module: LoraModule, path: str, parameter: str, config: AdapterConfig,
+                    shape_of: Callable[[str], Tuple[int, ...]]) -> Tuple[List[LoraModule], Optional[str]]:
+    """One module per expert, named "<module path>.<parameter name>[e]" (one, without [e], for a 2-D parameter)."""
+    key = f"{path}.{parameter}"  # PEFT matches rank_pattern / alpha_pattern against this name
+    if module.a_key is None or module.b_key is None:
+        return [module._replace(name=key)], None
+    rank_key = match_pattern(config.rank_pattern, key)
+    rank = rank_key.value if rank_key else config.r
+    a_shape, b_shape = shape_of(module.a_key), shape_of(module.b_key)
+    if rank is None:
+        return [], f"{key}: target_parameters: the config has no r to split the fused experts' factors by; not audited"
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] % rank or b_shape[1] != a_shape[0]:
+        return [], (f"{key}: target_parameters: factors A{list(a_shape)} / B{list(b_shape)} are not "
+                    f"(r·E, in) / (out, r·E) with r = {rank}; not audited")
+    experts = a_shape[0] // rank
+    if experts == 1:
+        return [module._replace(name=key)], None
+    return [module._replace(name=f"{key}[{expert}]", family="lora_expert", layout="peft_experts", expert=expert,
+                            experts=experts) for expert in range(experts)], None
+
+
+def _bd_lora_module(module: LoraModule, bd_lora: BdLora) -> Tuple[Optional[LoraModule], Optional[str]]:
+    # PEFT (BdLoraLinearVariant.init): "pattern in target_name", a plain substring test.
+    side_a = any(pattern in module.name for pattern in bd_lora.a_patterns)
+    side_b = any(pattern in module.name for pattern in bd_lora.b_patterns)
+    if bd_lora.nblocks < 1 or (side_a and side_b):
+        return None, f"{module.name}: use_bdlora: cannot tell which factor is block-diagonal; not audited"
+    if not (side_a or side_b):
+        return module, None  # match_strict=False: a plain LoRA module
+    return module._replace(family="bd_lora", blocks=("lora_A" if side_a else "lora_B", bd_lora.nblocks)), None
+
+
+def resolve_lora_fields(modules: Sequence[LoraModule], non_lora: Sequence[str], config: AdapterConfig,
+                        shape_of: Callable[[str], Tuple[int, ...]]) -> Tuple[List[LoraModule], List[str], List[str]]:
+    """Apply the LoraConfig fields that change how a PEFT module's factors combine
+    (KaSA, BD-LoRA, target_parameters) and the refusals.
+
+    Returns (modules to audit, one issue per refused module, config issues).
+    """
+    notes: List[str] = []
+    refused = [f"{module_name_from_prefix(key.rsplit('.token_adapter', 1)[0])}: trainable_token_indices: PEFT "
+               "replaces these embedding rows by the stored values (W[idx] := delta), a change that is not low-rank "
+               "and needs the base weight; not audited" for key in non_lora if key.endswith("trainable_tokens_delta")]
+    if config.refusals:
+        return [], refused + [f"{module.name}: {'; '.join(config.refusals)}" for module in modules], notes
+    stray_bias = [module.name for module in modules if module.bias_key and config.present and not config.lora_bias]
+    if stray_bias:
+        notes.append(f"config: lora_bias is false but {len(stray_bias)} module(s) saved lora_B.bias (e.g. "
+                     f"{stray_bias[0]}); PEFT does not load it, so delta_bias_norm is a shift PEFT would not apply")
+    if config.kasa:
+        notes.append("config: kasa_config: when the adapter loads, PEFT also truncates each adapted base weight to "
+                     "its top min(out, in) − r singular components; ΔW is the adapter's s·B·diag(d)·A on that "
+                     "truncated weight, and base norms are of the stored base (same σ_max)")
+    owners, problems = _parameter_wrappers(modules, config.target_parameters)
+    resolved = []
+    for module in modules:
+        problem = problems.get(module.name)  # already "<module>: …"
+        if module.name in owners:
+            experts, problem = _expert_modules(module, *owners[module.name], config, shape_of)
+            resolved.extend(experts)
+        elif module.part("lora_diag"):
+            if config.present and not config.kasa:
+                problem = (f"{module.name}: lora_diag is saved but the config has no kasa_config (PEFT would drop it "
+                           "on load); the adapter contradicts itself; not audited")
+            else:
+                resolved.append(module._replace(family="kasa"))
+        elif config.kasa and module.a_key:
+            problem = (f"{module.name}: kasa_config is set but no lora_diag is saved (PEFT would draw it at random "
+                       "on load); not audited")
+        elif config.bd_lora is not None and problem is None:
+            module, problem = _bd_lora_module(module, config.bd_lora)
+            resolved.extend([module] if module else [])
+        elif problem is None:
+            resolved.append(module)
+        if problem:
+            refused.append(problem)
+    return resolved, refused, notes
 
 
 _ATTN_TOKENS = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value", "attn", "self_attn",
@@ -1195,7 +1717,7 @@ def module_type(name: str) -> str:
     an attention block).  kohya names flatten the path with underscores
     ("…_self_attn_q_proj"), so for them underscore-delimited markers are used.
     """
-    name = re.sub(r"\[[0-9]{1,9}\]$", "", name).lower()  # an MLX expert index
+    name = pattern_name(name).lower()  # an expert index
     if "." not in name and "_" in name:
         flat = f"_{name}_"
         attn = max((flat.rfind(marker) for marker in _FLAT_ATTN), default=-1)
@@ -1233,6 +1755,7 @@ class AuditSetup(NamedTuple):
     scale_rule: ScaleRule
     issues: List[str]
     format_metadata: Dict[str, str]
+    in_features: Optional[Dict[str, int]] = None  # module → base input width, for formats that store none (VeRA)
 
 
 def _diffusers_configs(metadata: Mapping[str, str], issues: List[str]) -> Dict[Optional[str], AdapterConfig]:
@@ -1300,8 +1823,8 @@ def configure(adapter_format: str, raw_config: Any, load_issues: List[str],
     issues.extend(config_issues)
     if not config.present:
         issues.append("config: no usable adapter config; r taken from the weights, scale = 1.0 for every module")
-    return AuditSetup(adapter_format, config, lambda module, rank, alpha: module_scale(config, module.name, rank),
-                      issues, format_metadata)
+    variant = PEFT_VARIANTS.get(config.peft_type or "LORA", PEFT_VARIANTS["LORA"])
+    return AuditSetup(adapter_format, config, variant.scale(config), issues, format_metadata)
 
 
 # ══ 5. low-rank spectra ══════════════════════════════════════════════════════
@@ -1556,22 +2079,87 @@ class ModuleAudit:
     top_singular_values: Optional[Tuple[float, ...]] = None
     lora_bias_key: Optional[str] = None
     lora_bias_norm: Optional[float] = None
+    delta_bias_norm: Optional[float] = None  # |s|·‖lora_B.bias‖: the shift PEFT adds to the output bias
     dora_magnitude: Optional[Dict[str, float]] = None
     base_sigma_max: Optional[float] = None
     base_fro_norm: Optional[float] = None
     udr: Optional[float] = None
     udr_f: Optional[float] = None
     sdi: Optional[float] = None
-    family: str = "lora"  # "lora" | "loha" | "lokr"
+    family: str = "lora"  # "lora" | "loha" | "lokr" | "adalora" | "vera"
     max_rank: Optional[int] = None  # upper bound on rank(ΔW) given the factorisation
+    lora_e: Optional[Tuple[float, ...]] = None  # AdaLoRA: the stored singular-value-like weights E, as saved
     issues: Tuple[str, ...] = ()
 
     def to_dict(self) -> Dict[str, Any]:
         row = {name: getattr(self, name) for name in self.__dataclass_fields__}
         row["a_shape"], row["b_shape"] = list(self.a_shape), list(self.b_shape)
         row["top_singular_values"] = list(self.top_singular_values) if self.top_singular_values is not None else None
+        row["lora_e"] = list(self.lora_e) if self.lora_e is not None else None
         row["issues"] = list(self.issues)
         return row
+
+
+# ── in-memory tensors from any framework ────────────────────────────────────
+# A training loop hands over torch tensors (bf16, perhaps on a GPU, perhaps
+# requiring grad), JAX or MLX arrays.  None of those frameworks is imported
+# here: shapes and dtypes are read from attributes, and each tensor is asked,
+# through its own methods, for a NumPy array of a dtype NumPy has — only when
+# the audit reaches it, and only one at a time.
+
+# A framework's dtype name (``str(t.dtype)`` after its last dot: "torch.bfloat16",
+# "mlx.core.bfloat16", NumPy/JAX "bfloat16") → the safetensors name a file of
+# the same tensors reports, so both routes give the same JSON.
+FRAMEWORK_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+}
+# Floats NumPy has no dtype for.  torch hands over their bits through an integer
+# view of the same width (no copy; decoded here exactly as a file's bytes are);
+# frameworks without one widen them to float32 themselves (exact for bf16 and fp8).
+BIT_VIEWS = {"BF16": ("int16", np.uint16), "F8_E4M3": ("uint8", np.uint8), "F8_E5M2": ("uint8", np.uint8)}
+
+
+def _describe_tensor(tensor: Any) -> Tuple[str, Tuple[int, ...], Optional[str]]:
+    """(safetensors dtype name, shape, problem) of any array-like, without converting it."""
+    if not (hasattr(tensor, "dtype") and hasattr(tensor, "shape")):
+        tensor = np.asarray(tensor)  # lists, objects with only __array__
+    framework_name = tensor.dtype.name if isinstance(tensor, np.ndarray) else str(tensor.dtype).rsplit(".", 1)[-1]
+    shape = tuple(int(d) for d in tensor.shape)
+    dtype = FRAMEWORK_DTYPES.get(framework_name)
+    return (dtype, shape, None) if dtype else (framework_name, shape, f"unsupported dtype {framework_name}")
+
+
+def _framework_dtype(value: Any, name: str) -> Any:
+    """A dtype object of the framework that defines ``value``'s type (``torch.int16``,
+    ``mlx.core.float32``), from the already imported module; None if it has none."""
+    return getattr(sys.modules.get(type(value).__module__), name, None)
+
+
+def _as_numpy(tensor: Any, dtype: str) -> np.ndarray:
+    """The tensor's values as a NumPy array that :func:`decode` reads, converted by
+    the tensor's own methods.
+
+    torch: ``t.detach().to("cpu").numpy()`` — bf16 / fp8 through
+    ``.view(torch.int16 / torch.uint8)`` (their bits, no copy), else ``.float()``;
+    MLX: ``a.astype(mlx.core.float32)``; JAX, NumPy (ml_dtypes) and
+    ``__array__`` objects: ``numpy.asarray``, widened by NumPy.
+    """
+    narrow = dtype in BIT_VIEWS
+    value = tensor.detach() if callable(getattr(tensor, "detach", None)) else tensor
+    if callable(getattr(value, "numpy", None)) and callable(getattr(value, "float", None)):  # torch's API
+        value = value.to("cpu") if callable(getattr(value, "to", None)) else value
+        if not narrow:
+            return value.numpy()
+        integer_name, bits = BIT_VIEWS[dtype]
+        integer = _framework_dtype(value, integer_name)
+        return value.view(integer).numpy().view(bits) if integer is not None else value.float().numpy()
+    if narrow and not isinstance(value, np.ndarray) and callable(getattr(value, "astype", None)):
+        value = value.astype(_framework_dtype(value, "float32") or np.float32)
+    array = np.asarray(value)
+    return array.astype(np.float32) if narrow and array.dtype.kind != "f" else array
 
 
 class _TensorSource:
@@ -1579,17 +2167,25 @@ class _TensorSource:
 
     ``describe(key)`` → (dtype name, shape, problem); ``raw(key, index=None)``
     → the stored values (slab ``index`` of the first axis when given) as an
-    array (decode with :func:`decode`); ``release(key)`` drops what was kept
-    of a tensor once it has been reduced.
+    array (decode with :func:`decode`); ``release(key)`` drops a tensor once
+    it has been reduced (a framework tensor's NumPy copy).
     """
 
     def __init__(self, describe: Callable[[str], Tuple[str, Tuple[int, ...], Optional[str]]],
                  raw: Callable[..., np.ndarray], release: Callable[[str], None] = lambda key: None):
         self.describe, self.raw, self.release = describe, raw, release
+        self._shared: Dict[str, np.ndarray] = {}
 
     def load(self, key: str) -> np.ndarray:
         """The whole tensor as a new float64 array."""
         return decode(self.raw(key), self.describe(key)[0])
+
+    def load_shared(self, key: str) -> np.ndarray:
+        """A tensor every module uses (VeRA's projections): decoded once and kept; never modify it."""
+        if key not in self._shared:
+            self._shared[key] = self.load(key)
+            self.release(key)
+        return self._shared[key]
 
     @classmethod
     def from_file(cls, sf: SafetensorsFile) -> "_TensorSource":
@@ -1600,14 +2196,24 @@ class _TensorSource:
         return cls(describe, lambda key, index=None: raw_view(sf, sf.tensors[key], stored, index))
 
     @classmethod
-    def from_arrays(cls, tensors: Mapping[str, Any]) -> "_TensorSource":
-        def describe(key):
-            array = np.asarray(tensors[key])
-            kind = array.dtype.kind
-            dtype = array.dtype.name.upper() if kind in "fiub" else array.dtype.name
-            return dtype, tuple(array.shape), None if kind in "fiub" else f"unsupported dtype {array.dtype.name}"
-        return cls(describe, lambda key, index=None: np.asarray(tensors[key]) if index is None
-                   else np.asarray(tensors[key])[index])
+    def from_tensors(cls, tensors: Mapping[str, Any]) -> "_TensorSource":
+        """Any mapping of array-likes.  At most one tensor is held converted at a
+        time (the audit reads a factor, reduces it and releases it), so a state
+        dict of GPU tensors costs one host copy of its largest factor."""
+        described = functools.lru_cache(maxsize=None)(lambda key: _describe_tensor(tensors[key]))
+        held: Dict[str, np.ndarray] = {}
+
+        def raw(key, index=None):
+            if key not in held:
+                held.clear()
+                try:
+                    held[key] = _as_numpy(tensors[key], described(key)[0])
+                except Exception as error:  # noqa: BLE001 — whatever the framework raises, name the tensor
+                    raise AdapterFormatError(f"tensor {key!r} ({type(tensors[key]).__name__}) could not be "
+                                             f"converted to NumPy: {type(error).__name__}: {error}") from None
+            return held[key] if index is None else held[key][index]
+
+        return cls(described, raw, lambda key: held.pop(key, None))
 
 
 def _is_float(dtype: str) -> bool:
@@ -1622,6 +2228,9 @@ class FactorRef(NamedTuple):
     shape: Tuple[int, int]  # the stored tensor (or expert slice) viewed as a matrix
     rank_axis: int  # 0: stored as r×n (PEFT A, MLX B); 1: stored as n×r (PEFT B, MLX A)
     expert: Optional[int] = None
+    stacked: Optional[Tuple[int, ...]] = None  # view the tensor with this shape before taking the expert
+    expert_axis: int = 0  # the axis of the (stacked) tensor that indexes experts
+    blocks: int = 1  # BD-LoRA: the matrix is block-diagonal; these are its blocks, stacked by rows
 
 
 class _Factors(NamedTuple):
@@ -1651,6 +2260,34 @@ def _factor_layout(module: LoraModule, a_shape: Tuple[int, ...], b_shape: Tuple[
         rank = a_shape[1]
         return _Factors(module.kind, rank, FactorRef(module.a_key, (a_shape[0], rank), 1),
                         FactorRef(module.b_key, (rank, b_shape[1]), 0)), None
+    if module.layout == "peft_experts":
+        # PEFT ParamWrapper (layer.py get_delta_factors): A (r·E, in) viewed as (E, r, in),
+        # B (out, r·E) viewed as (out, r, E); expert e is A[e] and B[:, :, e].
+        experts = module.experts or 1
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] % experts or b_shape[1] != a_shape[0]:
+            return None, f"fused expert factors A{list(a_shape)} / B{list(b_shape)} are not (r·E, in) / (out, r·E)"
+        rank = a_shape[0] // experts
+        return _Factors(module.kind, rank,
+                        FactorRef(module.a_key, (rank, a_shape[1]), 0, module.expert, (experts, rank, a_shape[1]), 0),
+                        FactorRef(module.b_key, (b_shape[0], rank), 1, module.expert, (b_shape[0], rank, experts),
+                                  2)), None
+    if module.blocks is not None:
+        # BD-LoRA (variants.py BlockDiagonalLinear): the block-diagonal factor's weight is
+        # (rows, columns / nblocks), block i being its i-th chunk of rows.
+        side, nblocks = module.blocks
+        rank = a_shape[0] if a_shape else 0
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            fits = False
+        elif side == "lora_A":  # A (r, in/nb), B (out, r)
+            fits = b_shape[1] == rank and rank % nblocks == 0
+        else:  # A (r, in), B (out, r/nb)
+            fits = b_shape[1] * nblocks == rank and b_shape[0] % nblocks == 0
+        if not fits:
+            return None, (f"BD-LoRA factors A{list(a_shape)} / B{list(b_shape)} do not fit {nblocks} diagonal "
+                          f"blocks of {side}")
+        a_blocks, b_blocks = (nblocks, 1) if side == "lora_A" else (1, nblocks)
+        return _Factors(module.kind, rank, FactorRef(module.a_key, (rank, a_shape[1]), 0, blocks=a_blocks),
+                        FactorRef(module.b_key, (b_shape[0], b_shape[1]), 1, blocks=b_blocks)), None
     expert = module.expert
     if len(a_shape) == 2 and len(b_shape) == 2:
         if a_shape[0] != b_shape[1]:
@@ -1691,40 +2328,88 @@ class _PreparedModule(NamedTuple):
     magnitude: Optional[Dict[str, float]]
     tall: Optional[Tuple[np.ndarray, np.ndarray]] = None  # computed factors (Aᵀ, B), for the QR fallback
     sigma: Optional[np.ndarray] = None  # a spectrum computed directly (LoKr, dense fallback)
+    lora_e: Optional[Tuple[float, ...]] = None
+    diag: Optional[np.ndarray] = None  # KaSA: ΔW = s·B·diag(d)·A, folded into A's r×r factor
 
 
 CHUNK_ELEMENTS = 1 << 18  # 2 MiB of float64: bounded memory, and large enough that per-chunk overhead is noise
 
 
 def _stored_matrix(source: _TensorSource, ref: FactorRef) -> np.ndarray:
-    return source.raw(ref.key, ref.expert).reshape(ref.shape)
+    if ref.expert is not None and ref.expert_axis == 0 and not ref.stacked:
+        # Experts on the leading axis: read only this expert's slab (E reads of
+        # one slab each, not E reads of the whole tensor).
+        return source.raw(ref.key, ref.expert).reshape(ref.shape)
+    raw = source.raw(ref.key)
+    if ref.expert is not None:  # a view, never a copy: the expert's slice is read chunk by chunk later
+        stacked = raw.reshape(ref.stacked) if ref.stacked else raw
+        raw = stacked[ref.expert] if ref.expert_axis == 0 else np.moveaxis(stacked, ref.expert_axis, 0)[ref.expert]
+    return raw.reshape(ref.shape)
+
+
+def _block_diagonal(blocks: Sequence[np.ndarray]) -> np.ndarray:
+    out = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)))
+    row = column = 0
+    for block in blocks:
+        out[row:row + block.shape[0], column:column + block.shape[1]] = block
+        row, column = row + block.shape[0], column + block.shape[1]
+    return out
 
 
 def _streamed_gram(source: _TensorSource, ref: FactorRef, workspace: Optional[Workspace]) -> np.ndarray:
     """The r×r Gram of a factor (A·Aᵀ for A, Bᵀ·B for B), decoded chunk by chunk along its long axis.
 
-    Peak memory is one chunk, whatever the tensor's size.
+    Peak memory is one chunk, whatever the tensor's size.  A block-diagonal
+    factor's Gram is block-diagonal: one Gram per stored block.
     """
+    if ref.expert is not None and ref.stacked is not None:
+        def every_expert() -> np.ndarray:
+            return _fused_expert_grams(source, ref, workspace)
+        key = (ref.key, ref.stacked, ref.expert_axis)
+        return (workspace.remember(key, every_expert) if workspace is not None else every_expert())[ref.expert]
     dtype_name = source.describe(ref.key)[0]
-    raw = _stored_matrix(source, ref)
-    rank, length = ref.shape[ref.rank_axis], ref.shape[1 - ref.rank_axis]
-    step = max(1, CHUNK_ELEMENTS // max(rank, 1))
-    gram = np.zeros((rank, rank))
+    grams = []
+    stored = _stored_matrix(source, ref)
+    for raw in np.split(stored, ref.blocks, axis=0) if ref.blocks > 1 else (stored,):
+        rank, length = raw.shape[ref.rank_axis], raw.shape[1 - ref.rank_axis]
+        step = max(1, CHUNK_ELEMENTS // max(rank, 1))
+        gram = np.zeros((rank, rank))
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite Gram is handled by the caller
+            for start in range(0, length, step):
+                if ref.rank_axis == 0:
+                    chunk = decode(raw[:, start:start + step], dtype_name, workspace=workspace)
+                    gram += chunk @ chunk.T
+                else:
+                    chunk = decode(raw[start:start + step], dtype_name, workspace=workspace)
+                    gram += chunk.T @ chunk
+        grams.append(gram)
+    return grams[0] if ref.blocks == 1 else _block_diagonal(grams)
+
+
+def _fused_expert_grams(source: _TensorSource, ref: FactorRef, workspace: Optional[Workspace]) -> np.ndarray:
+    """The Gram of every expert (E×r×r) of a PEFT fused factor — A viewed (E, r, in),
+    B viewed (out, r, E) — in one pass over the tensor.  B's experts interleave, so
+    one expert's slice is strided: read one expert at a time, the whole tensor
+    would pass through memory once per expert."""
+    dtype_name = source.describe(ref.key)[0]
+    # experts first, rank last: A → (E, in, r), B → (E, out, r); the rank axis is 1 in both layouts
+    view = np.moveaxis(source.raw(ref.key).reshape(ref.stacked), (ref.expert_axis, 1), (0, 2))
+    experts, length, rank = view.shape
+    step = max(1, CHUNK_ELEMENTS // max(rank * experts, 1))
+    grams = np.zeros((experts, rank, rank))
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite Gram is handled by the caller
         for start in range(0, length, step):
-            if ref.rank_axis == 0:
-                chunk = decode(raw[:, start:start + step], dtype_name, workspace=workspace)
-                gram += chunk @ chunk.T
-            else:
-                chunk = decode(raw[start:start + step], dtype_name, workspace=workspace)
-                gram += chunk.T @ chunk
-    return gram
+            # decoded into a contiguous (E, rows, r): a batched product over strided operands is twice as slow
+            chunk = decode(view[:, start:start + step], dtype_name, workspace=workspace)
+            grams += np.swapaxes(chunk, 1, 2) @ chunk
+    return grams
 
 
 def _tall_factor(source: _TensorSource, ref: FactorRef) -> np.ndarray:
     """The whole factor as a tall float64 matrix (n×r), for the rare Householder-QR path."""
     values = decode(_stored_matrix(source, ref), source.describe(ref.key)[0])
-    return values.T if ref.rank_axis == 0 else values
+    talls = [block.T if ref.rank_axis == 0 else block for block in np.split(values, ref.blocks, axis=0)]
+    return talls[0] if ref.blocks == 1 else _block_diagonal(talls)
 
 
 def _check_tensors(module: LoraModule, source: _TensorSource, keys: Sequence[str]) -> Optional[str]:
@@ -1737,9 +2422,13 @@ def _check_tensors(module: LoraModule, source: _TensorSource, keys: Sequence[str
     return None
 
 
-def _load_finite(module: LoraModule, source: _TensorSource, key: str) -> Tuple[Optional[np.ndarray], Optional[str]]:
-    values = source.load(key)
-    source.release(key)
+def _load_finite(module: LoraModule, source: _TensorSource, key: str, shared: bool = False
+                 ) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    if shared:
+        values = source.load_shared(key)
+    else:
+        values = source.load(key)
+        source.release(key)
     bad = int(values.size - np.count_nonzero(np.isfinite(values)))
     if bad:
         return None, f"{module.name}: {key.rsplit('.', 1)[-1] if '.' in key else key} contains {bad} NaN/Inf values; not audited"
@@ -1757,6 +2446,11 @@ def _extras(module: LoraModule, source: _TensorSource) -> Tuple[Optional[float],
     return bias_norm, magnitude
 
 
+# Families whose ΔW is s·B·A with stored factors (seen through a view: an expert's
+# slice, a block-diagonal layout, KaSA's diagonal on the r×r factor): streamed.
+STREAMED_FAMILIES = ("lora", "kasa", "bd_lora", "lora_expert")
+
+
 def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Optional[Workspace],
                     scale_rule: ScaleRule) -> Tuple[Optional[_PreparedModule], List[str]]:
     """Validate one module and reduce its factors to r×r Gram matrices.
@@ -1768,7 +2462,7 @@ def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Option
     name = module.name
     if module.duplicate_keys:
         return None, [f"{name}: more than one tensor for the same factor ({', '.join(module.duplicate_keys)}); not audited"]
-    if module.family != "lora" or module.part("lora_mid.weight"):
+    if module.family not in STREAMED_FAMILIES or module.part("lora_mid.weight"):
         return _prepare_computed(module, source, scale_rule)
     if module.a_key is None or module.b_key is None:
         if module.a_key is None and module.b_key is None:
@@ -1807,12 +2501,16 @@ def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Option
     alpha, problem = _alpha_value(module, source)
     if problem:
         return None, [problem]
+    diag, problem = _kasa_diag(module, source, layout.rank)
+    if problem:
+        return None, [problem]
     bias_norm, magnitude = _extras(module, source)
     dtype = a_dtype if a_dtype == b_dtype else f"{a_dtype}/{b_dtype}"
     a_matrix, b_matrix = (layout.a.shape, layout.b.shape) if module.expert is not None else (a_shape, b_shape)
-    return _PreparedModule(module, layout, tuple(a_matrix), tuple(b_matrix), dtype,
-                           math.prod(a_matrix) + math.prod(b_matrix), scale_rule(module, layout.rank, alpha),
-                           layout.rank, layout.rank, grams[0], grams[1], bias_norm, magnitude), []
+    params = math.prod(a_matrix) + math.prod(b_matrix) + (diag.size if diag is not None else 0)
+    return _PreparedModule(module, layout, tuple(a_matrix), tuple(b_matrix), dtype, params,
+                           scale_rule(module, layout.rank, alpha), layout.rank, layout.rank, grams[0], grams[1],
+                           bias_norm, magnitude, diag=diag), []
 
 
 def _prepare_wide(module: LoraModule, source: _TensorSource, layout: _Factors, a_shape: Tuple[int, ...],
@@ -1827,8 +2525,12 @@ def _prepare_wide(module: LoraModule, source: _TensorSource, layout: _Factors, a
         if bad:
             return None, [f"{name}: {label} contains {bad} NaN/Inf values; not audited"]
         factors.append(values)
+    diag, problem = _kasa_diag(module, source, layout.rank)
+    if problem:
+        return None, [problem]
+    tall_a = factors[0] if diag is None else factors[0] * diag[None, :]  # KaSA: ΔW = B·diag(d)·A
     try:
-        sigma = product_singular_values(factors[1], factors[0].T)
+        sigma = product_singular_values(factors[1], tall_a.T)
     except ResourceCapExceeded as error:
         return None, [f"{name}: {error}; not audited"]
     padded = np.zeros(layout.rank)
@@ -1838,20 +2540,44 @@ def _prepare_wide(module: LoraModule, source: _TensorSource, layout: _Factors, a
         return None, [problem]
     bias_norm, magnitude = _extras(module, source)
     a_matrix, b_matrix = (layout.a.shape, layout.b.shape) if module.expert is not None else (a_shape, b_shape)
+    params = math.prod(a_matrix) + math.prod(b_matrix) + (diag.size if diag is not None else 0)
     return _PreparedModule(module, layout, tuple(a_matrix), tuple(b_matrix),
-                           a_dtype if a_dtype == b_dtype else f"{a_dtype}/{b_dtype}",
-                           math.prod(a_matrix) + math.prod(b_matrix), scale_rule(module, layout.rank, alpha),
-                           layout.rank, layout.rank, None, None, bias_norm, magnitude, sigma=padded), []
+                           a_dtype if a_dtype == b_dtype else f"{a_dtype}/{b_dtype}", params,
+                           scale_rule(module, layout.rank, alpha), layout.rank, layout.rank, None, None,
+                           bias_norm, magnitude, sigma=padded), []
 
 
-def _alpha_value(module: LoraModule, source: _TensorSource) -> Tuple[Optional[float], Optional[str]]:
-    """The scalar ``alpha`` tensor kohya / LyCORIS store per module (any float dtype)."""
-    key = module.part("alpha")
-    if key is None:
+def _kasa_diag(module: LoraModule, source: _TensorSource, rank: int) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """KaSA's lora_diag (r values), or None for other families."""
+    key = module.part("lora_diag")
+    if module.family != "kasa" or key is None:
         return None, None
     problem = _check_tensors(module, source, (key,))
     if problem:
         return None, problem
+    values, problem = _load_finite(module, source, key)
+    if problem:
+        return None, problem
+    if values.shape != (rank,):
+        return None, f"{module.name}: lora_diag has shape {list(values.shape)}, not [{rank}] (the rank); not audited"
+    return values, None
+
+
+def _is_number(dtype: str) -> bool:
+    return dtype != "BOOL" if dtype in DTYPES else dtype.startswith(("FLOAT", "INT", "UINT"))
+
+
+def _alpha_value(module: LoraModule, source: _TensorSource) -> Tuple[Optional[float], Optional[str]]:
+    """The scalar ``alpha`` tensor kohya / LyCORIS store per module: any numeric
+    dtype (diffusers' ``convert_state_dict_to_kohya`` writes an int64 0-d tensor), 0-d or one element."""
+    key = module.part("alpha")
+    if key is None:
+        return None, None
+    dtype, _, problem = source.describe(key)
+    if problem:
+        return None, f"{module.name}: tensor {key!r}: {problem}; not audited"
+    if not _is_number(dtype):
+        return None, f"{module.name}: alpha tensor {key!r} has non-numeric dtype {dtype}; not audited"
     values = source.load(key)
     if values.size != 1 or not np.isfinite(values).all():
         return None, f"{module.name}: alpha tensor {key!r} is not one finite number; not audited"
@@ -1885,7 +2611,7 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
         return None, [problem]
     values: Dict[str, np.ndarray] = {}
     for role, key in factor_roles.items():
-        loaded, problem = _load_finite(module, source, key)
+        loaded, problem = _load_finite(module, source, key, shared=role in SHARED_ROLES)
         if problem:
             return None, [problem]
         values[role] = loaded
@@ -1894,24 +2620,28 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
         return None, [problem]
     try:
         with np.errstate(over="ignore", invalid="ignore"):
-            built = {"lora": _tucker_lora, "loha": _loha, "lokr": _lokr}[module.family](values)
-    except ResourceCapExceeded as error:
+            built = FAMILY_BUILDERS[module.family](values, module)
+    except (FactorsUnavailable, ResourceCapExceeded) as error:
         return None, [f"{name}: {error}; not audited"]
     except (KeyError, ValueError, IndexError) as error:
         return None, [f"{name}: {module.family} factors do not fit together ({error}); not audited"]
+    scale = scale_rule(module, built.rank if built.rank is not None else built.max_rank, alpha)
+    if scale.problem:
+        return None, [f"{name}: {scale.problem}; not audited"]
     bias_norm, magnitude = _extras(module, source)
     dtypes = sorted({source.describe(key)[0] for key in factor_roles.values()})
     shapes = {role: tuple(v.shape) for role, v in values.items()}
-    params = sum(v.size for v in values.values())
-    scale = scale_rule(module, built.rank, alpha)
+    params = sum(v.size for role, v in values.items() if role not in SHARED_ROLES)  # VeRA's frozen projections are not trained
     # The batched stage groups by the size of the r×r problem: r² for LoHa's Khatri–Rao route.
     inner = built.a.shape[0] if built.a is not None else built.rank
     layout = _Factors(built.kind, inner)
-    a_shape = shapes.get("lora_down.weight") or shapes.get("hada_w1_b") or shapes.get("lokr_w1") or shapes.get("lokr_w1_a") or ()
-    b_shape = shapes.get("lora_up.weight") or shapes.get("hada_w1_a") or shapes.get("lokr_w2") or shapes.get("lokr_w2_a") or ()
+    a_shape = next((shapes[role] for role in A_SHAPE_ROLES if role in shapes), ())
+    b_shape = next((shapes[role] for role in B_SHAPE_ROLES if role in shapes), ())
+    # LoKr with both halves full stores no rank: r is the config's (what PEFT divides alpha by), else the capacity.
+    rank = built.rank if built.rank is not None else (scale.config_r or built.max_rank)
     common = dict(module=module, layout=layout, a_shape=a_shape, b_shape=b_shape, dtype="/".join(dtypes),
-                  params=params, scale=scale, r=built.rank, max_rank=built.max_rank, bias_norm=bias_norm,
-                  magnitude=magnitude)
+                  params=params, scale=scale, r=rank, max_rank=built.max_rank, bias_norm=bias_norm,
+                  magnitude=magnitude, lora_e=built.lora_e)
     if built.sigma is not None:
         return _PreparedModule(gram_a=None, gram_b=None, sigma=built.sigma, **common), []
     tall_a, tall_b = built.a.T, built.b
@@ -1922,18 +2652,28 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
 
 class _Built(NamedTuple):
     kind: str
-    rank: int  # the stored dimension r (what alpha is divided by; LoKr with both halves full: its capacity)
+    rank: Optional[int]  # the stored dimension r; None when the factors store none (LoKr with both halves full)
     max_rank: int  # an upper bound on rank(ΔW); the low-rank route's inner size when a/b are given
     a: Optional[np.ndarray] = None  # r×n
     b: Optional[np.ndarray] = None  # m×r
     sigma: Optional[np.ndarray] = None
+    lora_e: Optional[Tuple[float, ...]] = None  # AdaLoRA's E, reported as stored
+
+
+class FactorsUnavailable(ValueError):
+    """The stored factors are fine, but something ΔW needs is not in the adapter."""
+
+
+# Which stored tensor is reported as a_shape / b_shape, by family (first present wins).
+A_SHAPE_ROLES = ("lora_down.weight", "hada_w1_b", "lokr_w1", "lokr_w1_a", "lora_A", "vera_A")
+B_SHAPE_ROLES = ("lora_up.weight", "hada_w1_a", "lokr_w2", "lokr_w2_a", "lora_B", "vera_B")
 
 
 def _matrix(values: np.ndarray) -> np.ndarray:
     return values.reshape(values.shape[0], -1)
 
 
-def _tucker_lora(values: Dict[str, np.ndarray]) -> _Built:
+def _tucker_lora(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
     # LoCon with Tucker: ΔW[o, i, h, w] = Σ_{a,b} up[o, a]·mid[a, b, h, w]·down[b, i]
     # (forward: down 1×1, then mid k×k, then up 1×1), i.e. B = up, A = mid ∘ down.
     up, down, mid = _matrix(values["lora_up.weight"]), _matrix(values["lora_down.weight"]), values["lora_mid.weight"]
@@ -1946,7 +2686,7 @@ def _tucker_lora(values: Dict[str, np.ndarray]) -> _Built:
     return _Built("conv", up.shape[1], min(up.shape[1], up.shape[0], a.shape[1]), a=a, b=up)
 
 
-def _loha(values: Dict[str, np.ndarray]) -> _Built:
+def _loha(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
     # ΔW = (w1a·w1b) ⊙ (w2a·w2b).  The Hadamard product of two rank-r products is
     # P·Q with P the row-wise Kronecker product of w1a and w2a (out×r₁r₂) and Q the
     # column-wise one of w1b and w2b (r₁r₂×in): the low-rank route with r² for r.
@@ -1986,7 +2726,7 @@ def _tucker_product(core: np.ndarray, w_a: np.ndarray, w_b: np.ndarray) -> Tuple
     return w_a.T, q.reshape(core.shape[0], -1)
 
 
-def _lokr(values: Dict[str, np.ndarray]) -> _Built:
+def _lokr(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
     # ΔW = kron(W1, W2): its singular values are all products σᵢ(W1)·σⱼ(W2), with
     # W2 viewed as (c, d·∏kernel) — the same column order torch.kron gives a conv.
     if "lokr_w1" in values:
@@ -2014,8 +2754,47 @@ def _lokr(values: Dict[str, np.ndarray]) -> _Built:
         kernel = values["lokr_w2_b"].shape[2:]
     check_dense((sigma1.size, sigma2.size), "LoKr's Kronecker spectrum")
     sigma = np.sort(np.outer(sigma1, sigma2).ravel())[::-1]
-    max_rank = cap1 * cap2
-    return _Built("conv" if kernel else "linear", rank if rank is not None else max_rank, max_rank, sigma=sigma)
+    return _Built("conv" if kernel else "linear", rank, cap1 * cap2, sigma=sigma)
+
+
+def _adalora(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
+    # PEFT AdaLoRA: ΔW ∝ B·(A ⊙ E) with E (r×1) weighting A's rows, i.e. B·diag(E)·A —
+    # the LoRA route with A' = E ⊙ A.  r = 0 (every rank masked away) is a zero update.
+    a, b, e = values["lora_A"], values["lora_B"], values["lora_E"]
+    if a.ndim != 2 or b.ndim != 2 or e.size != a.shape[0] or b.shape[1] != a.shape[0]:
+        raise ValueError(f"lora_A {list(a.shape)}, lora_E {list(e.shape)}, lora_B {list(b.shape)} are not r×in, r×1, out×r")
+    weights = tuple(float(v) for v in e.reshape(-1))
+    if a.shape[0] == 0:
+        return _Built("linear", 0, 0, sigma=np.zeros(1), lora_e=weights)
+    return _Built("linear", a.shape[0], a.shape[0], a=e.reshape(-1, 1) * a, b=b, lora_e=weights)
+
+
+def _vera(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
+    # PEFT VeRA (tuners/vera/layer.py Linear.forward): ΔW = diag(λ_b)·B[:out, :]·diag(λ_d)·A[:, :in],
+    # the shared projections sliced to this layer; out = len(λ_b), in is not stored.
+    if "vera_A" not in values or "vera_B" not in values:
+        raise FactorsUnavailable("the shared projections vera_A / vera_B are not in the file (saved with "
+                                 "save_projection false?); they are never invented")
+    a, b, lambda_b, lambda_d = (values[k] for k in ("vera_A", "vera_B", "vera_lambda_b", "vera_lambda_d"))
+    if module.in_features is None:
+        raise FactorsUnavailable(f"a VeRA adapter does not store in_features (vera_A has {a.shape[-1]} columns, the "
+                                 "widest targeted layer's); pass --base-model (or a --base-norms file) to read it "
+                                 "from the base weight's shape")
+    out_features, rank = lambda_b.size, lambda_d.size
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
+        raise ValueError(f"vera_A {list(a.shape)} / vera_B {list(b.shape)} do not have r = len(λ_d) = {rank}")
+    if module.in_features > a.shape[1] or out_features > b.shape[0]:
+        raise ValueError(f"layer {out_features}×{module.in_features} is larger than vera_B rows × vera_A columns")
+    sliced_a = lambda_d.reshape(-1, 1) * a[:, :module.in_features]
+    sliced_b = lambda_b.reshape(-1, 1) * b[:out_features]
+    return _Built("linear", rank, min(rank, out_features, module.in_features), a=sliced_a, b=sliced_b)
+
+
+# family → how its ΔW factors are built from the module's stored tensors
+FAMILY_BUILDERS: Dict[str, Callable[[Dict[str, np.ndarray], LoraModule], _Built]] = {
+    "lora": _tucker_lora, "loha": _loha, "lokr": _lokr, "adalora": _adalora, "vera": _vera,
+}
+SHARED_ROLES = frozenset(role for variant in PEFT_VARIANTS.values() for role in variant.shared_roles)
 
 
 BATCH_MODULES = 32
@@ -2046,6 +2825,9 @@ def _module_spectra(prepared: Sequence[_PreparedModule], source: _TensorSource) 
                 tall = _tall_factor(source, ref)
                 source.release(ref.key)
             factors[slot] = gram_factor(tall, item.gram_a if side == 0 else item.gram_b)
+        for slot, index in enumerate(indices):
+            if prepared[index].diag is not None:  # R_AᵀR_A = A·Aᵀ ⇒ (R_A·D)ᵀ(R_A·D) = (D·A)(D·A)ᵀ
+                factors[slot] = factors[slot] * prepared[index].diag[None, :]
         sigma = core_singular_values(factors[len(indices):], factors[:len(indices)])
         for row, index in enumerate(indices):
             spectra[index] = sigma[row]
@@ -2061,7 +2843,8 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         issues.append(f"{name}: stored rank {rank} disagrees with config {source_of_r} = {scale.config_r}; "
                       f"the stored rank is used for the scale")
     if spectrum.sigma_max == 0.0:
-        issues.append(f"{name}: the update is zero (B·A = 0, e.g. a freshly initialised adapter)")
+        why = "rank 0: AdaLoRA masked every rank" if rank == 0 else "B·A = 0, e.g. a freshly initialised adapter"
+        issues.append(f"{name}: the update is zero ({why})")
     if len(name) > MAX_NAME_LENGTH and (config.rank_pattern or config.alpha_pattern):
         issues.append(f"{name[:60]}…: name is over MAX_NAME_LENGTH ({MAX_NAME_LENGTH}) characters; "
                       "rank_pattern / alpha_pattern not applied to it")
@@ -2085,16 +2868,26 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         delta_sigma_max=abs_scale * spectrum.sigma_max, delta_fro_norm=abs_scale * math.sqrt(spectrum.frob_sq),
         top_singular_values=tuple(float(s) for s in sigma[:top_k]) if top_k > 0 else None,
         lora_bias_key=item.module.bias_key, lora_bias_norm=item.bias_norm, dora_magnitude=item.magnitude,
-        family=item.module.family, max_rank=item.max_rank, issues=tuple(issues))
+        delta_bias_norm=abs_scale * item.bias_norm if item.bias_norm is not None else None,
+        family=item.module.family, max_rank=item.max_rank, lora_e=item.lora_e, issues=tuple(issues))
 
 
-def _percentile(values: Sequence[float], q: float) -> Optional[float]:
-    """The q-th percentile with linear interpolation (numpy.percentile's default
-    rule), without numpy.percentile's first-call import cost."""
+# How a percentile is read between modules: "linear" interpolates (numpy.percentile's
+# default, the documented contract); "nearest" takes the element at round((n−1)·q)
+# with Python's round (halves to even) — upstream gradience 0.11.0's rule for its
+# UDR / SDI statistics, offered so a migrating user's dashboards stay continuous.
+PERCENTILE_RULES = ("linear", "nearest")
+
+
+def _percentile(values: Sequence[float], q: float, rule: str = "linear") -> Optional[float]:
+    """The q-th percentile by ``rule`` (see PERCENTILE_RULES), without
+    numpy.percentile's first-call import cost."""
     if not len(values):
         return None
     ordered = sorted(float(v) for v in values)
     position = (len(ordered) - 1) * q / 100.0
+    if rule == "nearest":
+        return ordered[int(round(position))]
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
@@ -2115,7 +2908,7 @@ def suggest_rank(k: Optional[float]) -> Optional[int]:
     return 1 << max(0, math.ceil(math.log2(max(k, 1.0))))
 
 
-def _by_type(layers: Sequence[ModuleAudit]) -> Dict[str, Dict[str, Any]]:
+def _by_type(layers: Sequence[ModuleAudit], udr_rule: str = "linear") -> Dict[str, Dict[str, Any]]:
     table = {}
     for kind in ("attn", "mlp", "other"):
         group = [layer for layer in layers if layer.module_type == kind]
@@ -2131,10 +2924,10 @@ def _by_type(layers: Sequence[ModuleAudit]) -> Dict[str, Dict[str, Any]]:
             "energy_rank_90_p50": _percentile(ranks90, 50),
             "energy_rank_90_p90": _percentile(ranks90, 90),
             "n_layers_with_udr": len(udr),
-            "udr_median": _median(udr),
-            "udr_p90": _percentile(udr, 90),
+            "udr_median": _percentile(udr, 50, udr_rule),
+            "udr_p90": _percentile(udr, 90, udr_rule),
             "udr_max": max(udr) if udr else None,
-            "sdi_median": math.log10(_median(udr) + UDR_EPS) if udr else None,
+            "sdi_median": math.log10(_percentile(udr, 50, udr_rule) + UDR_EPS) if udr else None,
         }
     return table
 
@@ -2159,7 +2952,11 @@ class AuditResult:
     format_metadata: Dict[str, str] = field(default_factory=dict)  # kohya ss_* training metadata
     udr_requested: bool = False
 
-    def summary(self) -> Dict[str, Any]:
+    def summary(self, percentile: str = "linear") -> Dict[str, Any]:
+        """The summary statistics; ``percentile`` is the rule for UDR / SDI
+        percentiles (rank percentiles are linear in both this tool and upstream)."""
+        if percentile not in PERCENTILE_RULES:
+            raise ValueError(f"percentile must be one of {', '.join(PERCENTILE_RULES)}, not {percentile!r}")
         layers = self.layers
         ranks90 = [layer.energy_rank_90 for layer in layers]
         params = np.array([layer.params for layer in layers], dtype=np.float64)
@@ -2180,27 +2977,29 @@ class AuditResult:
             "energy_rank_90_p90": p90,
             "suggested_r_global_median": suggest_rank(p50),
             "suggested_r_global_90": suggest_rank(p90),
-            "by_type": _by_type(layers),
+            "by_type": _by_type(layers, percentile),
             "n_layers_with_udr": len(udr),
             "udr_mean": _mean(udr),
-            "udr_median": _median(udr),
-            "udr_p90": _percentile(udr, 90),
+            "udr_median": _percentile(udr, 50, percentile),
+            "udr_p90": _percentile(udr, 90, percentile),
             "udr_max": max(udr) if udr else None,
             "sdi_mean": _mean(sdi),
-            "sdi_median": _median(sdi),
-            "sdi_p90": _percentile(sdi, 90),
+            "sdi_median": _percentile(sdi, 50, percentile),
+            "sdi_p90": _percentile(sdi, 90, percentile),
             "fraction_udr_gt_0_1": sum(u > 0.1 for u in udr) / len(udr) if udr else None,
             "fraction_udr_gt_0_3": sum(u > 0.3 for u in udr) / len(udr) if udr else None,
         }
 
-    def to_summary_dict(self, include_layers: bool = False, topk_layers: Optional[int] = None) -> Dict[str, Any]:
+    def to_summary_dict(self, include_layers: bool = False, topk_layers: Optional[int] = None, *,
+                        percentile: str = "linear") -> Dict[str, Any]:
         """JSON-ready summary; ``include_layers`` adds per-module rows under ``layers``
-        (``topk_layers`` keeps the N lowest-utilisation modules)."""
+        (``topk_layers`` keeps the N lowest-utilisation modules).  ``percentile="nearest"``
+        reads UDR / SDI percentiles as upstream gradience 0.11.0 did (see PERCENTILE_RULES)."""
         out: Dict[str, Any] = {"schema": SCHEMA_VERSION, "format": self.adapter_format,
                                "format_metadata": dict(self.format_metadata),
                                "adapter_name": self.adapter_name, "weights_path": self.weights_path,
                                "config_path": self.config_path, "other_adapters": list(self.other_adapters)}
-        out.update(self.summary())
+        out.update(self.summary(percentile))
         out["non_lora_tensors"] = list(self.non_lora_tensors)
         out["issues"] = list(self.issues)
         if include_layers:
@@ -2210,10 +3009,15 @@ class AuditResult:
             out["layers"] = [layer.to_dict() for layer in layers]
         return json_safe(out)
 
-    def to_metrics_event(self, run_id: str, step: Optional[int] = None, *, ts: Optional[float] = None) -> Dict[str, Any]:
-        """The summary wrapped as a gradience telemetry ``metrics`` event."""
+    def to_metrics_event(self, run_id: str, step: Optional[int] = None, *, ts: Optional[float] = None,
+                         include_layers: bool = False, topk_layers: Optional[int] = None,
+                         percentile: str = "linear") -> Dict[str, Any]:
+        """The summary wrapped as a gradience telemetry ``metrics`` event; the
+        keywords after ``ts`` go to :meth:`to_summary_dict` (``include_layers`` and
+        ``topk_layers`` are also upstream gradience's names there)."""
+        metrics = self.to_summary_dict(include_layers, topk_layers, percentile=percentile)
         return {"schema": TELEMETRY_SCHEMA, "ts": time.time() if ts is None else ts, "run_id": run_id,
-                "event": "metrics", "kind": "lora_audit", "step": step, "metrics": self.to_summary_dict()}
+                "event": "metrics", "kind": "lora_audit", "step": step, "metrics": metrics}
 
 
 def json_safe(value: Any) -> Any:
@@ -2238,10 +3042,17 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
     so only one block's Grams are ever held.  (Worker threads were measured
     and dropped: OpenBLAS serialises concurrent small BLAS calls, so they
     bought nothing on 2 cores.)"""
-    modules, non_lora = group_modules(setup.adapter_format, keys, lambda key: source.describe(key)[1])
+    shape_of = lambda key: source.describe(key)[1]  # noqa: E731
+    modules, non_lora = group_modules(setup.adapter_format, keys, shape_of, setup.config.peft_type)
+    if setup.in_features:
+        modules = [module._replace(in_features=setup.in_features.get(module.name)) for module in modules]
     if not modules:
         issues.append("no LoRA factors found (no lora_A/lora_B, lora_down/lora_up, hada_, lokr_ or lora_a/lora_b keys)")
     config = setup.config
+    refused: List[str] = []
+    if setup.adapter_format in ("peft", "diffusers"):
+        modules, refused, notes = resolve_lora_fields(modules, non_lora, config, shape_of)
+        issues.extend(notes + refused)
     workspace = Workspace()
     prepared: List[_PreparedModule] = []
     spectra: List[np.ndarray] = []
@@ -2270,14 +3081,14 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
         record = _module_record(item, sigma, spectrum, config, top_k)
         issues.extend(record.issues)
         layers.append(record)
-    names = [layer.name for layer in layers]
+    names = {pattern_name(layer.name) for layer in layers}
     for patterns, label in ((config.rank_pattern, "rank_pattern"), (config.alpha_pattern, "alpha_pattern")):
         unmatched = unmatched_pattern_keys(patterns, names)
         for pattern in unmatched[:20]:
             issues.append(f"config: {label} key {pattern.key!r} matches no audited module")
         if len(unmatched) > 20:
             issues.append(f"config: {len(unmatched) - 20} more {label} keys match no audited module")
-    return layers, non_lora, len(modules) - len(prepared)
+    return layers, non_lora, len(modules) + len(refused) - len(prepared)
 
 
 def _grouped_metrics(spectra: Sequence[np.ndarray], ranks: Sequence[int]) -> List[Spectrum]:
@@ -2296,9 +3107,59 @@ def _grouped_metrics(spectra: Sequence[np.ndarray], ranks: Sequence[int]) -> Lis
     return metrics
 
 
-def audit_lora_state_dict(tensors: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None, *,
-                          include_top_singular_values: int = 0) -> AuditResult:
-    """Audit LoRA factors already in memory (any float arrays keyed as PEFT saves them).
+def _config_document(config: Any) -> Any:
+    """A config as the dict ``adapter_config.json`` would hold: a mapping as it is, a
+    PEFT ``LoraConfig`` through its ``to_dict()``, upstream gradience's
+    ``LoRAAdapterConfig`` through its ``raw`` dict."""
+    if config is None or isinstance(config, Mapping):
+        return config
+    if callable(getattr(config, "to_dict", None)):
+        return config.to_dict()
+    raw = getattr(config, "raw", None)
+    return raw if isinstance(raw, Mapping) else config  # anything else: parse_adapter_config says why it is unusable
+
+
+def _alias(ours: Any, theirs: Any, our_name: str, their_name: str) -> Any:
+    """One argument under its gradience_lite name or upstream gradience's (an alias, same behaviour)."""
+    if theirs is None:
+        return ours
+    if ours is not None and ours != theirs:
+        raise TypeError(f"{our_name}= and its alias {their_name}= were both given, with different values")
+    return theirs
+
+
+def _tensor_source(tensors: Any) -> Tuple[_TensorSource, List[str], Dict[str, str], Optional[str]]:
+    """(source, keys, header metadata, weights path) for a mapping of tensors, an
+    :func:`open_safetensors` result, or a path to a ``.safetensors`` file."""
+    if isinstance(tensors, (str, os.PathLike)):
+        path = Path(tensors)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise _pickle_refusal(path)
+        if path.is_dir():
+            raise AdapterFormatError(f"{path}: is a directory; audit_lora_peft_dir(path) reads a directory "
+                                     "with its adapter_config.json, audit_lora_state_dict takes a weights file")
+        tensors = open_safetensors(path)
+    if isinstance(tensors, SafetensorsFile):
+        return _TensorSource.from_file(tensors), list(tensors.tensors), dict(tensors.metadata), tensors.path
+    if not isinstance(tensors, Mapping):
+        raise AdapterFormatError(f"audit_lora_state_dict takes a mapping of tensors, an open_safetensors() result "
+                                 f"or a .safetensors path, not {type(tensors).__name__}")
+    return _TensorSource.from_tensors(tensors), list(tensors), {}, None
+
+
+def audit_lora_state_dict(tensors: Any, config: Any = None, *, include_top_singular_values: int = 0,
+                          adapter_config: Any = None) -> AuditResult:
+    """Audit LoRA factors keyed as PEFT saves them, wherever they live.
+
+    ``tensors`` is a mapping of name → array-like — NumPy arrays, objects with
+    ``__array__``, or torch / JAX / MLX tensors in any dtype and on any device,
+    converted through their own methods (no framework is imported here; see
+    :func:`_as_numpy`) — or what :func:`open_safetensors` returns, or a path to
+    a ``.safetensors`` file.  Every route gives the same numbers, and tensors are
+    converted one at a time as the audit reaches them.  ``config`` is the
+    ``adapter_config.json`` dict, a PEFT ``LoraConfig`` (e.g.
+    ``model.peft_config["default"]``), or ``None`` (scale 1, with an issue);
+    ``adapter_config=`` is upstream gradience's name for it (an alias).
 
     A pure function of its inputs: suitable as a map task over many adapters.
 
@@ -2309,20 +3170,26 @@ def audit_lora_state_dict(tensors: Mapping[str, Any], config: Optional[Mapping[s
     >>> result.layers[0].name, result.layers[0].scale
     ('q_proj', 2.0)
     """
-    keys = list(tensors)
-    setup = configure(detect_format(keys, {}, config), config, [], {})
+    config = _config_document(_alias(config, adapter_config, "config", "adapter_config"))
+    refusal = peft_type_refusal(config)
+    if refusal:
+        raise AdapterFormatError(f"adapter config: {refusal}")
+    source, keys, metadata, weights_path = _tensor_source(tensors)
+    setup = configure(detect_format(keys, metadata, config), config, [], metadata)
     issues = list(setup.issues)
-    layers, non_lora, skipped = _audit(_TensorSource.from_arrays(tensors), keys, setup, issues,
-                                       include_top_singular_values)
-    return AuditResult(tuple(layers), tuple(issues), non_lora_tensors=tuple(non_lora),
-                       n_modules_skipped=skipped, adapter_format=setup.adapter_format, config=setup.config)
+    layers, non_lora, skipped = _audit(source, keys, setup, issues, include_top_singular_values)
+    return AuditResult(tuple(layers), tuple(issues), weights_path=weights_path, non_lora_tensors=tuple(non_lora),
+                       n_modules_skipped=skipped, adapter_format=setup.adapter_format, config=setup.config,
+                       format_metadata=setup.format_metadata)
 
 
 def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values: int = 0,
                         adapter: Optional[str] = None, weights: Optional[str] = None,
                         adapter_config: Optional[str] = None, base_model: Optional[str] = None,
                         base_norms: Optional[str] = None, base_norms_cache: Optional[str] = None,
-                        progress: Optional[Callable[[str], None]] = None) -> AuditResult:
+                        progress: Optional[Callable[[str], None]] = None, base_model_id: Optional[str] = None,
+                        adapter_config_path: Optional[str] = None,
+                        adapter_weights_path: Optional[str] = None) -> AuditResult:
     """Audit a PEFT adapter directory (or a weights file).
 
     Raises :class:`AdapterFormatError` when nothing can be audited (no weights,
@@ -2330,16 +3197,26 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
     in the result's ``issues``.  With ``base_model`` (a path or an offline hub
     id; ``"auto"`` reads the config's ``base_model_name_or_path``) or
     ``base_norms`` / ``base_norms_cache`` the UDR fields are filled.
+    Upstream gradience's names are aliases: ``base_model_id`` = ``base_model``,
+    ``adapter_config_path`` = ``adapter_config``, ``adapter_weights_path`` = ``weights``.
 
     >>> result = audit_lora_peft_dir("tests/fixtures/peft/llama_fp32_qv")   # doctest: +SKIP
     >>> result.to_summary_dict()["n_layers"]                                  # doctest: +SKIP
     4
     """
+    base_model = _alias(base_model, base_model_id, "base_model", "base_model_id")
+    adapter_config = _alias(adapter_config, adapter_config_path, "adapter_config", "adapter_config_path")
+    weights = _alias(weights, adapter_weights_path, "weights", "adapter_weights_path")
     files = find_adapter_files(path, adapter=adapter, weights=weights, config=adapter_config)
     sf = open_safetensors(files.weights_path)
     raw_config, load_issues = load_adapter_config(files.config_path)
+    refusal = peft_type_refusal(raw_config)
+    if refusal:
+        raise AdapterFormatError(f"{files.config_path}: {refusal}")
     keys = list(sf.tensors)
     setup = configure(detect_format(keys, sf.metadata, raw_config), raw_config, load_issues, sf.metadata)
+    if setup.config.peft_type == "VERA":
+        setup = _with_base_in_features(setup, keys, base_model, (base_norms, base_norms_cache))
     issues = list(setup.issues)
     layers, non_lora, skipped = _audit(_TensorSource.from_file(sf), keys, setup, issues, include_top_singular_values)
     result = AuditResult(tuple(layers), tuple(issues), adapter_name=files.adapter_name,
@@ -2351,6 +3228,55 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
         result = attach_udr(result, base_model=base_model, base_norms=base_norms,
                             base_norms_cache=base_norms_cache, progress=progress)
     return result
+
+
+def _base_shapes(base_model: Optional[str], norms_files: Sequence[Optional[str]]
+                 ) -> Tuple[Dict[str, Tuple[Tuple[int, ...], str]], Optional[str]]:
+    """Base parameter name → (shape, dtype): from the checkpoint's headers, else
+    from the records of a norms file or cache (which keep each weight's shape)."""
+    import base_norms
+
+    try:
+        if base_model:
+            parameters = base_norms.list_parameters(base_norms.resolve_base(base_model))
+            return {name: (shape, dtype) for name, (_, shape, dtype) in parameters.items()}, None
+        shapes: Dict[str, Tuple[Tuple[int, ...], str]] = {}
+        for path in norms_files:
+            if path and Path(path).exists():
+                for name, record in base_norms.load_norms(path)["norms"].items():
+                    shape = record.get("shape")
+                    if isinstance(shape, list) and all(type(d) is int for d in shape):
+                        shapes[name] = (tuple(shape), str(record.get("dtype", "F32")))
+        return shapes, None
+    except AdapterFormatError as error:  # base_norms.NormsFileError included
+        return {}, str(error)
+
+
+def _with_base_in_features(setup: AuditSetup, keys: Sequence[str], base_model: Optional[str],
+                           norms_files: Sequence[Optional[str]]) -> AuditSetup:
+    """VeRA stores no layer's input width: read it from the base weight's shape
+    (``(out, in)``; ``(in, out)`` with fan_in_fan_out, GPT-2's Conv1D)."""
+    if base_model == "auto":
+        base_model = setup.config.base_model_name_or_path
+    if not base_model and not any(norms_files):
+        return setup
+    issues = list(setup.issues)
+    shapes, problem = _base_shapes(base_model, norms_files)
+    if problem:
+        return setup._replace(issues=issues + [f"vera: in_features not read from the base: {problem}"])
+    names = [module.name for module in _group_peft_tuner_keys(keys, PEFT_VARIANTS["VERA"])[0]]
+    matches, match_issues = match_base_parameters(names, shapes)
+    issues.extend(issue.replace("udr:", "vera:", 1).replace("UDR not computed", "in_features unknown")
+                  for issue in match_issues)
+    in_features = {}
+    for name, parameter in matches.items():
+        shape, dtype = shapes[parameter]
+        if len(shape) == 2 and _is_float(dtype):  # a packed (quantized) weight's shape is not the layer's
+            in_features[name] = shape[0] if setup.config.fan_in_fan_out else shape[1]
+        else:
+            issues.append(f"vera: {name}: base weight {parameter} is {dtype} {list(shape)}, not a float matrix; "
+                          "in_features unknown")
+    return setup._replace(issues=issues, in_features=in_features)
 
 
 # ── UDR: base norms matched to modules ──────────────────────────────────────
@@ -2565,12 +3491,17 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
 
 
 def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_norms: Optional[str] = None,
-               base_norms_cache: Optional[str] = None, progress: Optional[Callable[[str], None]] = None) -> AuditResult:
+               base_norms_cache: Optional[str] = None, progress: Optional[Callable[[str], None]] = None,
+               base_model_id: Optional[str] = None) -> AuditResult:
     """Fill ``base_sigma_max``, ``base_fro_norm``, ``udr``, ``udr_f``, ``sdi`` per module.
 
     The audit always completes: a missing base, an unmatched module or a failed
     convergence leaves that module's UDR fields null with a specific issue.
+    Works on any result, e.g. one from :func:`audit_lora_state_dict` in a
+    training loop (the base's norms are cached with ``base_norms_cache``).
+    ``base_model_id`` is upstream gradience's name for ``base_model`` (an alias).
     """
+    base_model = _alias(base_model, base_model_id, "base_model", "base_model_id")
     issues = list(result.issues)
     if base_model == "auto":
         base_model = result.config.base_model_name_or_path
@@ -2599,9 +3530,13 @@ CHEAT_SHEET = (
     "  UDR < 0.1  (SDI < -1)   small perturbation of the base weight",
     "  UDR ~ 1    (SDI ~ 0)    the update is as strong as the base weight",
     "  UDR > 3    (SDI > 0.5)  the update dominates the base weight",
+)
+UTILIZATION_NOTE = (
     "Utilization = stable rank / r: low values mean most of the rank budget is unused;",
     "  suggested_r_* round the 90%-energy rank up to a power of two.",
 )
+UDR_HINT = ("UDR not computed: add --base-model PATH_OR_ID (or --base-norms FILE) to see how large each update "
+            "is next to the weight it modifies.")
 
 
 # Text goes to terminals: names and messages from a file must not carry
@@ -2623,8 +3558,28 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wasteful: int = 5) -> str:
-    """A human-readable report: summary, by-type table, suggestions, issues, cheat sheet."""
+def _aligned(rows: Sequence[Sequence[str]], align: str, indent: str = "  ") -> List[str]:
+    """Rows of cells as text columns, each as wide as its widest cell (long module
+    names included), aligned per column: '<' left, '>' right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(align))]
+    return [indent + " ".join(f"{cell:{a}{w}}" for cell, a, w in zip(row, align, widths)).rstrip() for row in rows]
+
+
+def _headline(result: AuditResult, summary: Mapping[str, Any]) -> str:
+    zero = sum(layer.sigma_max == 0 for layer in result.layers)
+    if result.layers and zero == len(result.layers):
+        return ("  the update is ZERO in every module (B·A = 0: a freshly initialised adapter, or training never "
+                "updated it); rank figures do not apply")
+    line = (f"  energy rank k@90%: p50 {_fmt(summary['energy_rank_90_p50'])}, p90 {_fmt(summary['energy_rank_90_p90'])}"
+            f"  → suggested r: {_fmt(summary['suggested_r_global_median'])} (median), "
+            f"{_fmt(summary['suggested_r_global_90'])} (p90)")
+    return line + (f"   ({zero} of {len(result.layers)} modules have a zero update)" if zero else "")
+
+
+def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wasteful: int = 5,
+                       singular_values: Optional[int] = None) -> str:
+    """A human-readable report: summary, by-type table, suggestions, issues, cheat sheet;
+    the first ``singular_values`` σ of each module (None: as many as the audit kept)."""
     summary = result.to_summary_dict()
     lines = [f"LoRA audit: {result.weights_path or '(in-memory state dict)'} [format {result.adapter_format}, "
              f"adapter {result.adapter_name!r}]"]
@@ -2638,8 +3593,7 @@ def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wa
         f"  stable rank: mean {_fmt(summary['stable_rank_mean'])}, median {_fmt(summary['stable_rank_median'])}, "
         f"param-weighted {_fmt(summary['stable_rank_weighted_mean'])}",
         f"  effective rank mean {_fmt(summary['effective_rank_mean'])}   utilization mean {_fmt(summary['utilization_mean'])}",
-        f"  energy rank k@90%: p50 {_fmt(summary['energy_rank_90_p50'])}, p90 {_fmt(summary['energy_rank_90_p90'])}"
-        f"  → suggested r: {_fmt(summary['suggested_r_global_median'])} (median), {_fmt(summary['suggested_r_global_90'])} (p90)",
+        _headline(result, summary),
         "",
         f"  {'type':<6} {'modules':>7} {'params':>12} {'stable_rank':>11} {'utilization':>11} {'k90 p50':>8} {'k90 p90':>8}",
     ]
@@ -2654,30 +3608,56 @@ def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wa
             if row["n_layers_with_udr"]:
                 lines.append(f"    {kind:<6} UDR p50 {_fmt(row['udr_median'])}  p90 {_fmt(row['udr_p90'])}  "
                              f"max {_fmt(row['udr_max'])}  (SDI p50 {_fmt(row['sdi_median'])})")
-    if top_wasteful > 0 and result.layers:
+    nonzero = [layer for layer in result.layers if layer.sigma_max > 0]
+    if top_wasteful > 0 and nonzero:
         lines += ["", f"  most wasteful modules (lowest utilization, top {top_wasteful}):"]
-        for layer in sorted(result.layers, key=lambda layer: layer.utilization)[:top_wasteful]:
-            lines.append(f"    {layer.name:<50} r={layer.r:<4} util={_fmt(layer.utilization):<8} "
-                         f"stable_rank={_fmt(layer.stable_rank):<8} k90={layer.energy_rank_90}")
-    if show_layers:
-        lines += ["", f"  {'module':<50} {'type':<5} {'r':>4} {'scale':>8} {'σ_max(ΔW)':>10} {'stable':>7} {'util':>6} {'k90':>4} {'UDR':>8}"]
-        for layer in result.layers:
-            lines.append(f"  {layer.name:<50} {layer.module_type:<5} {layer.r:>4} {_fmt(layer.scale):>8} "
-                         f"{_fmt(layer.delta_sigma_max):>10} {_fmt(layer.stable_rank):>7} {_fmt(layer.utilization):>6} "
-                         f"{layer.energy_rank_90:>4} {_fmt(layer.udr):>8}")
+        lines += _aligned([(layer.name, f"r={layer.r}", f"util={_fmt(layer.utilization)}",
+                            f"stable_rank={_fmt(layer.stable_rank)}", f"k90={layer.energy_rank_90}")
+                           for layer in sorted(nonzero, key=lambda layer: layer.utilization)[:top_wasteful]],
+                          "<<<<<", indent="    ")
+    if show_layers and result.layers:
+        header = ("module", "type", "r", "scale", "σ_max(ΔW)", "stable", "util", "k90", "UDR")
+        lines += [""] + _aligned([header] + [
+            (layer.name, layer.module_type, str(layer.r), _fmt(layer.scale), _fmt(layer.delta_sigma_max),
+             _fmt(layer.stable_rank), _fmt(layer.utilization), str(layer.energy_rank_90), _fmt(layer.udr))
+            for layer in result.layers], "<<>>>>>>>")
+    with_values = [(layer.name, layer.top_singular_values[:singular_values]) for layer in result.layers
+                   if layer.top_singular_values and singular_values != 0]
+    if with_values:
+        count = max(len(values) for _, values in with_values)
+        lines += ["", f"  top {count} singular values of B·A (unscaled; ‖ΔW‖₂ = |scale|·σ₁):"]
+        lines += _aligned([(name, *(_fmt(value) for value in values), *[""] * (count - len(values)))
+                           for name, values in with_values], "<" + ">" * count, indent="    ")
     if result.non_lora_tensors:
         lines += ["", f"  non-LoRA tensors saved with the adapter ({len(result.non_lora_tensors)}): "
                       + ", ".join(module_name_from_prefix(k) for k in result.non_lora_tensors[:8])
                       + (" …" if len(result.non_lora_tensors) > 8 else "")]
     if result.issues:
         lines += ["", f"  issues ({len(result.issues)}):"] + [f"    - {issue}" for issue in result.issues]
-    lines += [""] + ["  " + line for line in CHEAT_SHEET]
+    lines += [""] + ["  " + line for line in UTILIZATION_NOTE]
+    if any(layer.udr is not None for layer in result.layers):
+        lines += ["  " + line for line in CHEAT_SHEET]
+    elif not result.udr_requested:
+        lines.append("  " + UDR_HINT)
     return "\n".join(terminal_safe(line) for line in lines)
 
 
 # ── HTML report ──────────────────────────────────────────────────────────────
-# One self-contained file: inline CSS and SVG, no scripts, fonts or network.
-# Cells carry an SVG <title>, so hovering shows the module without JavaScript.
+# One self-contained file: inline CSS and SVG, no fonts or network, and a few
+# lines of JavaScript that only sort the module table (the page is complete
+# without them).  Charts are drawn for a 660-px column, so the page fits a
+# 700-px window.  Every colour has a colour bar whose range comes from the
+# data.  SVG text is 10-px monospace so label widths can be computed; a label
+# that does not fit is abbreviated from the middle, lengthened until no two
+# labels read the same, and the full name is in its hover title and in the
+# module table.
+
+CHART_WIDTH = 660
+CHAR_WIDTH = 6.2  # px per character of 10-px monospace (DejaVu Sans Mono is 0.602 em), with a margin
+UDR_BANDS = ((0.1, "0.1"), (1.0, "1"), (3.0, "3"))  # the specification's reading bands (cheat sheet)
+SERIES_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
+MISSING_COLOUR = "#d9d9d9"
+NO_LAYER = "(no layer)"
 
 _PALETTE = ((0.267, 0.005, 0.329), (0.283, 0.141, 0.458), (0.254, 0.265, 0.530), (0.207, 0.372, 0.553),
             (0.164, 0.471, 0.558), (0.128, 0.567, 0.551), (0.135, 0.659, 0.518), (0.267, 0.749, 0.441),
@@ -2686,7 +3666,7 @@ _PALETTE = ((0.267, 0.005, 0.329), (0.283, 0.141, 0.458), (0.254, 0.265, 0.530),
 
 def _colour(fraction: Optional[float]) -> str:
     if fraction is None or not math.isfinite(fraction):
-        return "#dddddd"
+        return MISSING_COLOUR
     position = min(max(fraction, 0.0), 1.0) * (len(_PALETTE) - 1)
     low = int(position)
     high = min(low + 1, len(_PALETTE) - 1)
@@ -2694,145 +3674,596 @@ def _colour(fraction: Optional[float]) -> str:
     return "#" + "".join(f"{int(round(c * 255)):02x}" for c in mix)
 
 
+def _nice_ticks(low: float, high: float, count: int = 6) -> List[float]:
+    """Round-numbered ticks (steps of 1, 2, 2.5 or 5 × 10^k) inside [low, high]."""
+    if not high > low:
+        return [low]
+    raw = (high - low) / count
+    magnitude = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+    first = math.ceil(low / step - 1e-9)
+    return [round(i * step, 12) for i in range(first, int(math.floor(high / step + 1e-9)) + 1)]
+
+
+def _log_ticks(low: float, high: float) -> List[float]:
+    """Decades inside [low, high] (thinned to at most 7); 1-2-5 steps when fewer than two decades fit."""
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    decades = [10.0 ** e for e in range(first, last + 1) if low <= 10.0 ** e <= high * (1 + 1e-12)]
+    if len(decades) >= 2:
+        return decades[::max(1, math.ceil(len(decades) / 7))]
+    steps = sorted(m * 10.0 ** e for e in range(first, last + 1) for m in (1, 2, 5))
+    return [value for value in steps if low <= value <= high]
+
+
+def _tick_label(value: float) -> str:
+    return f"{value:.3g}"
+
+
+class ValueScale(NamedTuple):
+    """A data range mapped onto [0, 1], linear or logarithmic."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    def fraction(self, value: float) -> float:
+        low, high = self.low, self.high
+        if self.log:
+            value, low, high = math.log10(max(value, low)), math.log10(low), math.log10(high)
+        return min(max((value - low) / (high - low), 0.0), 1.0) if high > low else 0.5
+
+    def ticks(self) -> List[float]:
+        return _log_ticks(self.low, self.high) if self.log else _nice_ticks(self.low, self.high)
+
+
+def _round_outward(value: float, down: bool) -> float:
+    """To 3 significant digits, away from the data: the labelled ends then contain it."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    unit = 10.0 ** (math.floor(math.log10(abs(value))) - 2)
+    steps = math.floor(value / unit + 1e-9) if down else math.ceil(value / unit - 1e-9)
+    return float(f"{steps * unit:.3g}")
+
+
+def value_scale(values: Iterable[Optional[float]], *, log: bool = False, from_zero: bool = False) -> Optional[ValueScale]:
+    """The range of the finite values (positive ones on a log scale), its ends rounded
+    outward to 3 significant digits; None if there are none.  A single value is
+    widened so it sits inside a readable range."""
+    finite = [v for v in values if v is not None and math.isfinite(v) and (v > 0 or not log)]
+    if not finite:
+        return None
+    low, high = (0.0 if from_zero else _round_outward(min(finite), down=True)), _round_outward(max(finite), down=False)
+    if high <= low:
+        low, high = (low / 2, high * 2) if log else (low, low + 1.0)
+    return ValueScale(low, high, log)
+
+
+def _abbreviate(text: str, limit: int) -> str:
+    """Cut from the middle (the start names the block, the end the index and module)."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) * 2 // 5
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head):]
+
+
+def distinct_labels(names: Sequence[str], limit: int) -> Dict[str, str]:
+    """Labels of at most ``limit`` characters, abbreviated from the middle — longer
+    where two would otherwise read the same, up to the full names."""
+    longest = max((len(name) for name in names), default=0)
+    for width in range(min(limit, longest), longest + 1):
+        labels = {name: _abbreviate(name, width) for name in names}
+        if len(set(labels.values())) == len(labels):
+            return labels
+    return {name: name for name in names}
+
+
+def _shared_prefix(names: Sequence[str]) -> str:
+    """The prefix all names share, cut after a path separator ('.' or '_')."""
+    if len(names) < 2:
+        return ""
+    shared = os.path.commonprefix(list(names))
+    cut = max(shared.rfind("."), shared.rfind("_"))
+    return shared[:cut + 1]
+
+
+def _human_key(text: str) -> List[Any]:
+    # "blocks_10" after "blocks_9", in dotted and in kohya's flattened names alike.  Only
+    # ASCII digits, at most 9 at a time: int() of a hostile 5,000-digit run would raise.
+    return [(0, int(part), "") if index % 2 else (1, 0, part)
+            for index, part in enumerate(re.split(r"([0-9]{1,9})", text))]
+
+
 def _heatmap_coordinates(name: str) -> Tuple[str, str]:
-    """(row, column): layer index × the module's path with that index wildcarded;
-    without a layer index, the enclosing block × the last two path components."""
-    match = _LAYER_INDEX.search(name) or ("." not in name and _FLAT_LAYER_INDEX.search(name))
-    if match:
-        return str(int(match.group(1))), name[:match.start(1)] + "*" + name[match.end(1):]
-    parts = name.split(".")
-    if len(parts) > 2:
-        return ".".join(parts[:-2]), ".".join(parts[-2:])
-    return "—", name
+    """(row, column) of a module in the layer × module grid: the name through its
+    layer index (``layers.N``), or else through its last numbered block — a number
+    after a plural container (``transformer_blocks.0`` in a UNet or Flux,
+    ``layers_3`` in kohya's flattened names), not a Sequential index such as
+    ``ff.net.0.proj`` — with more path after it; the column is the rest."""
+    match = _LAYER_INDEX.search(name)
+    if match and match.end(1) < len(name):
+        return name[:match.end(1)], name[match.end(1) + 1:]
+    separator = "." if "." in name else "_"
+    parts = name.split(separator)
+    numbered = [i for i in range(1, len(parts) - 1) if parts[i].isdigit()]
+    blocks = [i for i in numbered if parts[i - 1].endswith("s")] or numbered
+    if blocks:
+        return separator.join(parts[:blocks[-1] + 1]), separator.join(parts[blocks[-1] + 1:])
+    return NO_LAYER, name
+
+
+def _text(x: float, y: float, content: str, css_class: str, *, anchor: str = "start", title: str = "",
+          extra: str = "") -> str:
+    hover = f"<title>{html.escape(title)}</title>" if title else ""
+    return (f'<text class="{css_class}" x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{extra}>'
+            f'{html.escape(content)}{hover}</text>')
+
+
+def _svg_colour_bar(scale: ValueScale, x: float, y: float, width: float, title: str,
+                    marks: Sequence[Tuple[float, str]] = (), missing: bool = False) -> Tuple[str, float]:
+    """A horizontal colour bar: the data's own minimum and maximum labelled at
+    its ends, round ticks between, optional marks above; returns (svg, height)."""
+    top = y + (14 if marks else 0)
+    steps = 64
+    parts = [f'<g class="colour-bar" data-low="{scale.low!r}" data-high="{scale.high!r}" '
+             f'data-log="{int(scale.log)}">']
+    parts += [f'<rect x="{x + width * i / steps:.2f}" y="{top:.1f}" width="{width / steps + 0.4:.2f}" height="12" '
+              f'fill="{_colour((i + 0.5) / steps)}"/>' for i in range(steps)]
+    parts.append(f'<rect x="{x:.1f}" y="{top:.1f}" width="{width:.1f}" height="12" class="frame"/>')
+    placed: List[Tuple[float, float]] = []
+    candidates = [(scale.low, "start"), (scale.high, "end")] + [(t, "middle") for t in scale.ticks()]
+    for value, anchor in candidates:
+        label = _tick_label(value)
+        px = x + width * scale.fraction(value)
+        span = len(label) * CHAR_WIDTH
+        box = {"start": (px, px + span), "end": (px - span, px), "middle": (px - span / 2, px + span / 2)}[anchor]
+        if any(box[0] < right + 6 and left < box[1] + 6 for left, right in placed):
+            continue  # a round tick that would overlap a label already placed (the data's ends come first)
+        placed.append(box)
+        parts.append(f'<line x1="{px:.1f}" y1="{top + 12:.1f}" x2="{px:.1f}" y2="{top + 16:.1f}" class="tickmark"/>')
+        parts.append(_text(px, top + 26, label, "cbar-tick", anchor=anchor))
+    for value, label in marks:
+        if scale.low <= value <= scale.high:
+            px = x + width * scale.fraction(value)
+            parts.append(f'<line x1="{px:.1f}" y1="{top - 3:.1f}" x2="{px:.1f}" y2="{top + 12:.1f}" class="band"/>')
+            parts.append(_text(px, top - 5, label, "band-label", anchor="middle"))
+    caption = title + ("   (grey: no value)" if missing else "")
+    parts.append(_text(x, top + 40, caption, "axis-title"))
+    parts.append("</g>")
+    return "".join(parts), top - y + 46
 
 
 def _svg_heatmap(layers: Sequence[ModuleAudit], value: Callable[[ModuleAudit], Optional[float]],
-                 scale: Callable[[float], float], label: str, caption: str) -> str:
+                 scale: ValueScale, label: str, caption: str, marks: Sequence[Tuple[float, str]] = ()) -> str:
+    """Layer × module grid coloured by ``value``, with its colour bar underneath."""
     cells = {_heatmap_coordinates(layer.name): layer for layer in layers}
-    rows = sorted({row for row, _ in cells},
-                  key=lambda row: (row == "—", int(row) if _INDEX_DIGITS.fullmatch(row) else 0, row))
-    columns = sorted({column for _, column in cells}, key=_natural_key)
-    shared = os.path.commonprefix(columns) if len(columns) > 1 else ""
-    shared = shared[:shared.rfind(".") + 1] if "." in shared else ""
-    size, top = 16, 150
-    left = 12 + 6 * min(max(len(row[-36:]) for row in rows), 36)
-    # Room on the right for the last column labels, which lean right as they rise.
-    width, height = left + size * len(columns) + 90, top + size * len(rows) + 10
-    parts = [f'<svg class="heatmap" role="img" aria-label="{html.escape(caption)}" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">']
+    rows = sorted({row for row, _ in cells}, key=lambda row: (row == NO_LAYER, _human_key(row)))
+    columns = sorted({column for _, column in cells}, key=_human_key)
+    layered = [row for row in rows if row != NO_LAYER]
+    row_prefix, column_prefix = _shared_prefix(layered), _shared_prefix(columns)
+    row_text = {row: row[len(row_prefix):] if row != NO_LAYER else row for row in rows}
+    column_text = {column: column[len(column_prefix):] or column for column in columns}
+    row_labels, column_labels = distinct_labels(list(row_text.values()), 40), distinct_labels(list(column_text.values()), 28)
+    numbered = all(text.isdigit() for text in row_text.values() if text != NO_LAYER)
+    left = 10 + CHAR_WIDTH * max(len(text) for text in row_labels.values()) + 6
+    top = (24 if row_prefix else 10) + CHAR_WIDTH * max(len(text) for text in column_labels.values()) + 6
+    cell_w = max(12, min(48, int((CHART_WIDTH - left - 10) // len(columns))))
+    cell_h = max(8 if numbered else 12, min(22, 520 // len(rows)))
+    every = 1 if cell_h >= 11 else math.ceil(11 / cell_h)  # numbered rows only: label every k-th
+    grid_w, grid_h = cell_w * len(columns), cell_h * len(rows)
+    width = max(CHART_WIDTH, left + grid_w + 10)
+    missing = any(value(layer) is None for layer in layers)
+    bar, bar_height = _svg_colour_bar(scale, 16, top + grid_h + 16, min(400, width - 32), label, marks, missing)
+    height = top + grid_h + 16 + bar_height + 4
+    parts = [f'<svg class="heatmap{" wide" if width > CHART_WIDTH else ""}" role="img" '
+             f'aria-label="{html.escape(caption)}" width="{width:.0f}" height="{height:.0f}" '
+             f'viewBox="0 0 {width:.0f} {height:.0f}" xmlns="http://www.w3.org/2000/svg">']
+    if row_prefix:
+        parts.append(_text(10, 14, f"rows: {row_prefix}{'N' if numbered else '…'}", "axis-title"))
     for j, column in enumerate(columns):
-        x = left + j * size + size / 2
-        parts.append(f'<text class="col" x="{x:.1f}" y="{top - 6}" transform="rotate(-60 {x:.1f} {top - 6})">'
-                     f'{html.escape(column[len(shared):][-28:])}</text>')
+        x = left + j * cell_w + cell_w / 2 + 3.5
+        parts.append(f'<text class="col" x="{x:.1f}" y="{top - 6:.1f}" transform="rotate(-90 {x:.1f} {top - 6:.1f})">'
+                     f'{html.escape(column_labels[column_text[column]])}<title>{html.escape(column)}</title></text>')
     for i, row in enumerate(rows):
-        parts.append(f'<text class="row" x="{left - 6}" y="{top + i * size + size * 0.75:.1f}">'
-                     f'{html.escape(row[-36:])}<title>{html.escape(row)}</title></text>')
+        if numbered and row != NO_LAYER and i % every:
+            continue
+        parts.append(_text(left - 6, top + i * cell_h + cell_h / 2 + 3.5, row_labels[row_text[row]], "row",
+                           anchor="end", title=row))
     for (row, column), layer in cells.items():
         i, j = rows.index(row), columns.index(column)
         raw = value(layer)
-        parts.append(f'<rect class="cell" x="{left + j * size}" y="{top + i * size}" width="{size - 1}" '
-                     f'height="{size - 1}" fill="{_colour(scale(raw) if raw is not None else None)}">'
+        parts.append(f'<rect class="cell" x="{left + j * cell_w}" y="{top + i * cell_h}" width="{cell_w - 1}" '
+                     f'height="{cell_h - 1}" fill="{_colour(scale.fraction(raw) if raw is not None else None)}">'
                      f'<title>{html.escape(layer.name)}: {label} {_fmt(raw)}</title></rect>')
+    parts.append(bar)
     parts.append("</svg>")
     return "".join(parts)
+
+
+class _Frame(NamedTuple):
+    """A plot area in SVG coordinates and the scales of its two axes."""
+
+    left: float
+    top: float
+    width: float
+    height: float
+    x: ValueScale
+    y: ValueScale
+
+    def px(self, value: float) -> float:
+        return self.left + self.width * self.x.fraction(value)
+
+    def py(self, value: float) -> float:
+        return self.top + self.height * (1 - self.y.fraction(value))
+
+
+def _svg_axes(frame: _Frame, x_ticks: Sequence[float], y_ticks: Sequence[float], x_label: str, y_label: str) -> List[str]:
+    """Light gridlines at every tick, tick labels, both axes and their titles."""
+    parts = []
+    bottom, right = frame.top + frame.height, frame.left + frame.width
+    for tick in y_ticks:
+        y = frame.py(tick)
+        parts.append(f'<line x1="{frame.left:.1f}" y1="{y:.1f}" x2="{right:.1f}" y2="{y:.1f}" class="grid"/>')
+        parts.append(_text(frame.left - 5, y + 3.5, _tick_label(tick), "tick", anchor="end"))
+    for tick in x_ticks:
+        x = frame.px(tick)
+        parts.append(f'<line x1="{x:.1f}" y1="{frame.top:.1f}" x2="{x:.1f}" y2="{bottom:.1f}" class="grid"/>')
+        parts.append(_text(x, bottom + 14, _tick_label(tick), "tick", anchor="middle"))
+    parts.append(f'<polyline points="{frame.left:.1f},{frame.top:.1f} {frame.left:.1f},{bottom:.1f} '
+                 f'{right:.1f},{bottom:.1f}" class="axis"/>')
+    parts.append(_text(frame.left + frame.width / 2, bottom + 30, x_label, "axis-title", anchor="middle"))
+    middle = frame.top + frame.height / 2
+    parts.append(f'<text class="axis-title" x="12" y="{middle:.1f}" text-anchor="middle" '
+                 f'transform="rotate(-90 12 {middle:.1f})">{html.escape(y_label)}</text>')
+    return parts
 
 
 def _svg_lines(series: Sequence[Tuple[str, Sequence[Tuple[float, float]]]], x_label: str, y_label: str,
                caption: str) -> str:
-    width, height, pad, legend = 900, 260, 44, 300  # the legend sits right of the plot
-    points = [p for _, line in series for p in line]
+    """Line chart with a legend underneath, each entry written in its line's colour."""
+    points = [point for _, line in series for point in line]
     if not points:
-        return "<p>(no data)</p>"
-    x_max = max(max(x for x, _ in points), 1.0)
-    y_max = max(max(y for _, y in points), 1e-12)
-    colours = ("#3b528b", "#21918c", "#5ec962", "#fde725", "#440154", "#e35932", "#9c179e", "#0d0887")
-    parts = [f'<svg class="chart" role="img" aria-label="{html.escape(caption)}" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
-             f'<line x1="{pad}" y1="{height - pad}" x2="{width - legend}" y2="{height - pad}" class="axis"/>',
-             f'<line x1="{pad}" y1="10" x2="{pad}" y2="{height - pad}" class="axis"/>',
-             f'<text x="{(width - legend) / 2:.0f}" y="{height - 8}" class="label">{html.escape(x_label)}</text>',
-             f'<text x="12" y="{height / 2:.0f}" class="label" transform="rotate(-90 12 {height / 2:.0f})">'
-             f'{html.escape(y_label)}</text>',
-             f'<text x="{pad - 4}" y="16" class="tick">{_fmt(y_max)}</text>',
-             f'<text x="{width - legend}" y="{height - pad + 14}" class="tick">{_fmt(x_max)}</text>']
+        return '<p class="muted">(no data)</p>'
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    x_scale = ValueScale(min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1)
+    y_ticks = _nice_ticks(0.0, max(max(ys), 1e-12) * 1.05)
+    frame = _Frame(58, 10, CHART_WIDTH - 58 - 28, 190, x_scale, ValueScale(0.0, max(y_ticks[-1], max(ys))))
+    x_ticks = [t for t in _nice_ticks(x_scale.low, x_scale.high, 8) if t == int(t)] or [x_scale.low]
+    columns, column_width = 2, (CHART_WIDTH - 32) / 2
+    legend_top = frame.top + frame.height + 46
+    height = legend_top + 16 * math.ceil(len(series) / columns) + 6
+    parts = [f'<svg class="chart" role="img" aria-label="{html.escape(caption)}" width="{CHART_WIDTH}" '
+             f'height="{height:.0f}" viewBox="0 0 {CHART_WIDTH} {height:.0f}" xmlns="http://www.w3.org/2000/svg">']
+    parts += _svg_axes(frame, x_ticks, y_ticks, x_label, y_label)
+    limit = int((column_width - 34) // CHAR_WIDTH)
+    labels = distinct_labels([name for name, _ in series], limit)
     for index, (name, line) in enumerate(series):
-        coords = " ".join(f"{pad + (width - legend - pad) * x / x_max:.1f},"
-                          f"{height - pad - (height - pad - 10) * y / y_max:.1f}" for x, y in line)
-        colour = colours[index % len(colours)]
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}">'
-                     f'<title>{html.escape(name)}</title></polyline>')
-        parts.append(f'<text x="{width - legend + 12}" y="{24 + 14 * index}" class="legend" fill="{colour}">'
-                     f'{html.escape(name[-46:])}</text>')
+        colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
+        coords = " ".join(f"{frame.px(x):.1f},{frame.py(y):.1f}" for x, y in line)
+        parts.append(f'<polyline class="series" data-series="{index}" fill="none" stroke="{colour}" stroke-width="2" '
+                     f'points="{coords}"><title>{html.escape(name)}</title></polyline>')
+        if len(line) <= 64:
+            parts += [f'<circle cx="{frame.px(x):.1f}" cy="{frame.py(y):.1f}" r="2.5" fill="{colour}"/>' for x, y in line]
+        lx, ly = 16 + column_width * (index % columns), legend_top + 16 * (index // columns)
+        parts.append(f'<line x1="{lx:.1f}" y1="{ly - 4:.1f}" x2="{lx + 22:.1f}" y2="{ly - 4:.1f}" stroke="{colour}" '
+                     'stroke-width="3"/>')
+        parts.append(_text(lx + 28, ly, labels[name], "legend", title=name,
+                           extra=f' data-series="{index}" fill="{colour}" style="fill:{colour}"'))
     parts.append("</svg>")
     return "".join(parts)
 
 
-_HTML_STYLE = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
-h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #ddd}
-table{border-collapse:collapse}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
-td:first-child,th:first-child{text-align:left}.muted{color:#666}.issues li{font-family:monospace;font-size:12px}
-svg text{font:10px monospace;fill:#333}svg text.row{text-anchor:end}svg text.tick{text-anchor:end}
-svg .axis{stroke:#999}svg text.label{font:11px sans-serif;text-anchor:middle}.legendbar{display:flex;gap:2px}
-.scroll{overflow-x:auto}
+def _svg_udr_histogram(values: Sequence[float], scale: ValueScale) -> str:
+    """How many modules have each UDR: log-spaced bins over the data's range,
+    bars in the heatmap's colours, the 0.1 / 1 / 3 reading bands marked."""
+    positive = [v for v in values if v > 0]
+    low, high = math.log10(scale.low), math.log10(scale.high)
+    bins = max(6, min(40, math.ceil(2 * math.sqrt(len(positive)))))
+    counts, edges = np.histogram(np.log10(positive), bins=bins, range=(low, high))
+    y_ticks = [t for t in _nice_ticks(0.0, float(counts.max()), 4) if t == int(t)]
+    frame = _Frame(58, 22, CHART_WIDTH - 58 - 28, 170, scale, ValueScale(0.0, max(float(counts.max()), y_ticks[-1])))
+    height = frame.top + frame.height + 40
+    parts = [f'<svg class="chart histogram" role="img" aria-label="UDR distribution" width="{CHART_WIDTH}" '
+             f'height="{height:.0f}" viewBox="0 0 {CHART_WIDTH} {height:.0f}" xmlns="http://www.w3.org/2000/svg">']
+    parts += _svg_axes(frame, scale.ticks(), y_ticks, "UDR = ‖ΔW‖₂ / ‖W‖₂ (log scale)", "modules")
+    for count, start, end in zip(counts, edges[:-1], edges[1:]):
+        if count:
+            x0, x1 = frame.px(10 ** start), frame.px(10 ** end)
+            parts.append(f'<rect class="bar" x="{x0 + 0.5:.1f}" y="{frame.py(count):.1f}" width="{max(x1 - x0 - 1, 1):.1f}" '
+                         f'height="{frame.py(0) - frame.py(count):.1f}" fill="{_colour(scale.fraction(10 ** ((start + end) / 2)))}">'
+                         f'<title>{int(count)} modules with UDR {_tick_label(10 ** start)}–{_tick_label(10 ** end)}</title></rect>')
+    for band, label in UDR_BANDS:
+        if scale.low <= band <= scale.high:
+            x = frame.px(band)
+            parts.append(f'<line x1="{x:.1f}" y1="{frame.top - 4:.1f}" x2="{x:.1f}" y2="{frame.top + frame.height:.1f}" '
+                         'class="band"/>')
+            half = len(f"UDR {label}") * CHAR_WIDTH / 2  # keep the label inside the chart at either end
+            anchor = "end" if x + half > CHART_WIDTH - 2 else "start" if x - half < 2 else "middle"
+            parts.append(_text(x, frame.top - 7, f"UDR {label}", "band-label", anchor=anchor))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+MODULE_TABLE_COLUMNS = (
+    # (header, hover text, numeric?)
+    ("module", "module path in the base model", False),
+    ("type", "attn / mlp / other", False),
+    ("r", "stored rank", True),
+    ("utilization", "stable rank / r: the share of the rank budget used", True),
+    ("stable rank", "‖ΔW‖_F² / ‖ΔW‖₂²", True),
+    ("k@90", "smallest k holding 90 % of the update's energy", True),
+    ("suggested r", "k@90 rounded up to a power of two (or the rank advice, when present)", True),
+    ("σ_max(ΔW)", "‖ΔW‖₂ = |scale|·σ₁(B·A)", True),
+    ("UDR", "‖ΔW‖₂ / ‖W_base‖₂", True),
+)
+
+
+def _suggested_rank(layer: ModuleAudit) -> Tuple[Optional[float], str, str]:
+    """(sort value, text, hover) of a module's suggested r: the first policy of the
+    rank advice when the audit carries one (``rank_suggestions``: policy → k, all
+    of them on hover), else k@90 rounded up to a power of two."""
+    advice = getattr(layer, "rank_suggestions", None)
+    if layer.sigma_max == 0:
+        return None, "zero update", "B·A = 0"
+    if isinstance(advice, Mapping) and advice:
+        ranks = [(str(policy), v) for policy, v in advice.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if ranks:
+            return float(ranks[0][1]), _fmt(ranks[0][1]), ", ".join(f"{policy}: {_fmt(v)}" for policy, v in ranks)
+    suggested = suggest_rank(layer.energy_rank_90)
+    return float(suggested), str(suggested), "k@90 rounded up to a power of two"
+
+
+def _name_html(name: str) -> str:
+    """A module path that wraps only after its separators ('.', or '_' in kohya's flattened names)."""
+    return re.sub(r"(\.)" if "." in name else r"(_)", r"\1<wbr>", html.escape(name))
+
+
+def _cell(value: Optional[float], text: Optional[str] = None, hover: str = "") -> str:
+    shown = _fmt(value) if text is None else text
+    sort_value = "" if value is None or not math.isfinite(value) else repr(float(value))
+    title = f' title="{html.escape(hover)}"' if hover else ""
+    return f'<td data-v="{sort_value}"{title}>{html.escape(shown)}</td>'
+
+
+def _module_table(layers: Sequence[ModuleAudit]) -> str:
+    head = "".join(f'<th data-type="{"number" if numeric else "text"}" title="{html.escape(hover)}">'
+                   f'<button type="button">{html.escape(header)}</button></th>'
+                   for header, hover, numeric in MODULE_TABLE_COLUMNS)
+    body = []
+    for layer in layers:
+        suggested, suggested_text, suggested_hover = _suggested_rank(layer)
+        body.append("<tr>" + f'<td class="name" data-v="{html.escape(layer.name)}">{_name_html(layer.name)}</td>'
+                    f'<td data-v="{layer.module_type}">{layer.module_type}</td>'
+                    + _cell(layer.r) + _cell(layer.utilization) + _cell(layer.stable_rank) + _cell(layer.energy_rank_90)
+                    + _cell(suggested, suggested_text, suggested_hover) + _cell(layer.delta_sigma_max) + _cell(layer.udr) + "</tr>")
+    return (f'<div class="scroll"><table class="sortable modules"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+_SORT_SCRIPT = """
+document.querySelectorAll("table.sortable th button").forEach(function (button) {
+  button.addEventListener("click", function () {
+    var th = button.parentNode, table = th.closest("table"), body = table.tBodies[0];
+    var column = Array.prototype.indexOf.call(th.parentNode.children, th);
+    var ascending = th.getAttribute("aria-sort") !== "ascending";
+    table.querySelectorAll("th").forEach(function (other) { other.removeAttribute("aria-sort"); });
+    th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+    var numeric = th.getAttribute("data-type") === "number";
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = a.cells[column].getAttribute("data-v"), y = b.cells[column].getAttribute("data-v");
+      if (x === "" || y === "") { return (x === "") - (y === ""); }  // blanks last, either way
+      var order = numeric ? Number(x) - Number(y) : x.localeCompare(y, undefined, {numeric: true});
+      return ascending ? order : -order;
+    });
+    rows.forEach(function (row) { body.appendChild(row); });
+  });
+});
 """
 
 
-def render_html_report(result: AuditResult) -> str:
-    """A self-contained HTML page: summary, heatmaps (utilization, and UDR when
-    known) of layer × module, spectra of the strongest updates, energy
-    concentration over depth, and the issues.  No JavaScript."""
+def issue_groups(issues: Sequence[str], module_names: Iterable[str]) -> List[Tuple[str, List[str]]]:
+    """Issues grouped by what they say — module names and numbers taken out — the
+    group that covers the most issues first; each group is titled by its first
+    issue with the module name replaced by ``<module>``."""
+    names = set(module_names)
+    groups: Dict[str, Tuple[str, List[str]]] = {}
+    for issue in issues:
+        title = ": ".join("<module>" if part in names else part for part in issue.split(": "))
+        key = re.sub(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?", "N", title)
+        groups.setdefault(key, (title, []))[1].append(issue)
+    return sorted(groups.values(), key=lambda group: (-len(group[1]), group[0]))
+
+
+_HTML_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:16px auto;padding:0 16px;color:#222;
+max-width:1100px}
+h1{font-size:20px;margin:0 0 4px;overflow-wrap:anywhere}h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+h3{font-size:14px;margin:16px 0 6px}
+table{border-collapse:collapse;font-size:13px}td,th{padding:3px 6px;border-bottom:1px solid #eee;text-align:right}
+td:first-child,th:first-child{text-align:left}.muted{color:#666}.note{background:#fff4d6;padding:8px 12px;border-radius:4px}
+dl.meta{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:8px 0;font-size:13px}
+dl.meta dt{color:#666}dl.meta dd{margin:0;overflow-wrap:anywhere}code{font-size:12px}
+.figures{display:flex;flex-wrap:wrap;gap:8px}.figure{border:1px solid #ddd;border-radius:4px;padding:6px 10px;min-width:120px}
+.figure b{display:block;font-size:18px}.figure span{color:#666;font-size:12px}
+.scroll{overflow-x:auto;max-width:100%}td.name{text-align:left;font-family:monospace;font-size:12px}
+td{white-space:nowrap}td.name{white-space:normal;min-width:12em}table.modules{width:100%}
+table.modules td{width:1%}table.modules td.name{width:auto}table.modules th{vertical-align:bottom}table.modules th button{font:inherit;font-weight:bold;border:0;background:none;
+cursor:pointer;padding:0;white-space:normal;text-align:inherit}
+th[aria-sort=ascending] button::after{content:" ▲"}th[aria-sort=descending] button::after{content:" ▼"}
+.issues li{font-family:monospace;font-size:12px;overflow-wrap:anywhere}pre{white-space:pre-wrap}details summary{cursor:pointer}
+svg{display:block;max-width:100%;height:auto}svg.wide{max-width:none}
+svg text{font:10px monospace;fill:#333}svg text.axis-title{font:11px sans-serif;fill:#444}
+svg text.band-label{fill:#000;font-weight:bold}svg .grid{stroke:#e6e6e6}svg .axis{stroke:#888;fill:none}
+svg .tickmark{stroke:#666}svg .band{stroke:#000;stroke-dasharray:3 2}svg .frame{fill:none;stroke:#888}
+"""
+
+
+def _figure(value: str, label: str, hover: str = "") -> str:
+    return f'<div class="figure" title="{html.escape(hover)}"><b>{html.escape(value)}</b><span>{html.escape(label)}</span></div>'
+
+
+def _small_table(layers: Sequence[ModuleAudit], columns: Sequence[Tuple[str, Callable[[ModuleAudit], Any]]]) -> str:
+    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
+    rows = "".join("<tr>" + "".join(f'<td class="name">{_name_html(_fmt(get(layer)))}</td>' if index == 0 else
+                                    f"<td>{html.escape(_fmt(get(layer)))}</td>" for index, (_, get) in enumerate(columns))
+                   + "</tr>" for layer in layers)
+    return f'<div class="scroll"><table><tr>{head}</tr>{rows}</table></div>'
+
+
+def _generic_table(mapping: Mapping[str, Any]) -> str:
+    """A record whose shape this report does not fix (the rank advice): one row per
+    key; when every value is itself a record, one column per field."""
+    def shown(value):
+        return _fmt(value) if not isinstance(value, (dict, list)) else json.dumps(json_safe(value))
+    if all(isinstance(value, Mapping) for value in mapping.values()):
+        fields = list(dict.fromkeys(field for value in mapping.values() for field in value))
+        head = "<tr><th></th>" + "".join(f"<th>{html.escape(str(f))}</th>" for f in fields) + "</tr>"
+        rows = "".join(f"<tr><td>{html.escape(str(key))}</td>"
+                       + "".join(f"<td>{html.escape(shown(value.get(f)))}</td>" for f in fields) + "</tr>"
+                       for key, value in mapping.items())
+        return f'<div class="scroll"><table>{head}{rows}</table></div>'
+    rows = "".join(f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(shown(value))}</td></tr>"
+                   for key, value in mapping.items())
+    return f'<div class="scroll"><table>{rows}</table></div>'
+
+
+def render_html_report(result: AuditResult, *, command: Optional[str] = None, generated: Optional[str] = None) -> str:
+    """A self-contained HTML page that reads top to bottom: what was audited and
+    how, the key figures, the modules that waste their rank and the updates that
+    dominate their base, layer × module heatmaps with colour bars, the UDR
+    distribution, spectra, energy over depth, a sortable table of every module,
+    and the issues grouped by cause."""
     summary = result.to_summary_dict()
     layers = list(result.layers)
-    rows = "".join(f"<tr><td>{html.escape(key)}</td><td>{html.escape(_fmt(summary.get(key)))}</td></tr>"
-                   for key in ("format", "n_layers", "n_modules_skipped", "total_lora_params", "stable_rank_mean",
-                               "stable_rank_median", "effective_rank_mean", "utilization_mean", "energy_rank_90_p50",
-                               "energy_rank_90_p90", "suggested_r_global_median", "suggested_r_global_90",
-                               "n_layers_with_udr", "udr_median", "udr_p90", "udr_max", "sdi_median"))
+    nonzero = [layer for layer in layers if layer.sigma_max > 0]
+    with_udr = [layer for layer in layers if layer.udr is not None]
+    name = Path(result.weights_path).name if result.weights_path else "in-memory state dict"
+    meta = [("file", str(result.weights_path or "(in-memory state dict)")),
+            ("format", f"{result.adapter_format}, adapter {result.adapter_name!r}"),
+            ("tool", f"gradience-lite {__version__}"),
+            ("date", generated or time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))]
+    if command:
+        meta.append(("command", command))
+    if result.format_metadata:
+        meta.append(("training metadata", ", ".join(f"{k}={v}" for k, v in result.format_metadata.items())))
+    sections = [f"<h1>LoRA audit: {html.escape(name)}</h1><dl class=\"meta\">"
+                + "".join(f"<dt>{html.escape(k)}</dt><dd>{'<code>' + html.escape(v) + '</code>' if k == 'command' else html.escape(v)}</dd>"
+                          for k, v in meta) + "</dl>"]
+    if layers and not nonzero:
+        sections.append('<p class="note"><b>The update is zero</b>: B·A = 0 in every module (a freshly initialised '
+                        'adapter, or training never updated it). Rank and UDR figures do not apply.</p>')
+    elif len(nonzero) < len(layers):
+        sections.append(f'<p class="note">{len(layers) - len(nonzero)} of {len(layers)} modules have a zero update '
+                        "(B·A = 0); they are left out of the rank advice below.</p>")
+    figures = [_figure(f"{summary['n_layers']}", "modules audited"),
+               _figure(f"{summary['n_modules_skipped']}", "modules skipped", "LoRA modules that could not be audited (see issues)"),
+               _figure(f"{summary['total_lora_params']:,}", "LoRA parameters"),
+               _figure(_fmt(summary["utilization_mean"]), "utilization, mean", "stable rank / r, averaged over modules"),
+               _figure(_fmt(summary["stable_rank_median"]), "stable rank, median"),
+               _figure(f"{_fmt(summary['energy_rank_90_p50'])} / {_fmt(summary['energy_rank_90_p90'])}", "k@90 %, p50 / p90",
+                       "smallest k holding 90 % of the energy")]
+    if nonzero:
+        figures.append(_figure(f"{_fmt(summary['suggested_r_global_median'])} / {_fmt(summary['suggested_r_global_90'])}",
+                               "suggested r (p50 / p90)", "k@90 rounded up to a power of two"))
+    if with_udr:
+        figures.append(_figure(f"{_fmt(summary['udr_median'])} / {_fmt(summary['udr_max'])}", "UDR, median / max",
+                               "‖ΔW‖₂ / ‖W_base‖₂"))
+    figures.append(_figure(f"{len(result.issues)}", "issues"))
+    sections.append('<h2>Key figures</h2><div class="figures">' + "".join(figures) + "</div>")
+
+    by_type_head = "<tr><th>type</th><th>modules</th><th>params</th><th>stable rank</th><th>utilization</th>" \
+                   "<th>k@90 p50</th><th>k@90 p90</th>" + ("<th>UDR p50</th><th>UDR p90</th><th>UDR max</th>" if with_udr else "") + "</tr>"
     by_type = "".join(f"<tr><td>{kind}</td><td>{row['n_layers']}</td><td>{row['params']:,}</td>"
                       f"<td>{_fmt(row['stable_rank_mean'])}</td><td>{_fmt(row['utilization_mean'])}</td>"
-                      f"<td>{_fmt(row['energy_rank_90_p50'])}</td><td>{_fmt(row['energy_rank_90_p90'])}</td></tr>"
+                      f"<td>{_fmt(row['energy_rank_90_p50'])}</td><td>{_fmt(row['energy_rank_90_p90'])}</td>"
+                      + (f"<td>{_fmt(row.get('udr_median'))}</td><td>{_fmt(row.get('udr_p90'))}</td>"
+                         f"<td>{_fmt(row.get('udr_max'))}</td>" if with_udr else "") + "</tr>"
                       for kind, row in summary["by_type"].items())
-    sections = [
-        f"<h1>LoRA audit</h1><p class=\"muted\">{html.escape(str(result.weights_path or 'in-memory state dict'))}"
-        f" — format {html.escape(result.adapter_format)}, adapter {html.escape(result.adapter_name)}</p>",
-        f"<h2>Summary</h2><table>{rows}</table>",
-        "<h2>By module type</h2><table><tr><th>type</th><th>modules</th><th>params</th><th>stable rank</th>"
-        f"<th>utilization</th><th>k@90 p50</th><th>k@90 p90</th></tr>{by_type}</table>",
-        "<h2>Utilization by layer and module</h2><p class=\"muted\">stable rank / r; dark = little of the rank "
-        "budget used, yellow = all of it.</p><div class=\"scroll\">"
-        + _svg_heatmap(layers, lambda layer: layer.utilization, lambda u: u, "utilization", "utilization heatmap")
-        + "</div>",
-    ]
-    if any(layer.udr is not None for layer in layers):
+    sections.append(f'<h2>By module type</h2><div class="scroll"><table>{by_type_head}{by_type}</table></div>')
+
+    if nonzero:
+        wasteful = sorted(nonzero, key=lambda layer: layer.utilization)[:8]
+        sections.append("<h2>Modules that waste their rank</h2><p class=\"muted\">lowest utilization (stable rank / r); "
+                        "a rank near k@90 would keep 90 % of the update's energy.</p>"
+                        + _small_table(wasteful, [("module", lambda l: l.name), ("r", lambda l: l.r),
+                                                  ("utilization", lambda l: l.utilization),
+                                                  ("k@90", lambda l: l.energy_rank_90),
+                                                  ("suggested r", lambda l: _suggested_rank(l)[1])]))
+    advice = summary.get("policy_global_suggestions")
+    if isinstance(advice, Mapping) and advice:
+        sections.append("<h2>Rank advice</h2><p class=\"muted\">per policy, over modules (the module table's "
+                        "suggested r is the first policy; hover it for all).</p>" + _generic_table(advice))
+    if with_udr:
+        dominant = sorted(with_udr, key=lambda layer: layer.udr, reverse=True)[:8]
+        sections.append("<h2>Updates that dominate their base</h2><p class=\"muted\">highest UDR = ‖ΔW‖₂ / ‖W_base‖₂ "
+                        "(&gt; 3: the update dominates; ~1: as strong as the base; &lt; 0.1: a small perturbation).</p>"
+                        + _small_table(dominant, [("module", lambda l: l.name), ("UDR", lambda l: l.udr),
+                                                  ("σ_max(ΔW)", lambda l: l.delta_sigma_max),
+                                                  ("σ_max(W)", lambda l: l.base_sigma_max)]))
+
+    utilization = value_scale([layer.utilization for layer in layers], from_zero=True)
+    if utilization is not None:
+        sections.append("<h2>Utilization by layer and module</h2><p class=\"muted\">stable rank / r, coloured from 0 "
+                        "to the highest value in this adapter; hover a cell for its module.</p><div class=\"scroll\">"
+                        + _svg_heatmap(layers, lambda layer: layer.utilization, utilization,
+                                       "utilization = stable rank / r", "utilization heatmap") + "</div>")
+    udr_scale = value_scale([layer.udr for layer in layers], log=True)
+    if udr_scale is not None:
         sections.append(
-            "<h2>Update dominance (UDR) by layer and module</h2><p class=\"muted\">colour = SDI = log10 UDR from −3 "
-            "(dark) to +1 (yellow); grey = no base norm.</p><div class=\"scroll\">"
-            + _svg_heatmap(layers, lambda layer: layer.udr, lambda u: (math.log10(u + UDR_EPS) + 3) / 4, "UDR",
-                           "UDR heatmap") + "</div>")
-    strongest = sorted((layer for layer in layers if layer.top_singular_values and layer.sigma_max > 0),
+            "<h2>Update dominance (UDR) by layer and module</h2><p class=\"muted\">UDR on a log scale over this "
+            "adapter's range; dashed marks at the reading bands 0.1, 1 and 3 where they fall inside it; grey: no "
+            "base norm.</p><div class=\"scroll\">"
+            + _svg_heatmap(layers, lambda layer: layer.udr, udr_scale, "UDR (log scale)", "UDR heatmap", UDR_BANDS)
+            + "</div>")
+        udr_values = [layer.udr for layer in with_udr]
+        sections.append(
+            f"<h2>UDR distribution over modules</h2><p class=\"muted\">{len(udr_values)} modules; median "
+            f"{_fmt(summary['udr_median'])}, p90 {_fmt(summary['udr_p90'])}, max {_fmt(summary['udr_max'])}; share "
+            f"&gt; 0.1: {_fmt(summary['fraction_udr_gt_0_1'])}, &gt; 0.3: {_fmt(summary['fraction_udr_gt_0_3'])}.</p>"
+            + _svg_udr_histogram(udr_values, udr_scale))
+    elif result.udr_requested:
+        sections.append("<h2>Update dominance (UDR)</h2><p class=\"muted\">no module could be matched to a base "
+                        "norm; see the issues.</p>")
+    else:
+        sections.append("<h2>Update dominance (UDR)</h2><p class=\"muted\">not computed: add <code>--base-model "
+                        "PATH_OR_ID</code> (or <code>--base-norms FILE</code>) to see how large each update is next "
+                        "to the weight it modifies.</p>")
+
+    strongest = sorted((layer for layer in nonzero if layer.top_singular_values),
                        key=lambda layer: layer.delta_sigma_max, reverse=True)[:6]
     spectra = [(layer.name, [(i + 1.0, s / layer.sigma_max) for i, s in enumerate(layer.top_singular_values)])
                for layer in strongest]
     sections.append("<h2>Singular-value spectra of the strongest updates</h2><p class=\"muted\">σᵢ/σ₁ of the six "
-                    "modules with the largest ‖ΔW‖₂.</p>" + _svg_lines(spectra, "index i", "σᵢ / σ₁", "spectra"))
+                    "modules with the largest ‖ΔW‖₂; a fast drop means a few directions carry the update.</p>"
+                    + _svg_lines(spectra, "singular value index i", "σᵢ / σ₁", "spectra"))
     depth: Dict[int, List[ModuleAudit]] = {}
-    for layer in layers:
-        if layer.layer_index is not None and layer.stable_rank > 0:
+    for layer in nonzero:
+        if layer.layer_index is not None:
             depth.setdefault(layer.layer_index, []).append(layer)
     concentration = [("share of energy in σ₁ (1 / stable rank)",
                       [(float(index), float(np.mean([1.0 / layer.stable_rank for layer in group])))
                        for index, group in sorted(depth.items())]),
-                     ("k@90% / r", [(float(index), float(np.mean([layer.energy_rank_90 / max(layer.r, 1)
-                                                                  for layer in group])))
-                                    for index, group in sorted(depth.items())])]
+                     ("k@90 % / r", [(float(index), float(np.mean([layer.energy_rank_90 / max(layer.r, 1)
+                                                                   for layer in group])))
+                                     for index, group in sorted(depth.items())])]
     sections.append("<h2>Energy concentration over depth</h2><p class=\"muted\">means over the modules of each "
-                    "layer.</p>" + _svg_lines(concentration, "layer index", "fraction", "energy over depth"))
-    issues = "".join(f"<li>{html.escape(issue)}</li>" for issue in result.issues) or "<li>none</li>"
-    sections.append(f"<h2>Issues</h2><ul class=\"issues\">{issues}</ul>")
-    sections.append("<h2>Reading UDR</h2><pre>" + html.escape("\n".join(CHEAT_SHEET)) + "</pre>")
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>LoRA audit</title>"
-            f"<style>{_HTML_STYLE}</style></head><body>" + "".join(sections) + "</body></html>\n")
+                    "layer.</p>" + _svg_lines(concentration if depth else [], "layer index", "fraction",
+                                              "energy over depth"))
+    sections.append(f"<h2>Every module</h2><p class=\"muted\">{len(layers)} modules; click a column header to "
+                    "sort.</p>" + _module_table(layers))
+    groups = issue_groups(result.issues, (layer.name for layer in layers))
+    issue_html = "".join(
+        f"<li><details><summary>{len(items)} × {html.escape(template)}</summary><ul>"
+        + "".join(f"<li>{html.escape(issue)}</li>" for issue in items) + "</ul></details></li>"
+        if len(items) > 1 else f"<li>{html.escape(items[0])}</li>" for template, items in groups)
+    sections.append(f"<h2>Issues ({len(result.issues)})</h2><ul class=\"issues\">{issue_html or '<li>none</li>'}</ul>")
+    if with_udr:
+        sections.append("<h2>Reading UDR</h2><pre>" + html.escape("\n".join(CHEAT_SHEET + UTILIZATION_NOTE)) + "</pre>")
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>LoRA audit: {html.escape(name)}</title><style>{_HTML_STYLE}</style></head><body>"
+            + "".join(sections) + f"<script>{_SORT_SCRIPT}</script></body></html>\n")
 
 
 # ══ 8. compare runs ══════════════════════════════════════════════════════════
@@ -2929,15 +4360,25 @@ def _factor_loaders(path: str) -> Dict[str, Callable[[], Tuple[np.ndarray, np.nd
     raw_config, _ = load_adapter_config(files.config_path)
     keys = list(sf.tensors)
     source = _TensorSource.from_file(sf)
-    modules, _ = group_modules(detect_format(keys, sf.metadata, raw_config), keys, lambda key: source.describe(key)[1])
+    shape_of = lambda key: source.describe(key)[1]  # noqa: E731
+    adapter_format = detect_format(keys, sf.metadata, raw_config)
+    config = parse_adapter_config(raw_config)[0]
+    # grouped by the PEFT tuner too: AdaLoRA's lora_A / lora_B are not a plain pair (lora_E sits between)
+    modules, non_lora = group_modules(adapter_format, keys, shape_of, config.peft_type)
+    if adapter_format in ("peft", "diffusers"):
+        modules = resolve_lora_fields(modules, non_lora, config, shape_of)[0]
     loaders = {}
     for module in modules:
-        if module.family != "lora" or module.part("lora_mid.weight") or not module.a_key or not module.b_key \
-                or module.duplicate_keys or _check_tensors(module, source, (module.a_key, module.b_key)):
+        if module.family not in STREAMED_FAMILIES or module.part("lora_mid.weight") or not module.a_key \
+                or not module.b_key or module.duplicate_keys \
+                or _check_tensors(module, source, (module.a_key, module.b_key)):
             continue
-        layout, problem = _factor_layout(module, source.describe(module.a_key)[1], source.describe(module.b_key)[1])
-        if problem is None and layout.rank > 0:
-            loaders[module.name] = (lambda layout=layout: (_tall_factor(source, layout.a).T, _tall_factor(source, layout.b)))
+        layout, problem = _factor_layout(module, shape_of(module.a_key), shape_of(module.b_key))
+        diag, diag_problem = _kasa_diag(module, source, layout.rank) if problem is None else (None, None)
+        if problem is None and diag_problem is None and layout.rank > 0:
+            loaders[module.name] = (lambda layout=layout, diag=diag: (
+                _tall_factor(source, layout.a).T * (diag[:, None] if diag is not None else 1.0),
+                _tall_factor(source, layout.b)))
     return loaders
 
 
@@ -2968,8 +4409,9 @@ def _clean_audit_document(document: Mapping[str, Any]) -> Dict[str, Any]:
             "layers": rows}
 
 
-def _audit_document(path: str) -> Tuple[Dict[str, Any], bool]:
-    """(audit document with layers, is it an adapter we can read factors from)."""
+def _audit_document(path: str, **udr: Optional[str]) -> Tuple[Dict[str, Any], bool]:
+    """(audit document with layers, is it an adapter we can read factors from);
+    ``udr`` (base_model, base_norms, base_norms_cache) applies to adapters only."""
     candidate = Path(path)
     if candidate.is_file() and candidate.suffix.lower() == ".json":
         try:
@@ -2982,24 +4424,30 @@ def _audit_document(path: str) -> Tuple[Dict[str, Any], bool]:
             raise AdapterFormatError(f"{candidate}: not an audit document with per-module rows "
                                      "(save one with `audit --json --layers`)")
         return _clean_audit_document(document), False
-    return audit_lora_peft_dir(path).to_summary_dict(include_layers=True), True
+    return audit_lora_peft_dir(path, **udr).to_summary_dict(include_layers=True), True
 
 
 def _subtract(later: Any, earlier: Any) -> Optional[float]:
     numbers = (int, float)
     if isinstance(later, numbers) and isinstance(earlier, numbers) and not isinstance(later, bool):
+        if isinstance(later, int) and isinstance(earlier, int):
+            return later - earlier  # counts stay integers (printed as 13700, not 1.370e+04)
         return float(later) - float(earlier)
     return None
 
 
-def compare_adapters(path_a: str, path_b: str, *, overlaps: bool = True) -> Dict[str, Any]:
+def compare_adapters(path_a: str, path_b: str, *, overlaps: bool = True, base_model: Optional[str] = None,
+                     base_norms: Optional[str] = None, base_norms_cache: Optional[str] = None) -> Dict[str, Any]:
     """Compare two adapters (directories or saved ``audit --json --layers`` documents).
 
     Returns one JSON-ready document: both summaries side by side, per-module
     deltas for modules present in both, modules only in one, and — when both
-    are adapters over the same base shapes — how their updates overlap.
+    are adapters over the same base shapes — how their updates overlap.  With a
+    base (``base_model`` / ``base_norms`` / ``base_norms_cache``, as for an
+    audit), both adapters get UDR; a saved document keeps the UDR it was saved with.
     """
-    (doc_a, adapter_a), (doc_b, adapter_b) = _audit_document(path_a), _audit_document(path_b)
+    udr = {"base_model": base_model, "base_norms": base_norms, "base_norms_cache": base_norms_cache}
+    (doc_a, adapter_a), (doc_b, adapter_b) = _audit_document(path_a, **udr), _audit_document(path_b, **udr)
     rows_a = {row["name"]: row for row in doc_a["layers"] if isinstance(row, dict) and "name" in row}
     rows_b = {row["name"]: row for row in doc_b["layers"] if isinstance(row, dict) and "name" in row}
     common = [name for name in rows_a if name in rows_b]
@@ -3071,11 +4519,11 @@ def checkpoint_series(paths: Sequence[str]) -> List[str]:
     return [path for _, path in sorted(found)] if found else list(paths)
 
 
-def training_drift(paths: Sequence[str]) -> Dict[str, Any]:
+def training_drift(paths: Sequence[str], **udr: Optional[str]) -> Dict[str, Any]:
     """How the update moves between consecutive checkpoints: one row per pair."""
     rows = []
     for earlier, later in zip(paths, paths[1:]):
-        comparison = compare_adapters(earlier, later)
+        comparison = compare_adapters(earlier, later, **udr)
         summary = comparison["overlap_summary"]
         match_a, match_b = _CHECKPOINT.search(Path(earlier).name), _CHECKPOINT.search(Path(later).name)
         rows.append({"from": earlier, "to": later,
@@ -3115,9 +4563,18 @@ def render_comparison(document: Mapping[str, Any], top: int = 10) -> str:
         moved = sorted((m for m in document["modules"] if m["overlap"] and m["overlap"]["update_cosine"] is not None),
                        key=lambda m: m["overlap"]["update_cosine"])[:top]
         lines += ["", f"  modules whose updates differ most (lowest cosine, top {top}):"]
-        for m in moved:
-            lines.append(f"    {m['name']:<50} cos={_fmt(m['overlap']['update_cosine']):<8} "
-                         f"Δutil={_fmt(m['delta']['utilization']):<8} ΔUDR={_fmt(m['delta']['udr'])}")
+        lines += _aligned([(m["name"], f"cos={_fmt(m['overlap']['update_cosine'])}",
+                            f"Δutil={_fmt(m['delta']['utilization'])}", f"ΔUDR={_fmt(m['delta']['udr'])}")
+                           for m in moved], "<<<<", indent="    ")
+    elif top and document["modules"]:
+        # Saved audit documents have no factors, so no overlaps: rank by the metrics that moved.
+        def moved_by(m):
+            return (abs(m["delta"].get("udr") or 0.0), abs(m["delta"].get("utilization") or 0.0))
+        moved = sorted(document["modules"], key=moved_by, reverse=True)[:top]
+        lines += ["", f"  modules that changed most (largest |ΔUDR|, then |Δutilization|; top {top}):"]
+        lines += _aligned([(m["name"], f"util {_fmt(m['a']['utilization'])} → {_fmt(m['b']['utilization'])}",
+                            f"Δutil={_fmt(m['delta']['utilization'])}", f"ΔUDR={_fmt(m['delta']['udr'])}")
+                           for m in moved], "<<<<", indent="    ")
     for label, names in (("only in A", document["only_in_a"]), ("only in B", document["only_in_b"])):
         if names:
             lines.append(f"  {label}: " + ", ".join(names[:8]) + (" …" if len(names) > 8 else ""))
@@ -3149,10 +4606,159 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _issues_saying(*phrases: str) -> Callable[[Mapping[str, Any]], List[str]]:
+    return lambda document: [issue for issue in document.get("issues") or () if any(p in issue for p in phrases)]
+
+
+# --fail-on: integrity conditions a CI job can fail on, each read from the audit
+# document (so a batch line can be checked the same way).  UDR is deliberately
+# absent: it is instrumentation, not a gate.
+FAIL_CONDITIONS: Dict[str, Callable[[Mapping[str, Any]], List[str]]] = {
+    "issues": lambda document: list(document.get("issues") or ()),
+    "skipped": lambda document: ([f"{document['n_modules_skipped']} LoRA module(s) could not be audited"]
+                                 if document.get("n_modules_skipped") else []),
+    "nonfinite": _issues_saying("NaN/Inf", "overflows float64"),
+    "zero": _issues_saying("the update is zero"),
+    "unmatched-pattern": _issues_saying("matches no audited module"),
+    "rank-mismatch": _issues_saying("rank mismatch", "disagrees with config"),
+}
+
+
+def fail_on_reasons(document: Mapping[str, Any], conditions: Sequence[str]) -> List[str]:
+    """The reasons each condition holds for an audit document (empty: none holds).
+
+    >>> fail_on_reasons({"issues": [], "n_modules_skipped": 2}, ["issues", "skipped"])
+    ['skipped: 2 LoRA module(s) could not be audited']
+    """
+    return [f"{condition}: {reason}" for condition in conditions for reason in FAIL_CONDITIONS[condition](document)]
+
+
+def _report_failures(document: Mapping[str, Any], conditions: Sequence[str]) -> int:
+    """Print why --fail-on conditions hold (at most 5 reasons per condition) → exit code 1, else 0."""
+    failed = 0
+    for condition in conditions:
+        reasons = fail_on_reasons(document, [condition])
+        failed += bool(reasons)
+        for reason in reasons[:5]:
+            print(f"gradience-lite: fail-on {reason}", file=sys.stderr)
+        if len(reasons) > 5:
+            print(f"gradience-lite: fail-on {condition}: … and {len(reasons) - 5} more", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def check_base_paths(args: argparse.Namespace) -> None:
+    """Base-side paths that cannot be used are usage errors (exit 2), named in one
+    line — not one vague issue plus a misleading "no base weight" per module."""
+    if getattr(args, "no_udr", False):
+        return
+    if args.base_norms and not Path(args.base_norms).is_file():
+        raise UsageError(f"--base-norms {args.base_norms}: no such file")
+    if args.base_model and args.base_model != "auto":
+        import base_norms
+
+        try:
+            base_norms.resolve_base(args.base_model)
+        except AdapterFormatError as error:  # its message names where it looked (offline: the HF cache)
+            raise UsageError(f"--base-model (resolved offline): {error}") from None
+    cache = args.base_norms_cache
+    if cache and not Path(cache).exists():
+        if not args.base_model:
+            raise UsageError(f"--base-norms-cache {cache}: no such file, and no --base-model to compute it from")
+        if not Path(cache).resolve().parent.is_dir():
+            raise UsageError(f"--base-norms-cache {cache}: its directory does not exist")
+
+
+def resolve_auto_base(args: argparse.Namespace, path: str) -> None:
+    """``--base-model auto`` for one adapter: the config's ``base_model_name_or_path``,
+    so check_base_paths can refuse it up front like a typed path."""
+    if args.base_model != "auto" or args.no_udr:
+        return
+    files = find_adapter_files(path, adapter=args.adapter, weights=args.weights, config=args.adapter_config)
+    if files.config_path is None:
+        return  # no adapter_config.json (kohya, diffusers metadata …): the audit reports what it finds
+    raw, _ = load_adapter_config(files.config_path)
+    base = raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
+    if not isinstance(base, str) or not base:
+        raise UsageError(f"--base-model auto: {files.config_path or 'the adapter'} names no base_model_name_or_path; "
+                         "pass --base-model PATH_OR_ID")
+    args.base_model = base
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Epilogs keep their layout; an option's default is shown when it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, (), argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+EXIT_CODES = """exit codes:
+  0    the command ran (per-module problems are listed under issues, not fatal)
+  1    a --fail-on condition held (reasons on stderr; stdout still carries the report),
+       or, in a batch, some adapters failed (each has its error line)
+  2    usage error, unreadable adapter, or a --base-model / --base-norms / --base-norms-cache
+       path that does not exist (one line on stderr, never a traceback)
+  3    internal error (a bug in gradience-lite: please report it with the command line)
+  130  interrupted"""
+
+MAIN_EPILOG = f"""examples:
+  gradience-lite audit --help                 each command has its own help
+  gradience-lite audit ./my-adapter
+  gradience-lite audit ./my-adapter --base-model auto --html report.html
+  gradience-lite compare output_dir/
+
+{EXIT_CODES}"""
+
+FAIL_ON_HELP = """--fail-on conditions (comma-separated), for CI:
+  issues             any entry in issues
+  skipped            a LoRA module that could not be audited
+  nonfinite          NaN/Inf in a factor, or a metric that overflows float64
+  zero               a module whose update is zero (B·A = 0)
+  unmatched-pattern  a rank_pattern / alpha_pattern key that matches no module
+  rank-mismatch      factor ranks that disagree, or a stored rank that disagrees with the config
+UDR is instrumentation, not a gate: no condition looks at its value."""
+
+AUDIT_EPILOG = f"""examples:
+  gradience-lite audit ./my-adapter                          text report
+  gradience-lite audit ./my-adapter --json --layers > a.json one JSON document with per-module rows
+  gradience-lite audit ./my-adapter --base-model auto        UDR against the config's base (offline HF cache)
+  gradience-lite audit ./my-adapter --base-model ./base --html report.html
+  gradience-lite audit ./my-adapter --json --fail-on skipped,nonfinite,rank-mismatch   CI gate
+  gradience-lite audit run1/ run2/ run3/ --jsonl out.jsonl --jobs 4               batch
+
+{FAIL_ON_HELP}
+
+{EXIT_CODES}"""
+
+COMPARE_EPILOG = f"""examples:
+  gradience-lite compare adapter-a/ adapter-b/
+  gradience-lite compare a.json b.json --top 5       saved `audit --json --layers` documents
+  gradience-lite compare output_dir/                 its checkpoint-N folders, in step order
+  gradience-lite compare a/ b/ --base-model ./base   UDR on both sides
+
+{EXIT_CODES}"""
+
+
+def fail_on_conditions(value: str) -> Tuple[str, ...]:
+    """Parse ``--fail-on LIST``; an unknown name is a usage error."""
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in names if name not in FAIL_CONDITIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown condition(s) {', '.join(unknown) or repr(value)}; "
+                                         f"choose from {', '.join(FAIL_CONDITIONS)}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="gradience-lite", description="Audit LoRA adapters with NumPy only.")
+    parser = _ArgumentParser(prog="gradience-lite", description="Audit LoRA adapters with NumPy only.",
+                             formatter_class=_HelpFormatter, epilog=MAIN_EPILOG)
+    parser.add_argument("--version", action="version", version=f"gradience-lite {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    audit = commands.add_parser("audit", help="audit adapter directories or weights files")
+    audit = commands.add_parser("audit", help="audit adapter directories or weights files", formatter_class=_HelpFormatter,
+                                description="Audit a LoRA adapter: spectra, rank use and, with a base, UDR.",
+                                epilog=AUDIT_EPILOG)
     audit.add_argument("paths", nargs="*", metavar="PATH",
                        help="adapter directory or .safetensors file; several (or --jsonl) make a batch")
     audit.add_argument("--peft-dir", help="adapter directory (same as a positional PATH)")
@@ -3173,12 +4779,20 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--jobs", type=int, default=1, metavar="N", help="batch: audit N adapters in parallel processes")
     audit.add_argument("--timeout", type=float, metavar="SECONDS",
                        help="give up on an adapter after this long (batch: that adapter's line fails, the rest go on)")
-    compare = commands.add_parser("compare", help="compare two adapters (or saved audit JSON), or a run's checkpoints")
+    audit.add_argument("--fail-on", type=fail_on_conditions, default=(), metavar="LIST",
+                       help="exit 1 when one of these integrity conditions holds (see below); stdout is unchanged")
+    compare = commands.add_parser("compare", help="compare two adapters (or saved audit JSON), or a run's checkpoints",
+                                  formatter_class=_HelpFormatter, epilog=COMPARE_EPILOG,
+                                  description="Compare two adapters side by side, or follow a run's checkpoints.")
     compare.add_argument("paths", nargs="+", metavar="PATH",
                          help="A B (adapters or audit JSON); or checkpoints in order; or one folder of checkpoint-N")
     compare.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     compare.add_argument("--top", type=int, default=10, metavar="N", help="list the N modules that changed most")
     compare.add_argument("--no-overlap", action="store_true", help="skip the update overlaps (metrics only)")
+    compare.add_argument("--base-model", metavar="PATH_OR_ID", help="UDR on both sides: base dir/file, offline hub id, or 'auto'")
+    compare.add_argument("--base-norms", metavar="FILE", help="precomputed base norms (read-only)")
+    compare.add_argument("--base-norms-cache", metavar="FILE", help="base norms cache: read, compute what is missing, write back")
+    commands.add_parser("norms", help="base-model norms: the same as `python -m base_norms` (norms --help)", add_help=False)
     return parser
 
 
@@ -3231,18 +4845,22 @@ def _read_run_context(path: Path) -> Tuple[Optional[str], Optional[int], bool]:
     return run_id, step, size == 0 or tail.endswith(b"\n")
 
 
-def append_metrics_event(result: AuditResult, path: str) -> Dict[str, Any]:
-    """Append the audit as a metrics event, reusing the file's run_id and last step.
+def append_metrics_event(result: AuditResult, path: str, *, run_id: Optional[str] = None,
+                         step: Optional[int] = None) -> Dict[str, Any]:
+    """Append the audit as a metrics event to a JSONL telemetry file.
 
-    A file whose last line lacks its newline gets one first, so the event never
-    glues onto it.  Raises :class:`AdapterFormatError` when the file cannot be
-    appended to (not a regular file, too large, not writable).
+    ``run_id`` / ``step`` default to the file's own run_id and last step (what
+    ``--append`` does); a training loop passes its global step.  A file whose
+    last line lacks its newline gets one first, so the event never glues onto
+    it.  Raises :class:`AdapterFormatError` when the file cannot be appended to
+    (not a regular file, too large, not writable).
     """
     try:
         _check_output_file(path, "--append", MAX_APPEND_FILE_BYTES)
         target = Path(path)
-        run_id, step, ends_in_newline = _read_run_context(target)
-        event = result.to_metrics_event(run_id or f"gradience-lite-{int(time.time())}", step)
+        file_run_id, file_step, ends_in_newline = _read_run_context(target)
+        run_id = run_id or file_run_id or f"gradience-lite-{int(time.time())}"
+        event = result.to_metrics_event(run_id, file_step if step is None else step)
         with target.open("a", encoding="utf-8") as handle:
             handle.write(("" if ends_in_newline else "\n") + json.dumps(event, allow_nan=False) + "\n")
     except UsageError as error:
@@ -3253,7 +4871,7 @@ def append_metrics_event(result: AuditResult, path: str) -> Dict[str, Any]:
 
 
 def _udr_options(args: argparse.Namespace) -> Dict[str, Optional[str]]:
-    wants_udr = not args.no_udr and (args.base_model or args.base_norms or args.base_norms_cache)
+    wants_udr = not getattr(args, "no_udr", False) and (args.base_model or args.base_norms or args.base_norms_cache)
     return {"base_model": args.base_model if wants_udr else None, "base_norms": args.base_norms if wants_udr else None,
             "base_norms_cache": args.base_norms_cache if wants_udr else None}
 
@@ -3315,7 +4933,12 @@ def _run_audit(args: argparse.Namespace) -> int:
         raise UsageError(f"--timeout must be > 0 and <= {MAX_TIMEOUT_SECONDS} seconds")
     if args.timeout is not None and not hasattr(signal, "setitimer"):
         raise UsageError("--timeout needs Unix interval timers (not available on this system)")
+    if len(paths) <= 1 and not args.jsonl:
+        resolve_auto_base(args, paths[0] if paths else args.weights)
+    check_base_paths(args)
     if len(paths) > 1 or args.jsonl:
+        if args.fail_on:  # refused rather than dropped; fail_on_reasons() reads a batch line just as well
+            raise UsageError("--fail-on is for single audits; in a batch, each JSON line has the issues to gate on")
         return _run_batch(args, paths)
     # Outputs are checked before the audit: a bad path must not surface after the JSON was printed.
     if args.html:
@@ -3330,12 +4953,13 @@ def _run_audit(args: argparse.Namespace) -> int:
             target, include_top_singular_values=top_k,
             adapter=args.adapter, weights=args.weights, adapter_config=args.adapter_config, **_udr_options(args),
             progress=_progress)
-        html_report = render_html_report(result) if args.html else None
+        html_report = render_html_report(result, command=getattr(args, "command_line", None)) if args.html else None
     if args.json:
         document = result.to_summary_dict(include_layers=args.layers)
         print(json.dumps(document, indent=2, allow_nan=False))
     else:
-        print(render_text_report(result, show_layers=args.layers, top_wasteful=args.top_wasteful))
+        print(render_text_report(result, show_layers=args.layers, top_wasteful=args.top_wasteful,
+                                 singular_values=args.top_singular_values))
     if args.html:
         try:
             Path(args.html).write_text(html_report, encoding="utf-8", errors="backslashreplace")
@@ -3345,7 +4969,7 @@ def _run_audit(args: argparse.Namespace) -> int:
     if args.append:
         append_metrics_event(result, args.append)
         print(f"appended metrics event to {terminal_safe(args.append)}", file=sys.stderr)
-    return 0
+    return _report_failures(result.to_summary_dict(), args.fail_on)
 
 
 # What batch_audit_line understands; anything else is a caller's mistake.
@@ -3554,12 +5178,14 @@ def _run_compare(args: argparse.Namespace) -> int:
     paths = checkpoint_series(args.paths)
     if len(paths) < 2:
         raise UsageError("compare needs two paths, or a folder of checkpoint-N folders")
+    check_base_paths(args)
+    udr = _udr_options(args)
     with _stdout_fd_guarded():
         if len(paths) == 2:
-            document = compare_adapters(paths[0], paths[1], overlaps=not args.no_overlap)
+            document = compare_adapters(paths[0], paths[1], overlaps=not args.no_overlap, **udr)
             text = render_comparison(document, top=args.top)
         else:
-            document = training_drift(paths)
+            document = training_drift(paths, **udr)
             text = render_drift(document)
     print(json.dumps(document, indent=2, allow_nan=False) if args.json else text)
     return 0
@@ -3572,8 +5198,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             stream.reconfigure(errors="backslashreplace")
         except (AttributeError, ValueError):  # not a TextIOWrapper (e.g. captured by a test harness)
             pass
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["norms"]:  # one console entry for pipx / uv tool installs: `norms` is base_norms' CLI
+            import base_norms
+
+            return base_norms.main(argv[1:])
         args = build_parser().parse_args(argv)
+        args.command_line = "gradience-lite " + shlex.join(argv)  # recorded in the HTML report's header
         if args.command == "audit":
             return _run_audit(args)
         if args.command == "compare":
@@ -3582,6 +5214,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, AdapterFormatError, AuditTimeout) as error:
         print(f"gradience-lite: error: {terminal_safe(str(error))}", file=sys.stderr)
         return 2
+    except SystemExit as exit_request:  # --help, --version, and base_norms' own argparse errors
+        return exit_request.code if isinstance(exit_request.code, int) else int(exit_request.code is not None)
     except BrokenPipeError:  # `... | head` closed the pipe: not an error of ours
         return 0
     except OSError as error:  # the file system refused a path we were given (too long, a loop, no permission)
