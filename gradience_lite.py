@@ -2644,6 +2644,15 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
                   magnitude=magnitude, lora_e=built.lora_e)
     if built.sigma is not None:
         return _PreparedModule(gram_a=None, gram_b=None, sigma=built.sigma, **common), []
+    if inner > min(built.a.shape[1], built.b.shape[0]) or inner > MAX_RANK:
+        # As for plain LoRA: no r×r Gram larger than ΔW itself, none over MAX_RANK; ΔW is formed when it is small.
+        if not (np.isfinite(built.a).all() and np.isfinite(built.b).all()):
+            return None, [f"{name}: the combined factors overflow float64; not audited"]
+        try:
+            sigma = product_singular_values(built.b, built.a)
+        except ResourceCapExceeded as error:
+            return None, [f"{name}: {error}; not audited"]
+        return _PreparedModule(gram_a=None, gram_b=None, sigma=sigma, **common), []
     tall_a, tall_b = built.a.T, built.b
     with np.errstate(over="ignore", invalid="ignore"):
         grams = (tall_a.T @ tall_a, tall_b.T @ tall_b)

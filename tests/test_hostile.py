@@ -1022,3 +1022,18 @@ def test_a_path_the_file_system_refuses_is_exit_2(position):
     args = {"path": ["audit", too_long], "compare": ["compare", too_long, adapter]}.get(
         position, ["audit", adapter, position, too_long])
     assert_bounded(run_limited(*args), 2)
+
+
+def test_adalora_rank_larger_than_the_layer_is_formed_densely():
+    # The same bound for factors combined in memory (AdaLoRA's E ⊙ A): no 30000² Gram.
+    rng = np.random.default_rng(12)
+    r = 30000
+    a, b, e = rng.normal(size=(r, 2)), rng.normal(size=(3, r)), rng.normal(size=(r, 1))
+    sd = {"base_model.model.q.lora_A": a, "base_model.model.q.lora_B": b, "base_model.model.q.lora_E": e}
+    tracemalloc.start()
+    result = gl.audit_lora_state_dict(sd, {"peft_type": "ADALORA", "r": r, "lora_alpha": r, "init_r": r, "target_r": r})
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 64 * 2 ** 20
+    oracle = np.linalg.svd(b @ (e * a), compute_uv=False)
+    assert result.layers[0].sigma_max == pytest.approx(oracle[0], rel=1e-9)
