@@ -4661,7 +4661,8 @@ def check_base_paths(args: argparse.Namespace) -> None:
     if getattr(args, "no_udr", False):
         return
     if args.base_norms and not Path(args.base_norms).is_file():
-        raise UsageError(f"--base-norms {args.base_norms}: no such file")
+        problem = "not a regular file" if Path(args.base_norms).exists() else "no such file"  # /dev/zero never ends
+        raise UsageError(f"--base-norms {args.base_norms}: {problem}")
     if args.base_model and args.base_model != "auto":
         import base_norms
 
@@ -4670,6 +4671,8 @@ def check_base_paths(args: argparse.Namespace) -> None:
         except AdapterFormatError as error:  # its message names where it looked (offline: the HF cache)
             raise UsageError(f"--base-model (resolved offline): {error}") from None
     cache = args.base_norms_cache
+    if cache and Path(cache).exists() and not Path(cache).is_file():
+        raise UsageError(f"--base-norms-cache {cache}: not a regular file")
     if cache and not Path(cache).exists():
         if not args.base_model:
             raise UsageError(f"--base-norms-cache {cache}: no such file, and no --base-model to compute it from")

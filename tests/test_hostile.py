@@ -817,13 +817,16 @@ def test_damaged_norms_files_are_issues(tmp_path, tmp_adapter, case):
 
 def test_norms_from_a_device_or_folder_are_refused(tmp_path, tmp_adapter):
     folder = tmp_adapter(healthy_tensors(), CONFIG)
-    document, issues = audit_json(assert_bounded(run_limited("audit", folder, "--json", "--base-norms", "/dev/zero"), 0))
-    assert "not a regular file" in issues
+    assert_bounded(run_limited("audit", folder, "--json", "--base-norms", "/dev/zero"), 2, "not a regular file")
     base = FIXTURES / "base" / "llama12_bf16_sharded"
-    document, issues = audit_json(assert_bounded(
-        run_limited("audit", FIXTURES / "peft" / "llama_patterns", "--json", "--base-model", base,
-                    "--base-norms-cache", tmp_path), 0))
-    assert "not a regular file" in issues and "--base-norms-cache" in issues
+    assert_bounded(run_limited("audit", FIXTURES / "peft" / "llama_patterns", "--json", "--base-model", base,
+                               "--base-norms-cache", tmp_path), 2, "not a regular file")
+    # The API records the same as issues and goes on (never reads /dev/zero, never writes a folder).
+    result = gl.audit_lora_peft_dir(folder, base_norms="/dev/zero")
+    assert any("not a regular file" in issue for issue in result.issues)
+    result = gl.audit_lora_peft_dir(FIXTURES / "peft" / "llama_patterns", base_model=str(base),
+                                    base_norms_cache=str(tmp_path))
+    assert any("--base-norms-cache" in issue and "not a regular file" in issue for issue in result.issues)
 
 
 @pytest.mark.parametrize("where", ["directory", "read-only", "device"])
