@@ -1513,6 +1513,8 @@ def _group_peft_tuner_keys(keys: Iterable[str], variant: PeftVariant) -> Tuple[L
                           parts=tuple(sorted({**shared, **roles}.items())))
                for name, roles in sorted(parts.items(), key=lambda item: _natural_key(item[0]))]
     return modules, others
+
+
 # MLX SwitchLinear stores experts along a leading axis, one module each.  Real
 # MoE models have at most 256 routed experts (DeepSeek-V3); a header claiming
 # 10**7 (with zero bytes behind them) would otherwise create 10**7 modules.
@@ -1624,7 +1626,10 @@ def _expert_modules(module: LoraModule, path: str, parameter: str, config: Adapt
     key = f"{path}.{parameter}"  # PEFT matches rank_pattern / alpha_pattern against this name
     if module.a_key is None or module.b_key is None:
         return [module._replace(name=key)], None
-    rank_key = match_pattern(config.rank_pattern, key)
+    try:
+        rank_key = match_pattern(config.rank_pattern, key)
+    except ResourceCapExceeded as error:
+        return [], f"{key}: {error}; not audited"
     rank = rank_key.value if rank_key else config.r
     a_shape, b_shape = shape_of(module.a_key), shape_of(module.b_key)
     if rank is None:
@@ -1633,6 +1638,8 @@ def _expert_modules(module: LoraModule, path: str, parameter: str, config: Adapt
         return [], (f"{key}: target_parameters: factors A{list(a_shape)} / B{list(b_shape)} are not "
                     f"(r·E, in) / (out, r·E) with r = {rank}; not audited")
     experts = a_shape[0] // rank
+    if experts > MAX_EXPERTS:  # a header can claim 10⁷ experts with zero bytes behind them
+        return [], f"{key}: target_parameters: {experts} experts, over the MAX_EXPERTS cap ({MAX_EXPERTS}); not audited"
     if experts == 1:
         return [module._replace(name=key)], None
     return [module._replace(name=f"{key}[{expert}]", family="lora_expert", layout="peft_experts", expert=expert,
