@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradience_lite as gl
-from conftest import run_cli, FIXTURES, ROOT, write_safetensors
+from conftest import run_cli, FIXTURES, ROOT, oracle_load, write_safetensors
 
 HEALTHY = "base_model.model.model.layers.0.self_attn.q_proj"
 DAMAGED = "base_model.model.model.layers.1.self_attn.q_proj"
@@ -1040,3 +1040,18 @@ def test_adalora_rank_larger_than_the_layer_is_formed_densely():
     assert peak < 64 * 2 ** 20
     oracle = np.linalg.svd(b @ (e * a), compute_uv=False)
     assert result.layers[0].sigma_max == pytest.approx(oracle[0], rel=1e-9)
+
+
+def test_peft_fused_experts_claiming_millions_of_experts_are_one_issue():
+    # PEFT target_parameters: E = rows of lora_A / r, so a zero-width A claims any E.
+    folder = FIXTURES / "variants" / "field_moe_mixtral"
+    tensors = oracle_load(folder / "adapter_model.safetensors")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    prefix = "base_model.model.model.layers.0.mlp.experts.base_layer"
+    tensors[f"{prefix}.lora_A.weight"] = np.zeros((2 * 10 ** 7, 0))
+    tensors[f"{prefix}.lora_B.weight"] = np.zeros((0, 2 * 10 ** 7))
+    started = time.perf_counter()
+    result = gl.audit_lora_state_dict(tensors, config)
+    assert time.perf_counter() - started < MAX_SECONDS
+    assert sum("MAX_EXPERTS" in issue for issue in result.issues) == 1
+    assert len(result.layers) > 0  # the other parameters are still audited
