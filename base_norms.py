@@ -585,13 +585,19 @@ def _bnb_absmax(stored: Dict[str, Stored], params: Dict[str, Any]) -> np.ndarray
 def dequantize_bnb_4bit(stored: Dict[str, Stored], params: Dict[str, Any]) -> np.ndarray:
     """NF4 / FP4: two codes per byte, high nibble first, × the absmax of each block of ``blocksize``
     flattened values, computed in float32 and returned in the quant state's dtype."""
-    count = math.prod(params["shape"])
+    count, block = math.prod(params["shape"]), params["blocksize"]
     packed = stored["weight"].values.reshape(-1)
     table = BNB_4BIT_CODES[params["quant_type"]]
+    absmax = _bnb_absmax(stored, params)
     out = np.empty(count, dtype=np.float32)
-    out[0::2] = table[packed[:(count + 1) // 2] >> 4]
-    out[1::2] = table[packed[:count // 2] & 0x0F]
-    _blockwise_scale(out, _bnb_absmax(stored, params), params["blocksize"])
+    # In runs of 2^21 values (a multiple of every blocksize bitsandbytes allows), so the
+    # lookup temporaries stay a few MB however large the weight.
+    for start in range(0, count, 1 << 21):
+        chunk = out[start:start + (1 << 21)]
+        codes = packed[start // 2:(start + chunk.size + 1) // 2]
+        chunk[0::2] = table[codes[:(chunk.size + 1) // 2] >> 4]
+        chunk[1::2] = table[codes[:chunk.size // 2] & 0x0F]
+        _blockwise_scale(chunk, absmax[start // block:], block)
     return _round_to(out, params["dtype"]).reshape(params["shape"])
 
 

@@ -219,3 +219,15 @@ def test_the_quantized_fixtures_stay_small():
     total = sum(f.stat().st_size for f in QUANTIZED.rglob("*") if f.is_file())
     assert total < 3_000_000
     assert (ROOT / "tools" / "make_base_fixtures.py").is_file()
+
+
+def test_bnb_4bit_decoding_in_runs_matches_one_pass_across_run_and_block_edges():
+    rng = np.random.default_rng(0)
+    shape = (2100, 1001)  # 2,102,100 values: past one 2^21-value run, odd count, a short last block
+    count = shape[0] * shape[1]
+    packed = rng.integers(0, 256, (count + 1) // 2, dtype=np.uint8)
+    absmax = rng.uniform(0.5, 2, -(-count // 64)).astype(np.float32)
+    stored = {"weight": bn.Stored(packed, "U8"), "absmax": bn.Stored(absmax, "F32")}
+    got = bn.dequantize_bnb_4bit(stored, {"quant_type": "nf4", "blocksize": 64, "dtype": "F32", "shape": shape})
+    codes = np.stack([packed >> 4, packed & 0x0F], axis=1).ravel()[:count]
+    np.testing.assert_array_equal(got.ravel(), bn.BNB_4BIT_CODES["nf4"][codes] * np.repeat(absmax, 64)[:count])
