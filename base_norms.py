@@ -518,13 +518,20 @@ _DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 def _round_to(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Round float32 values (in place) to the dtype a library hands its result back in."""
-    if dtype == "BF16":  # round to nearest even on the top 16 bits, as torch's .to(bfloat16)
-        bits = values.view(np.uint32)
-        bits += np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-        bits &= np.uint32(0xFFFF0000)
-    elif dtype == "F16":
-        values[...] = values.astype(np.float16)
+    """Round float32 values (in place) to the dtype a library hands its result back in,
+    in runs of 2^20 values so the temporaries stay small."""
+    if dtype not in ("BF16", "F16"):
+        return values
+    values = np.ascontiguousarray(values)  # so the flat view below writes into it
+    flat = values.reshape(-1)
+    for start in range(0, flat.size, 1 << 20):
+        run = flat[start:start + (1 << 20)]
+        if dtype == "BF16":  # round to nearest even on the top 16 bits, as torch's .to(bfloat16)
+            bits = run.view(np.uint32)
+            bits += np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+            bits &= np.uint32(0xFFFF0000)
+        else:
+            run[...] = run.astype(np.float16)
     return values
 
 
