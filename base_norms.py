@@ -1080,7 +1080,15 @@ def _read_role(found: Catalog, tensor: str, expert: Optional[int]) -> Stored:
     raw = raw_view(sf, info)
     if expert is not None:
         raw = raw[expert]
-    values = decode(raw, info.dtype, np.float32) if DTYPES[info.dtype].is_float else np.array(raw)
+    if DTYPES[info.dtype].is_float:
+        # Decoded in runs: float8's table lookup would otherwise build an int64 index
+        # array eight times the weight's size.
+        values = np.empty(raw.shape, dtype=np.float32)
+        flat, source = values.reshape(-1), np.ascontiguousarray(raw).reshape(-1)
+        for start in range(0, flat.size, 1 << 20):
+            flat[start:start + (1 << 20)] = decode(source[start:start + (1 << 20)], info.dtype, np.float32)
+    else:
+        values = np.array(raw)
     release_pages(sf, info)
     return Stored(values, info.dtype)
 
