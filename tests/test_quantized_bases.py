@@ -15,7 +15,7 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, run_cli
 
 import base_norms as bn
 from gradience_lite import AdapterFormatError
@@ -231,3 +231,40 @@ def test_bnb_4bit_decoding_in_runs_matches_one_pass_across_run_and_block_edges()
     got = bn.dequantize_bnb_4bit(stored, {"quant_type": "nf4", "blocksize": 64, "dtype": "F32", "shape": shape})
     codes = np.stack([packed >> 4, packed & 0x0F], axis=1).ravel()[:count]
     np.testing.assert_array_equal(got.ravel(), bn.BNB_4BIT_CODES["nf4"][codes] * np.repeat(absmax, 64)[:count])
+
+
+@pytest.mark.parametrize("case", ["bnb_nf4_double_quant", "fp8_block128", "ct_w4a16_asym", "gguf_llama"])
+def test_udr_against_a_quantized_base_uses_the_dequantized_sigma(tmp_adapter, case):
+    from gradience_lite import audit_lora_peft_dir
+
+    weights = EXPECTED[case]["weights"]
+    rng = np.random.default_rng(2)
+    tensors, deltas = {}, {}
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"):
+        out_features, in_features = weights[module + ".weight"]["shape"]
+        a, b = rng.standard_normal((4, in_features)), rng.standard_normal((out_features, 4)) * 0.01
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.astype(np.float32)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.astype(np.float32)
+        deltas[module] = 2.0 * b.astype(np.float32).astype(float) @ a.astype(np.float32).astype(float)
+    adapter = tmp_adapter(tensors, {"r": 4, "lora_alpha": 8, "peft_type": "LORA"})
+    result = audit_lora_peft_dir(adapter, base_model=str(QUANTIZED / case))
+    for layer in result.layers:
+        base_sigma = weights[layer.name + ".weight"]["sigma_max"]
+        delta_sigma = np.linalg.svd(deltas[layer.name], compute_uv=False)[0]
+        assert layer.base_sigma_max == pytest.approx(base_sigma, rel=1e-5)
+        assert layer.udr == pytest.approx(delta_sigma / base_sigma, rel=1e-5)
+
+
+def test_a_gguf_base_audit_imports_no_torch_or_gguf(tmp_adapter):
+    blocker = ("import sys\n"
+               "for name in ('torch', 'transformers', 'peft', 'huggingface_hub', 'safetensors.torch', 'gguf'):\n"
+               "    sys.modules[name] = None\n")
+    shape = EXPECTED["gguf_llama"]["weights"]["model.layers.0.self_attn.q_proj.weight"]["shape"]
+    adapter = tmp_adapter({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, shape[1]), np.float32),
+                           "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((shape[0], 2), np.float32)},
+                          {"r": 2, "lora_alpha": 2})
+    proc = run_cli("audit", adapter, "--json", "--layers", "--base-model", QUANTIZED / "gguf_llama", preamble=blocker)
+    assert proc.returncode == 0, proc.stderr
+    layer = json.loads(proc.stdout)["layers"][0]
+    assert layer["base_sigma_max"] == pytest.approx(
+        EXPECTED["gguf_llama"]["weights"]["model.layers.0.self_attn.q_proj.weight"]["sigma_max"], rel=1e-5)
