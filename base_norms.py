@@ -578,6 +578,16 @@ BNB_4BIT_CODES = {
 BNB_INT8_SCALE = np.float32(7.874015718698502e-3)  # bitsandbytes' 1/127, as a float32
 
 
+def _decode_byte_pairs(table: np.ndarray, packed: np.ndarray, high_first: bool) -> np.ndarray:
+    """Two 4-bit codes per byte → float32 values in storage order (twice as many).  Each
+    byte's pair of values is one 8-byte entry of a 256-entry table: one gather per byte."""
+    codes = np.arange(256)
+    pairs = np.stack([table[codes >> 4], table[codes & 0x0F]] if high_first else
+                     [table[codes & 0x0F], table[codes >> 4]], axis=1).astype(np.float32)
+    wide = np.take(np.ascontiguousarray(pairs).view(np.uint64).reshape(256), np.ascontiguousarray(packed))
+    return wide.view(np.float32).reshape(packed.shape[:-1] + (2 * packed.shape[-1],))
+
+
 def _bnb_absmax(stored: Dict[str, Stored], params: Dict[str, Any]) -> np.ndarray:
     """Per-block absmax; with double quantization it is itself 8-bit blockwise-quantized
     (codes × nested absmax per block of nested_blocksize, plus the nested offset)."""
@@ -602,8 +612,7 @@ def dequantize_bnb_4bit(stored: Dict[str, Stored], params: Dict[str, Any]) -> np
     for start in range(0, count, 1 << 21):
         chunk = out[start:start + (1 << 21)]
         codes = packed[start // 2:(start + chunk.size + 1) // 2]
-        chunk[0::2] = table[codes[:(chunk.size + 1) // 2] >> 4]
-        chunk[1::2] = table[codes[:chunk.size // 2] & 0x0F]
+        chunk[...] = _decode_byte_pairs(table, codes, high_first=True)[:chunk.size]
         _blockwise_scale(chunk, absmax[start // block:], block)
     return _round_to(out, params["dtype"]).reshape(params["shape"])
 
@@ -635,10 +644,7 @@ _E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5
 
 def _unpack_fp4(packed: np.ndarray) -> np.ndarray:
     """Two e2m1 codes per byte, low nibble first → float32, twice as many columns."""
-    out = np.empty(packed.shape[:-1] + (2 * packed.shape[-1],), dtype=np.float32)
-    out[..., 0::2] = _E2M1[packed & 0x0F]
-    out[..., 1::2] = _E2M1[packed >> 4]
-    return out
+    return _decode_byte_pairs(_E2M1, packed, high_first=False)
 
 
 def _unpack_dense(words: np.ndarray, bits: int, count: int) -> np.ndarray:
