@@ -575,6 +575,7 @@ BNB_4BIT_CODES = {
                      0.1666666716337204, 0.25, 0.0, -0.0052083334885537624, -0.6666666865348816, -1.0,
                      -0.3333333432674408, -0.5, -0.1666666716337204, -0.25], dtype=np.float32),
 }
+BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what dequantize_4bit accepts
 BNB_INT8_SCALE = np.float32(7.874015718698502e-3)  # bitsandbytes' 1/127, as a float32
 
 
@@ -768,7 +769,7 @@ def _detect_bnb_4bit(index: Index, config: Dict[str, Any], sources: Dict[str, An
                 problem = f"bitsandbytes 4-bit weight {name!r} does not hold the {count} codes its quant state says"
             elif "absmax" not in roles or sizes["absmax"] != blocks:
                 problem = f"bitsandbytes absmax of {name!r} has {sizes.get('absmax')} values, {blocks} expected"
-            elif params["quant_type"] != quant_type or params["blocksize"] <= 0:
+            elif params["quant_type"] != quant_type or params["blocksize"] not in BNB_BLOCKSIZES:
                 problem = f"bitsandbytes quant state of {name!r} is inconsistent ({state_name})"
         file = index[name][0] if name in index else index[state_name][0]
         found.append(_weight(name, file, params.get("shape", ()), storage, "bitsandbytes-4bit", roles, params,
@@ -1115,7 +1116,14 @@ def load_weight(found: Catalog, weight: StoredWeight, expert: Optional[int] = No
     sliced = expert is not None and (quantization is None or quantization.slices_experts)
     stored = {role: _read_role(found, tensor, expert if sliced else None) for role, tensor in weight.tensors.items()
               if role != "quant_state"}
-    values = stored["weight"].values if quantization is None else quantization.dequantize(stored, weight.params)
+    if quantization is None:
+        values = stored["weight"].values
+    else:
+        try:
+            values = quantization.dequantize(stored, weight.params)
+        except (ValueError, IndexError) as error:  # companions whose sizes disagree with each other
+            raise AdapterFormatError(f"{weight.file}: {weight.name}: its {weight.storage} tensors do not fit "
+                                     f"together ({error})") from None
     return values if expert is None or sliced else values[expert]
 
 

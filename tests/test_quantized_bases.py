@@ -268,3 +268,18 @@ def test_a_gguf_base_audit_imports_no_torch_or_gguf(tmp_adapter):
     layer = json.loads(proc.stdout)["layers"][0]
     assert layer["base_sigma_max"] == pytest.approx(
         EXPECTED["gguf_llama"]["weights"]["model.layers.0.self_attn.q_proj.weight"]["sigma_max"], rel=1e-5)
+
+
+def test_damaged_bitsandbytes_companions_give_an_error_not_a_traceback(tmp_path):
+    from gradience_lite import open_safetensors, raw_view
+
+    source = open_safetensors(QUANTIZED / "bnb_nf4_double_quant" / "model.safetensors")
+    tensors = {name: (info.dtype, info.shape, raw_view(source, info).tobytes())
+               for name, info in source.tensors.items()}
+    nested = "model.layers.0.mlp.up_proj.weight.nested_absmax"
+    tensors[nested] = ("F32", (0,), b"")  # the nested absmax lost
+    base = write_safetensors(tmp_path / "damaged", tensors)
+    (base / "config.json").write_text((QUANTIZED / "bnb_nf4_double_quant" / "config.json").read_text())
+    document = bn.compute_base_norms(base, ["model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"])
+    assert "do not fit together" in document["errors"]["model.layers.0.mlp.up_proj.weight"]
+    assert "model.layers.0.mlp.down_proj.weight" in document["norms"]
