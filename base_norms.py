@@ -765,7 +765,10 @@ def _detect_bnb_4bit(index: Index, config: Dict[str, Any], sources: Dict[str, An
             count = math.prod(params["shape"])
             blocks = -(-count // params["blocksize"])
             sizes = {role: math.prod(index[tensor][1].shape) for role, tensor in roles.items() if tensor in index}
-            if name not in index or sizes["weight"] * (2 if index[name][1].dtype == "U8" else 0) < count:
+            # bnb_4bit_quant_storage may be any dtype: the codes are its bytes, never its values
+            params["bytes_roles"] = ("weight",)
+            itemsize = DTYPES[index[name][1].dtype].storage.itemsize if name in index else 0
+            if name not in index or sizes["weight"] * itemsize * 2 < count:
                 problem = f"bitsandbytes 4-bit weight {name!r} does not hold the {count} codes its quant state says"
             elif "absmax" not in roles or sizes["absmax"] != blocks:
                 problem = f"bitsandbytes absmax of {name!r} has {sizes.get('absmax')} values, {blocks} expected"
@@ -1081,13 +1084,15 @@ def _release(mapped: Any, start: int, end: int) -> None:
     mapped.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
 
 
-def _read_role(found: Catalog, tensor: str, expert: Optional[int]) -> Stored:
+def _read_role(found: Catalog, tensor: str, expert: Optional[int], as_bytes: bool = False) -> Stored:
     file, info = found.index[tensor]
     sf = found.sources[file]
     raw = raw_view(sf, info)
     if expert is not None:
         raw = raw[expert]
-    if DTYPES[info.dtype].is_float:
+    if as_bytes:  # packed codes stored under another dtype's name
+        values = np.array(raw).reshape(-1).view(np.uint8)
+    elif DTYPES[info.dtype].is_float:
         # Decoded in runs: float8's table lookup would otherwise build an int64 index
         # array eight times the weight's size.
         values = np.empty(raw.shape, dtype=np.float32)
@@ -1114,8 +1119,9 @@ def load_weight(found: Catalog, weight: StoredWeight, expert: Optional[int] = No
         return values if expert is None else values[expert]
     quantization = QUANTIZATIONS.get(weight.method) if weight.method else None
     sliced = expert is not None and (quantization is None or quantization.slices_experts)
-    stored = {role: _read_role(found, tensor, expert if sliced else None) for role, tensor in weight.tensors.items()
-              if role != "quant_state"}
+    as_bytes = weight.params.get("bytes_roles", ())
+    stored = {role: _read_role(found, tensor, expert if sliced else None, role in as_bytes)
+              for role, tensor in weight.tensors.items() if role != "quant_state"}
     if quantization is None:
         values = stored["weight"].values
     else:

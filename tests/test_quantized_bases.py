@@ -283,3 +283,20 @@ def test_damaged_bitsandbytes_companions_give_an_error_not_a_traceback(tmp_path)
     document = bn.compute_base_norms(base, ["model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"])
     assert "do not fit together" in document["errors"]["model.layers.0.mlp.up_proj.weight"]
     assert "model.layers.0.mlp.down_proj.weight" in document["norms"]
+
+
+def test_bitsandbytes_codes_stored_under_a_float_dtype_are_read_as_bytes(tmp_path):
+    # bnb_4bit_quant_storage=bfloat16 (FSDP / QLoRA setups) saves the same packed bytes as BF16.
+    from gradience_lite import open_safetensors, raw_view
+
+    source = open_safetensors(QUANTIZED / "bnb_nf4" / "model.safetensors")
+    tensors = {name: (info.dtype, info.shape, raw_view(source, info).tobytes())
+               for name, info in source.tensors.items()}
+    name = "model.layers.0.mlp.up_proj.weight"
+    dtype, shape, raw = tensors[name]
+    tensors[name] = ("BF16", (shape[0] // 2, 1), raw)
+    base = write_safetensors(tmp_path / "bf16_storage", tensors)
+    (base / "config.json").write_text((QUANTIZED / "bnb_nf4" / "config.json").read_text())
+    record = bn.compute_base_norms(base, [name], tol=1e-9)["norms"][name]
+    assert record["sigma_max"] == pytest.approx(EXPECTED["bnb_nf4"]["weights"][name]["sigma_max"], rel=1e-6)
+    assert record["storage"] == "bitsandbytes-nf4"
