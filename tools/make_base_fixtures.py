@@ -194,6 +194,8 @@ def compressed_tensors_cases() -> None:
         "ct_int8_naive": ("W8A16", {"strategy": "channel", "group_size": None}, "naive-quantized"),
         "ct_w4a16_group": ("W4A16", {"group_size": 32}, None),
         "ct_w4a16_asym": ("W4A16_ASYM", {"group_size": 32}, None),
+        "ct_w3a16_asym": ("W3A16", {"group_size": 32, "symmetric": False}, None),  # values straddle int32 words
+        "ct_w8a16_pack": ("W8A16", {"group_size": 64}, None),
         "ct_nvfp4": ("NVFP4A16", {}, None),
         "ct_mxfp4": ("MXFP4A16", {}, None),
     }
@@ -208,6 +210,8 @@ def compressed_tensors_cases() -> None:
             args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
             if args is None:
                 continue
+            if hasattr(module, "input_scale"):  # static activation scale: not part of the weight, but deterministic
+                module.input_scale.data.fill_(1.0)
             weight = module.weight.data.float()
             rows, cols = weight.shape
             if args.strategy == QuantizationStrategy.TENSOR:
