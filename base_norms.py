@@ -770,7 +770,7 @@ def _detect_bnb_4bit(index: Index, config: Dict[str, Any], sources: Dict[str, An
             itemsize = DTYPES[index[name][1].dtype].storage.itemsize if name in index else 0
             if name not in index or sizes["weight"] * itemsize * 2 < count:
                 problem = f"bitsandbytes 4-bit weight {name!r} does not hold the {count} codes its quant state says"
-            elif "absmax" not in roles or sizes["absmax"] != blocks:
+            elif "absmax" in roles and sizes["absmax"] != blocks:  # a missing one: see Quantization.needs
                 problem = f"bitsandbytes absmax of {name!r} has {sizes.get('absmax')} values, {blocks} expected"
             elif params["quant_type"] != quant_type or params["blocksize"] not in BNB_BLOCKSIZES:
                 problem = f"bitsandbytes quant state of {name!r} is inconsistent ({state_name})"
@@ -1054,6 +1054,9 @@ def catalog(checkpoint: BaseCheckpoint) -> Catalog:
     claimed: set = set()
     for quantization in QUANTIZATIONS.values():
         for weight in quantization.detect(index, config, sources):
+            missing = [role for role in quantization.needs if weight.tensors.get(role) not in index]
+            if missing and weight.problem is None:
+                weight = weight._replace(problem=f"{weight.storage} weight without its {', '.join(missing)} tensor(s)")
             weights[weight.name] = weight
             claimed.update(weight.tensors.values())
     for weight in _unclaimed_weights(index, claimed, config):

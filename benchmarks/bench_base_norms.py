@@ -169,22 +169,24 @@ def bench_quantized(data: Path, runs: int) -> None:
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, median of {runs} runs; "
           "one Llama-7B-shaped layer (GQA k/v 1024×4096), 7 matrices, whole process `python -m base_norms`")
     print(f"{'storage':<8} {'file MB':>8} {'time s':>8} {'peak RSS MiB':>13}  σ_max of down_proj")
-    reference = None
-    for kind, folder in folders:
-        with tempfile.TemporaryDirectory() as scratch:
-            out = Path(scratch) / "norms.json"
-            command = [sys.executable, "-m", "base_norms", str(folder), "--out", str(out), "--quiet"]
+    # Rounds interleave the three storages, so a busy machine slows each about equally.
+    with tempfile.TemporaryDirectory() as scratch:
+        commands = {kind: [sys.executable, "-m", "base_norms", str(folder), "--out", str(Path(scratch) / kind),
+                           "--quiet"] for kind, folder in folders}
+        for command in commands.values():
             run_child(command)  # warm the page cache
-            timings = []
-            for _ in range(runs):
-                out.unlink(missing_ok=True)
-                timings.append(run_child(command))
-            document = json.loads(out.read_text())
+        timings: dict = {kind: [] for kind in commands}
+        for _ in range(runs):
+            for kind, command in commands.items():
+                Path(command[4]).unlink(missing_ok=True)  # never reuse: every run computes everything
+                timings[kind].append(run_child(command))
+        documents = {kind: json.loads(Path(command[4]).read_text()) for kind, command in commands.items()}
+    reference = documents["bf16"]["norms"]["model.layers.0.mlp.down_proj.weight"]["sigma_max"]
+    for kind, folder in folders:
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e6
-        sigma = document["norms"]["model.layers.0.mlp.down_proj.weight"]["sigma_max"]
-        reference = reference or sigma
-        print(f"{kind:<8} {size:>8.0f} {statistics.median(t for t, _ in timings):>8.2f} "
-              f"{max(r for _, r in timings):>13.0f}  {sigma:.5f} ({(sigma / reference - 1) * 100:+.2f} % vs bf16)")
+        sigma = documents[kind]["norms"]["model.layers.0.mlp.down_proj.weight"]["sigma_max"]
+        print(f"{kind:<8} {size:>8.0f} {statistics.median(t for t, _ in timings[kind]):>8.2f} "
+              f"{max(r for _, r in timings[kind]):>13.0f}  {sigma:.5f} ({(sigma / reference - 1) * 100:+.2f} % vs bf16)")
 
 
 def main():

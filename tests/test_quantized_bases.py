@@ -300,3 +300,30 @@ def test_bitsandbytes_codes_stored_under_a_float_dtype_are_read_as_bytes(tmp_pat
     record = bn.compute_base_norms(base, [name], tol=1e-9)["norms"][name]
     assert record["sigma_max"] == pytest.approx(EXPECTED["bnb_nf4"]["weights"][name]["sigma_max"], rel=1e-6)
     assert record["storage"] == "bitsandbytes-nf4"
+
+
+def test_a_quantized_weight_missing_a_tensor_its_method_needs_is_refused(tmp_path):
+    from gradience_lite import open_safetensors, raw_view
+
+    source = open_safetensors(QUANTIZED / "gpt_oss_mxfp4" / "model.safetensors")
+    tensors = {name: (info.dtype, info.shape, raw_view(source, info).tobytes())
+               for name, info in source.tensors.items()}
+    tensors["model.layers.0.mlp.experts.down_proj_scales"] = ("F32", (1,), bytes(4))
+    document = bn.compute_base_norms(write_safetensors(tmp_path / "broken", tensors),
+                                     ["model.layers.0.mlp.experts.down_proj[0]",
+                                      "model.layers.0.mlp.experts.gate_up_proj[0]"])
+    assert "not the gpt-oss layout" in document["errors"]["model.layers.0.mlp.experts.down_proj[0]"]
+    assert "model.layers.0.mlp.experts.gate_up_proj[0]" in document["norms"]
+
+
+def test_a_weight_without_a_tensor_its_method_needs_is_refused_naming_it(tmp_path):
+    from gradience_lite import open_safetensors, raw_view
+
+    source = open_safetensors(QUANTIZED / "bnb_nf4" / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors = {n: (info.dtype, info.shape, raw_view(source, info).tobytes())
+               for n, info in source.tensors.items() if n != name + ".absmax"}
+    base = write_safetensors(tmp_path / "no_absmax", tensors)
+    (base / "config.json").write_text((QUANTIZED / "bnb_nf4" / "config.json").read_text())
+    error = bn.compute_base_norms(base, [name])["errors"][name]
+    assert "bitsandbytes-nf4 weight without its absmax tensor" in error
