@@ -171,16 +171,17 @@ def bench_quantized(data: Path, runs: int) -> None:
     print(f"{'storage':<8} {'file MB':>8} {'time s':>8} {'peak RSS MiB':>13}  σ_max of down_proj")
     # Rounds interleave the three storages, so a busy machine slows each about equally.
     with tempfile.TemporaryDirectory() as scratch:
-        commands = {kind: [sys.executable, "-m", "base_norms", str(folder), "--out", str(Path(scratch) / kind),
-                           "--quiet"] for kind, folder in folders}
+        outputs = {kind: Path(scratch) / f"{kind}.json" for kind, _ in folders}
+        commands = {kind: [sys.executable, "-m", "base_norms", str(folder), "--out", str(outputs[kind]), "--quiet"]
+                    for kind, folder in folders}
         for command in commands.values():
             run_child(command)  # warm the page cache
         timings: dict = {kind: [] for kind in commands}
         for _ in range(runs):
             for kind, command in commands.items():
-                Path(command[4]).unlink(missing_ok=True)  # never reuse: every run computes everything
+                outputs[kind].unlink(missing_ok=True)  # never reuse: every run computes everything
                 timings[kind].append(run_child(command))
-        documents = {kind: json.loads(Path(command[4]).read_text()) for kind, command in commands.items()}
+        documents = {kind: json.loads(path.read_text()) for kind, path in outputs.items()}
     reference = documents["bf16"]["norms"]["model.layers.0.mlp.down_proj.weight"]["sigma_max"]
     for kind, folder in folders:
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e6
