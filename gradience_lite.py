@@ -1170,10 +1170,16 @@ class ModuleAudit:
     family: str = "lora"  # "lora" | "loha" | "lokr"
     max_rank: Optional[int] = None  # upper bound on rank(ΔW) given the factorisation
     issues: Tuple[str, ...] = ()
+    # ΔW as the matrix it is added to: (out, in·∏kernel); an embedding's (num_embeddings, dim).
+    delta_shape: Optional[Tuple[int, int]] = None
+    dora_effective_sigma_max: Optional[float] = None  # ‖m ⊙ V/‖V‖_row − W₀‖₂, V = W₀ + s·B·A
+    udr_dora_effective: Optional[float] = None
+    dora_magnitude_change: Optional[Dict[str, float]] = None  # m / ‖W₀‖_row − 1 across output rows
 
     def to_dict(self) -> Dict[str, Any]:
         row = {name: getattr(self, name) for name in self.__dataclass_fields__}
         row["a_shape"], row["b_shape"] = list(self.a_shape), list(self.b_shape)
+        row["delta_shape"] = list(self.delta_shape) if self.delta_shape is not None else None
         row["top_singular_values"] = list(self.top_singular_values) if self.top_singular_values is not None else None
         row["issues"] = list(self.issues)
         return row
@@ -1268,6 +1274,14 @@ def _factor_layout(module: LoraModule, a_shape: Tuple[int, ...], b_shape: Tuple[
     return None, f"factor shapes A{list(a_shape)} / B{list(b_shape)} are not a known LoRA layout"
 
 
+def _delta_shape(layout: _Factors) -> Tuple[int, int]:
+    """ΔW's matrix shape from the factor refs: in is A's long side, out is B's."""
+    columns = layout.a.shape[1 - layout.a.rank_axis]
+    rows = layout.b.shape[1 - layout.b.rank_axis]
+    # PEFT's embedding update is (B·A)ᵀ: (num_embeddings, dim), the embedding weight's own shape.
+    return (columns, rows) if layout.kind == "embedding" else (rows, columns)
+
+
 def _dora_stats(values: np.ndarray) -> Dict[str, float]:
     return {"size": int(values.size), "mean": float(values.mean()), "std": float(values.std()),
             "min": float(values.min()), "max": float(values.max())} if values.size else {"size": 0}
@@ -1291,6 +1305,7 @@ class _PreparedModule(NamedTuple):
     magnitude: Optional[Dict[str, float]]
     tall: Optional[Tuple[np.ndarray, np.ndarray]] = None  # computed factors (Aᵀ, B), for the QR fallback
     sigma: Optional[np.ndarray] = None  # a spectrum computed directly (LoKr, dense fallback)
+    delta_shape: Optional[Tuple[int, int]] = None  # see ModuleAudit.delta_shape
 
 
 CHUNK_ELEMENTS = 1 << 18  # 2 MiB of float64: bounded memory, and large enough that per-chunk overhead is noise
@@ -1404,7 +1419,8 @@ def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Option
     a_matrix, b_matrix = (layout.a.shape, layout.b.shape) if module.expert is not None else (a_shape, b_shape)
     return _PreparedModule(module, layout, tuple(a_matrix), tuple(b_matrix), dtype,
                            math.prod(a_matrix) + math.prod(b_matrix), scale_rule(module, layout.rank, alpha),
-                           layout.rank, layout.rank, grams[0], grams[1], bias_norm, magnitude), []
+                           layout.rank, layout.rank, grams[0], grams[1], bias_norm, magnitude,
+                           delta_shape=_delta_shape(layout)), []
 
 
 def _alpha_value(module: LoraModule, source: _TensorSource) -> Tuple[Optional[float], Optional[str]]:
@@ -1450,7 +1466,7 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
     if problem:
         return None, [problem]
     try:
-        built = {"lora": _tucker_lora, "loha": _loha, "lokr": _lokr}[module.family](values)
+        built = {"lora": _tucker_lora, "loha": _loha, "lokr": _lokr}[module.family](values).with_shape()
     except (KeyError, ValueError) as error:
         return None, [f"{name}: {module.family} factors do not fit together ({error}); not audited"]
     bias_norm, magnitude = _extras(module, source)
@@ -1465,7 +1481,7 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
     b_shape = shapes.get("lora_up.weight") or shapes.get("hada_w1_a") or shapes.get("lokr_w2") or shapes.get("lokr_w2_a") or ()
     common = dict(module=module, layout=layout, a_shape=a_shape, b_shape=b_shape, dtype="/".join(dtypes),
                   params=params, scale=scale, r=built.rank, max_rank=built.max_rank, bias_norm=bias_norm,
-                  magnitude=magnitude)
+                  magnitude=magnitude, delta_shape=built.shape)
     if built.sigma is not None:
         return _PreparedModule(gram_a=None, gram_b=None, sigma=built.sigma, **common), []
     tall_a, tall_b = built.a.T, built.b
@@ -1481,6 +1497,12 @@ class _Built(NamedTuple):
     a: Optional[np.ndarray] = None  # r×n
     b: Optional[np.ndarray] = None  # m×r
     sigma: Optional[np.ndarray] = None
+    shape: Optional[Tuple[int, int]] = None  # ΔW as a matrix
+
+    def with_shape(self) -> "_Built":
+        if self.shape is None and self.a is not None:
+            return self._replace(shape=(self.b.shape[0], self.a.shape[1]))
+        return self
 
 
 def _matrix(values: np.ndarray) -> np.ndarray:
@@ -1507,7 +1529,7 @@ def _loha(values: Dict[str, np.ndarray]) -> _Built:
         half2 = np.einsum("ij...,jr,ip->pr...", values["hada_t2"], w2b, w2a)
         delta = _matrix(half1 * half2)
         return _Built("conv" if half1.ndim > 2 else "linear", w1b.shape[0], min(delta.shape),
-                      sigma=_dense_sigma(delta))
+                      sigma=_dense_sigma(delta), shape=delta.shape)
     w1b, w2b = _matrix(w1b), _matrix(w2b)
     if w1a.shape[0] != w2a.shape[0] or w1b.shape[1] != w2b.shape[1] or w1a.shape[1] != w1b.shape[0] \
             or w2a.shape[1] != w2b.shape[0]:
@@ -1516,7 +1538,8 @@ def _loha(values: Dict[str, np.ndarray]) -> _Built:
     inner = w1a.shape[1] * w2a.shape[1]
     max_rank = min(inner, w1a.shape[0], w1b.shape[1])
     if inner >= min(w1a.shape[0], w1b.shape[1]):  # the r² route would be larger than ΔW itself
-        return _Built(kind, w1a.shape[1], max_rank, sigma=_dense_sigma((w1a @ w1b) * (w2a @ w2b)))
+        return _Built(kind, w1a.shape[1], max_rank, sigma=_dense_sigma((w1a @ w1b) * (w2a @ w2b)),
+                      shape=(w1a.shape[0], w1b.shape[1]))
     p = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], inner)
     q = (w1b[:, None, :] * w2b[None, :, :]).reshape(inner, w1b.shape[1])
     return _Built(kind, w1a.shape[1], max_rank, a=q, b=p)
@@ -1527,29 +1550,30 @@ def _lokr(values: Dict[str, np.ndarray]) -> _Built:
     # W2 viewed as (c, d·∏kernel) — the same column order torch.kron gives a conv.
     if "lokr_w1" in values:
         sigma1, cap1 = _dense_sigma(_matrix(values["lokr_w1"])), min(values["lokr_w1"].shape[:2])
-        rank = None
+        rank, shape1 = None, _matrix(values["lokr_w1"]).shape
     else:
         w1a, w1b = values["lokr_w1_a"], values["lokr_w1_b"]
         sigma1, cap1 = lowrank_singular_values(w1b, w1a), min(w1a.shape[0], w1b.shape[1], w1a.shape[1])
-        rank = w1a.shape[1]
+        rank, shape1 = w1a.shape[1], (w1a.shape[0], w1b.shape[1])
     kernel = ()
     if "lokr_w2" in values:
         w2 = values["lokr_w2"]
-        kernel = w2.shape[2:]
+        kernel, shape2 = w2.shape[2:], _matrix(w2).shape
         sigma2, cap2 = _dense_sigma(_matrix(w2)), min(w2.shape[0], math.prod(w2.shape[1:]))
     elif "lokr_t2" in values:  # Tucker: W2 = t2 ×₁ w2_a ×₂ w2_b (LyCORIS rebuild_tucker)
         w2 = np.einsum("ij...,ip,jr->pr...", values["lokr_t2"], values["lokr_w2_a"], values["lokr_w2_b"])
-        kernel = w2.shape[2:]
+        kernel, shape2 = w2.shape[2:], _matrix(w2).shape
         sigma2, cap2 = _dense_sigma(_matrix(w2)), min(w2.shape[0], math.prod(w2.shape[1:]), values["lokr_w2_a"].shape[0])
         rank = values["lokr_w2_a"].shape[0]
     else:
         w2a, w2b = values["lokr_w2_a"], _matrix(values["lokr_w2_b"])
         sigma2, cap2 = lowrank_singular_values(w2b, w2a), min(w2a.shape[0], w2b.shape[1], w2a.shape[1])
         rank = w2a.shape[1]
-        kernel = values["lokr_w2_b"].shape[2:]
+        kernel, shape2 = values["lokr_w2_b"].shape[2:], (w2a.shape[0], w2b.shape[1])
     sigma = np.sort(np.outer(sigma1, sigma2).ravel())[::-1]
     max_rank = cap1 * cap2
-    return _Built("conv" if kernel else "linear", rank if rank is not None else max_rank, max_rank, sigma=sigma)
+    return _Built("conv" if kernel else "linear", rank if rank is not None else max_rank, max_rank, sigma=sigma,
+                  shape=(shape1[0] * shape2[0], shape1[1] * shape2[1]))
 
 
 BATCH_MODULES = 32
@@ -1616,7 +1640,7 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         delta_sigma_max=abs_scale * spectrum.sigma_max, delta_fro_norm=abs_scale * math.sqrt(spectrum.frob_sq),
         top_singular_values=tuple(float(s) for s in sigma[:top_k]) if top_k > 0 else None,
         lora_bias_key=item.module.bias_key, lora_bias_norm=item.bias_norm, dora_magnitude=item.magnitude,
-        family=item.module.family, max_rank=item.max_rank, issues=tuple(issues))
+        family=item.module.family, max_rank=item.max_rank, issues=tuple(issues), delta_shape=item.delta_shape)
 
 
 def _percentile(values: Sequence[float], q: float) -> Optional[float]:
@@ -1689,6 +1713,7 @@ class AuditResult:
     config: AdapterConfig = field(default_factory=AdapterConfig)
     format_metadata: Dict[str, str] = field(default_factory=dict)  # kohya ss_* training metadata
     udr_requested: bool = False
+    base_norms_verified: Optional[bool] = None  # see attach_udr: True checked against the base, False on trust
 
     def summary(self) -> Dict[str, Any]:
         layers = self.layers
@@ -1722,6 +1747,7 @@ class AuditResult:
             "sdi_p90": _percentile(sdi, 90),
             "fraction_udr_gt_0_1": sum(u > 0.1 for u in udr) / len(udr) if udr else None,
             "fraction_udr_gt_0_3": sum(u > 0.3 for u in udr) / len(udr) if udr else None,
+            "base_norms_verified": self.base_norms_verified,
         }
 
     def to_summary_dict(self, include_layers: bool = False, topk_layers: Optional[int] = None) -> Dict[str, Any]:
@@ -1890,6 +1916,79 @@ def base_module_name(module_name: str, replication: Mapping[int, int]) -> str:
     return module_name[:match.start(1)] + str(replication[int(match.group(1))]) + module_name[match.end(1):]
 
 
+# The base side names one expert of a fused experts tensor "<parameter>[e]"
+# (slice e along axis 0); the audit names one expert's update "<module>[e]"
+# (MLX SwitchLinear, PEFT target_parameters).
+_EXPERT_SUFFIX = re.compile(r"^(?P<path>.+)\[(?P<index>\d+)\]$")
+
+# mlx-lm stacks a Hugging Face checkpoint's experts.<e>.<proj> into
+# switch_mlp.<proj> (its models' sanitize()); against a per-expert base, an MLX
+# expert update looks for the weight under the Hugging Face name.
+_EXPERT_CONTAINERS = {"switch_mlp": "experts"}
+
+# kohya-ss/sd-scripts and LyCORIS flatten a module path with underscores under
+# a prefix that names the sub-model.  The base keeps each sub-model under a
+# container: a diffusers pipeline folder, or a prefix of a single-file
+# checkpoint; "" is a base that is that sub-model alone (a unet/ folder, a Flux
+# transformer file).  sd-scripts: lora_te1/te2 = CLIP-L / CLIP-G (SDXL, SD3),
+# lora_te3 = T5 (SD3; Flux, whose diffusers pipeline keeps T5 in text_encoder_2).
+# None: LyCORIS on an arbitrary model, any container.
+_KOHYA_CONTAINERS: Tuple[Tuple[str, Optional[Tuple[str, ...]]], ...] = (
+    ("lora_unet_", ("unet", "transformer", "model.diffusion_model", "")),
+    ("lora_te1_", ("text_encoder", "conditioner.embedders.0.transformer", "text_encoders.clip_l.transformer")),
+    ("lora_te2_", ("text_encoder_2", "conditioner.embedders.1.model", "text_encoders.clip_g.transformer")),
+    ("lora_te3_", ("text_encoder_3", "text_encoder_2", "text_encoders.t5xxl.transformer")),
+    ("lora_te_", ("text_encoder", "cond_stage_model.transformer", "")),
+    ("lycoris_", None),
+)
+
+
+def _parameter_path(parameter: str) -> str:
+    """``a.b.weight`` → ``a.b``; ``a.b.weight[3]`` → ``a.b[3]`` (an expert slice keeps its index)."""
+    expert = _EXPERT_SUFFIX.match(parameter)
+    path, suffix = (expert["path"], f"[{expert['index']}]") if expert else (parameter, "")
+    return (path[:-len(".weight")] if path.endswith(".weight") else path) + suffix
+
+
+def _dotted_candidates(module: str, by_last: Mapping[str, List[Tuple[str, str]]]) -> List[str]:
+    """``<module>.weight`` exactly, else the candidates sharing the longest dot-aligned tail with it."""
+    candidates = [(path, parameter) for path, parameter in by_last.get(module.rsplit(".", 1)[-1], [])
+                  if path == module or path.endswith("." + module) or module.endswith("." + path)]
+    exact = [parameter for path, parameter in candidates if path == module]
+    if exact or not candidates:
+        return exact[:1]
+    longest = max(min(len(path), len(module)) for path, _ in candidates)
+    return [parameter for path, parameter in candidates if min(len(path), len(module)) == longest]
+
+
+def _per_expert_name(path: str, index: str) -> str:
+    """``….experts.w1`` + 3 → ``….experts.3.w1`` (Mixtral-style per-expert weights)."""
+    head, _, leaf = path.rpartition(".")
+    parent, _, container = head.rpartition(".")
+    return ".".join(part for part in (parent, _EXPERT_CONTAINERS.get(container, container), index, leaf) if part)
+
+
+def _flat_index(paths: Iterable[Tuple[str, str]]) -> Dict[str, List[Tuple[str, str]]]:
+    """underscore-joined dot-aligned tail → [(container before it, parameter)]."""
+    index: Dict[str, List[Tuple[str, str]]] = {}
+    for path, parameter in paths:
+        if _EXPERT_SUFFIX.match(path):
+            continue
+        parts = path.split(".")
+        for cut in range(len(parts)):
+            index.setdefault("_".join(parts[cut:]), []).append((".".join(parts[:cut]), parameter))
+    return index
+
+
+def _flat_candidates(module: str, prefix: str, containers: Optional[Tuple[str, ...]],
+                     flat: Mapping[str, List[Tuple[str, str]]]) -> List[str]:
+    hits = flat.get(module[len(prefix):], [])
+    if containers is not None:
+        return [parameter for container, parameter in hits if container in containers]
+    top_level = [parameter for container, parameter in hits if not container]
+    return top_level or [parameter for _, parameter in hits]
+
+
 def match_base_parameters(module_names: Iterable[str], parameter_names: Iterable[str]
                           ) -> Tuple[Dict[str, str], List[str]]:
     """Map each module to its base weight's parameter name.
@@ -1898,37 +1997,147 @@ def match_base_parameters(module_names: Iterable[str], parameter_names: Iterable
     exactly, or else the candidates whose names share a dot-aligned tail with
     it (one name is the other plus wrapper prefixes such as ``model.``,
     ``transformer.``, ``bert.``); the longest shared tail must be unique.
+    An expert ``<module>[e]`` matches ``<parameter>[e]`` (a slice of a fused
+    experts tensor) or else the per-expert weight ``….experts.<e>.<leaf>``.
+    kohya / LyCORIS names (``lora_unet_down_blocks_0_…``) are compared in
+    underscore space with every dot-aligned tail of every parameter path, under
+    the containers their prefix allows (see ``_KOHYA_CONTAINERS``); ambiguity
+    is reported, never guessed.
     """
     by_last: Dict[str, List[Tuple[str, str]]] = {}
+    paths: List[Tuple[str, str]] = []
     for parameter in parameter_names:
         if parameter.endswith(".bias"):
             continue
-        path = parameter[:-len(".weight")] if parameter.endswith(".weight") else parameter
+        path = _parameter_path(parameter)
+        paths.append((path, parameter))
         by_last.setdefault(path.rsplit(".", 1)[-1], []).append((path, parameter))
+    flat: Optional[Dict[str, List[Tuple[str, str]]]] = None  # built for the first kohya name only
     matches: Dict[str, str] = {}
     issues: List[str] = []
+    ldm_unet_refused = 0
     for module in module_names:
-        candidates = [(path, parameter) for path, parameter in by_last.get(module.rsplit(".", 1)[-1], [])
-                      if path == module or path.endswith("." + module) or module.endswith("." + path)]
-        exact = [parameter for path, parameter in candidates if path == module]
-        if exact:
-            matches[module] = exact[0]
-            continue
-        if not candidates:
-            issues.append(f"udr: {module}: no base weight named like it; UDR not computed")
-            continue
-        longest = max(min(len(path), len(module)) for path, _ in candidates)
-        best = [parameter for path, parameter in candidates if min(len(path), len(module)) == longest]
+        kohya = next(((prefix, containers) for prefix, containers in _KOHYA_CONTAINERS
+                      if "." not in module and module.startswith(prefix)), None)
+        where = ""
+        if kohya is not None:
+            flat = _flat_index(paths) if flat is None else flat
+            best = _flat_candidates(module, kohya[0], kohya[1], flat)
+            if not best:
+                within = "any container" if kohya[1] is None else \
+                    ", ".join(container or "<top level>" for container in kohya[1])
+                where = f" ({module[len(kohya[0]):]!r} looked for under {within})"
+                ldm_unet_refused += kohya[0] == "lora_unet_" and module[len(kohya[0]):].startswith(
+                    ("down_blocks_", "up_blocks_", "mid_block_"))
+        else:
+            best = _dotted_candidates(module, by_last)
+            expert = _EXPERT_SUFFIX.match(module)
+            if not best and expert:
+                best = _dotted_candidates(_per_expert_name(expert["path"], expert["index"]), by_last)
         if len(best) == 1:
             matches[module] = best[0]
+        elif not best:
+            issues.append(f"udr: {module}: no base weight named like it{where}; UDR not computed")
         else:
             issues.append(f"udr: {module}: ambiguous base weight ({', '.join(sorted(best)[:4])}); UDR not computed")
+    if ldm_unet_refused and any(path.startswith("model.diffusion_model.input_blocks.") for path, _ in paths):
+        issues.append(f"udr: {ldm_unet_refused} kohya unet modules use diffusers names (down_blocks_…) while the "
+                      "base is an original-layout single file (model.diffusion_model.input_blocks…); sd-scripts "
+                      "names SD 1.x/2.x LoRAs after the diffusers UNet: pass the diffusers unet folder as the base")
     return matches, issues
 
+
+# ── UDR: the shape and storage guard ────────────────────────────────────────
+# A base weight of another model size, a GQA base with another number of KV
+# heads, or quantized bytes read as numbers would all give a UDR that looks
+# plausible.  A base weight is used only when it is stored as floating-point
+# numbers (or by a quantization base_norms decodes) and its matrix shape equals
+# ΔW's.
+
+# Tensors that travel with a quantized weight (bitsandbytes, FP8 block scales,
+# compressed-tensors, GPTQ/AWQ, gpt-oss MXFP4).  While the base side lists them,
+# it does not decode the weight: the listed bytes are not the weight's values.
+_QUANTIZATION_COMPANIONS = (".weight.absmax", ".weight.quant_map", ".weight.quant_state", ".weight.nested_absmax",
+                            ".SCB", ".weight_scale", ".weight_zero_point", ".weight_global_scale", ".qweight",
+                            ".qzeros", ".scales", ".g_idx")
+
+
+class BaseWeight(NamedTuple):
+    """A base weight as the base's headers (or a norms record) describe it."""
+
+    shape: Optional[Tuple[int, ...]]  # the logical shape; for "<parameter>[e]" the expert's slice
+    storage: Optional[str]  # safetensors dtype, or the quantization the base side decodes
+    file: Optional[str] = None
+    expert: Optional[int] = None
+
+
+def _listed_weight(value: Any) -> Tuple[str, Tuple[int, ...], str]:
+    """(file, shape, storage) from a ``base_norms.list_parameters`` value: a (file, shape, dtype)
+    tuple, or a record with ``file`` / ``shape`` / ``storage`` attributes."""
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return value[0], tuple(value[1]), value[2]
+    storage = getattr(value, "storage", None) or getattr(value, "dtype", None)
+    return getattr(value, "file", None), tuple(getattr(value, "shape")), storage
+
+
+def _expert_slices(catalogue: Dict[str, BaseWeight]) -> Dict[str, BaseWeight]:
+    """``<parameter>[e]`` for every 3-D parameter: one expert of a fused experts tensor."""
+    slices = {}
+    for name, weight in catalogue.items():
+        if weight.shape is not None and len(weight.shape) == 3 and weight.expert is None:
+            for index in range(weight.shape[0]):
+                slices[f"{name}[{index}]"] = weight._replace(shape=weight.shape[1:], expert=index)
+    return slices
+
+
+def _is_plain_float(storage: Optional[str]) -> bool:
+    return storage is not None and storage in DTYPES and DTYPES[storage].is_float
+
+
+def base_weight_problem(module: str, parameter: str, delta_shape: Optional[Sequence[int]], weight: BaseWeight,
+                        *, transposed_storage: bool, companions: Sequence[str] = ()) -> Optional[str]:
+    """Why this base weight cannot be the one ΔW is added to, or None.
+
+    ``transposed_storage``: the base keeps the weight as (in, out) — PEFT's
+    ``fan_in_fan_out`` (GPT-2 Conv1D) — or, for one expert of a fused experts
+    tensor, in either orientation (gpt-oss stores (E, in, out), others
+    (E, out, in); PEFT's ParamWrapper follows the storage).  σ is the same
+    for W and Wᵀ, so only the sizes are at stake.
+    """
+    if companions:
+        return (f"udr: {module}: base weight {parameter} is quantized ({', '.join(sorted(companions)[:4])} "
+                f"present) and is not decoded here; UDR not computed")
+    if weight.storage is not None and weight.storage in DTYPES and not DTYPES[weight.storage].is_float:
+        return (f"udr: {module}: base weight {parameter} is stored as {weight.storage} (integer / packed, "
+                f"not the weight's values); UDR not computed")
+    if delta_shape is None:
+        return f"udr: {module}: the update's matrix shape is unknown, so the base weight cannot be checked; UDR not computed"
+    if weight.shape is None:
+        return None  # a norms record without a shape: counted and reported once by the caller
+    if len(weight.shape) < 2:
+        return f"udr: {module}: base weight {parameter} is {list(weight.shape)}, not a matrix; UDR not computed"
+    matrix = (weight.shape[0], math.prod(weight.shape[1:]))
+    delta = tuple(delta_shape)
+    if matrix == delta or (transposed_storage and matrix == delta[::-1]):
+        return None
+    shown = list(weight.shape) if len(weight.shape) == 2 else f"{list(weight.shape)} (as a matrix {list(matrix)})"
+    return (f"udr: {module}: base weight {parameter} has shape {shown} but the update ΔW is {list(delta)}; "
+            "UDR not computed (a base of another size or layout?)")
+
+
+def _companions(parameter: str, listed: Sequence[str]) -> List[str]:
+    path = parameter[:-len(".weight")] if parameter.endswith(".weight") else parameter
+    path = _EXPERT_SUFFIX.sub(r"\g<path>", path)
+    return [name for name in listed if name.startswith(path) and name[len(path):].startswith(_QUANTIZATION_COMPANIONS)]
+
+
+# ── UDR: the base checkpoint, its components and its norms ──────────────────
 
 class BaseNorms(NamedTuple):
     norms: Dict[str, Tuple[float, float]]  # module name → (σ_max, ‖W‖_F)
     issues: List[str]
+    verified: Optional[bool] = None  # norms computed from / checked against the base; False: taken on trust
+    sources: Optional[Dict[str, Tuple[str, str, BaseWeight]]] = None  # module → (parameter, file, weight)
 
 
 def _load_norms_file(path: str, role: str, issues: List[str]) -> Optional[Dict[str, Any]]:
@@ -1941,13 +2150,140 @@ def _load_norms_file(path: str, role: str, issues: List[str]) -> Optional[Dict[s
         return None
 
 
+def base_components(base_model: str) -> List[Tuple[str, Any]]:
+    """(component, checkpoint) pairs: one unnamed checkpoint, or the component
+    folders of a diffusers pipeline (``unet/``, ``text_encoder/``…), whose
+    parameters are then named ``<component>.<parameter>`` — the names a
+    diffusers LoRA gives its modules."""
+    import base_norms
+
+    try:
+        return [("", base_norms.resolve_base(base_model))]
+    except AdapterFormatError:
+        root = Path(base_model).expanduser()
+        folders = [name for name in DIFFUSERS_COMPONENTS if (root / name).is_dir()] if root.is_dir() else []
+        components = []
+        for name in folders:
+            try:
+                components.append((name, base_norms.resolve_base(root / name)))
+            except AdapterFormatError:
+                continue  # a component without safetensors weights (e.g. only pickles): nothing to match
+        if not components:
+            raise
+        return components
+
+
+def _named(component: str, name: str) -> str:
+    return f"{component}.{name}" if component else name
+
+
+def _component_view(document: Optional[Dict[str, Any]], component: str) -> Optional[Dict[str, Any]]:
+    """A combined norms document seen from one component (names without its prefix)."""
+    if document is None or not component:
+        return document
+    head = component + "/"
+    files = {key[len(head):]: value for key, value in document.get("files", {}).items() if key.startswith(head)}
+    norms = {name[len(component) + 1:]: dict(record, file=str(record.get("file", ""))[len(head):])
+             for name, record in document.get("norms", {}).items()
+             if name.startswith(component + ".") and str(record.get("file", "")).startswith(head)}
+    return dict(document, files=files, norms=norms)
+
+
+def _fingerprints(components: Sequence[Tuple[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    import base_norms
+
+    return {(f"{component}/" if component else "") + os.path.basename(file): base_norms.fingerprint(open_safetensors(file))
+            for component, checkpoint in components for file in checkpoint.files}
+
+
+def _expert_slice_norms(file: str, parameter: str, index: int) -> Dict[str, Any]:
+    """σ_max and ‖W‖_F of one expert of a fused experts tensor: only that slice is decoded."""
+    import base_norms
+
+    sf = open_safetensors(file)
+    info = sf.tensors[parameter]
+    if info.problem is not None:
+        raise AdapterFormatError(f"{file}: tensor {parameter!r}: {info.problem}")
+    values = decode(raw_view(sf, info)[index], info.dtype, np.float32)
+    release_pages(sf, info)
+    matrix = base_norms.as_matrix(values)
+    fro_norm = base_norms.frobenius_norm(matrix)
+    if not math.isfinite(fro_norm):
+        raise AdapterFormatError(f"{file}: tensor {parameter!r} expert {index} contains NaN/Inf")
+    result = base_norms.spectral_norm(matrix)
+    return {"sigma_max": result.sigma_max, "fro_norm": fro_norm, "shape": list(values.shape), "dtype": info.dtype,
+            "iterations": result.iterations, "converged": result.converged, "file": os.path.basename(file)}
+
+
+def _compute_component(component: str, checkpoint: Any, names: Sequence[str], catalogue: Mapping[str, BaseWeight],
+                       cache: Optional[Dict[str, Any]], progress: Optional[Callable[[str], None]]) -> Dict[str, Any]:
+    """base_norms.compute_base_norms over one component, names and files namespaced by it.
+
+    Expert slices the base side does not compute itself (it names them
+    ``<parameter>[e]`` too) are computed here from the slice alone.
+    """
+    import base_norms
+
+    local = [name[len(component) + 1:] if component else name for name in names]
+    document = base_norms.compute_base_norms(checkpoint, local, existing=_component_view(cache, component),
+                                             progress=progress)
+    for name in list(document["errors"]):
+        expert = _EXPERT_SUFFIX.match(name)
+        weight = catalogue.get(_named(component, name))
+        if expert and weight is not None and weight.file is not None and "not found" in document["errors"][name]:
+            try:
+                document["norms"][name] = _expert_slice_norms(weight.file, expert["path"], int(expert["index"]))
+                del document["errors"][name]
+            except AdapterFormatError as error:
+                document["errors"][name] = str(error)
+    if not component:
+        return document
+    head = component + "/"
+    return dict(document,
+                files={head + key: value for key, value in document["files"].items()},
+                norms={_named(component, name): dict(record, file=head + str(record.get("file", "")))
+                       for name, record in document["norms"].items()},
+                errors={_named(component, name): error for name, error in document["errors"].items()},
+                stale_files=[head + key for key in document.get("stale_files", [])])
+
+
+def _merged_documents(documents: Sequence[Dict[str, Any]], base: str) -> Dict[str, Any]:
+    if len(documents) == 1:
+        return documents[0]
+    merged = dict(documents[0], base=base, files={}, norms={}, errors={}, stale_files=[])
+    for document in documents:
+        for key in ("files", "norms", "errors"):
+            merged[key].update(document[key])
+        merged["stale_files"].extend(document.get("stale_files", []))
+    return merged
+
+
+def _trusted_norms_file(document: Dict[str, Any], current: Mapping[str, Any], path: str, base_model: str,
+                        issues: List[str]) -> bool:
+    """A norms file is used with a base only when it was computed from that base's very files."""
+    listed = document.get("files") or {}
+    differing = sorted(key for key, value in listed.items() if current.get(key) != value)
+    if listed and not differing:
+        return True
+    reason = f"its fingerprints differ for {', '.join(differing[:4])}" if listed else "it carries no file fingerprints"
+    issues.append(f"udr: --base-norms {path} was not computed from --base-model {base_model} ({reason}); "
+                  "not used, the norms were recomputed from the base")
+    return False
+
+
 def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str] = None,
                        norms_file: Optional[str] = None, cache_file: Optional[str] = None,
-                       layer_replication: Any = None, progress: Optional[Callable[[str], None]] = None) -> BaseNorms:
+                       layer_replication: Any = None, progress: Optional[Callable[[str], None]] = None,
+                       delta_shapes: Optional[Mapping[str, Optional[Sequence[int]]]] = None,
+                       fan_in_fan_out: bool = False) -> BaseNorms:
     """Base σ_max and ‖W‖_F for each module, from a norms file, a cache, or the checkpoint.
 
-    Only the base tensors of adapted modules are read.  Never raises for a
-    missing/damaged base or cache: those become issues and null UDR fields.
+    Only the base tensors of adapted modules are read.  With ``delta_shapes``
+    (module → ΔW's matrix shape) every match passes the shape and storage guard
+    (:func:`base_weight_problem`).  A norms file is used next to a base only if
+    its fingerprints are that base's; without a base its norms are used
+    unverified (``verified`` False).  Never raises for a missing/damaged base
+    or cache: those become issues and null UDR fields.
     """
     import base_norms  # only audits that ask for UDR pay for it
 
@@ -1955,28 +2291,73 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
     replication = _layer_replication_map(layer_replication)
     wanted = {module: base_module_name(module, replication) for module in module_names}
     records: Dict[str, Dict[str, Any]] = {}
-    if norms_file:
-        document = _load_norms_file(norms_file, "--base-norms", issues)
-        records.update(document["norms"] if document else {})
-    checkpoint = None
+    components: List[Tuple[str, Any]] = []
+    catalogue: Dict[str, BaseWeight] = {}
     if base_model:
         try:
-            checkpoint = base_norms.resolve_base(base_model)
-            parameters = list(base_norms.list_parameters(checkpoint))
+            components = base_components(base_model)
+            for component, checkpoint in components:
+                for name, value in base_norms.list_parameters(checkpoint).items():
+                    file, shape, storage = _listed_weight(value)
+                    catalogue[_named(component, name)] = BaseWeight(shape, storage, file)
         except AdapterFormatError as error:
             issues.append(f"udr: {error}")
-            checkpoint = None
+            components, catalogue = [], {}
+    verified: Optional[bool] = None
+    if norms_file:
+        document = _load_norms_file(norms_file, "--base-norms", issues)
+        if document is not None and (not components or _trusted_norms_file(
+                document, _fingerprints(components), norms_file, base_model, issues)):
+            records.update(document["norms"])
+            verified = bool(components)
     cache = None
     if cache_file and Path(cache_file).exists():
         cache = _load_norms_file(cache_file, "--base-norms-cache", issues)
-        if cache is not None and checkpoint is None:
+        if cache is not None and not components:
             records.update(cache["norms"])
-    if checkpoint is None and cache_file and not base_model and cache is None:
+            verified = False
+    if not components and cache_file and not base_model and cache is None:
         issues.append(f"udr: --base-norms-cache {cache_file} does not exist and no --base-model to compute it from")
-    if checkpoint is not None:
-        matches, match_issues = match_base_parameters(sorted(set(wanted.values())), parameters)
-        needed = sorted(set(matches.values()) - set(records))
-        computed = base_norms.compute_base_norms(checkpoint, needed, existing=cache, progress=progress)
+    if components:
+        verified = True
+        if any(_EXPERT_SUFFIX.match(name) for name in wanted.values()):
+            catalogue.update(_expert_slices(catalogue))
+        candidates = catalogue
+    else:
+        candidates = {name: BaseWeight(tuple(record["shape"]) if isinstance(record.get("shape"), list) else None,
+                                       record.get("storage") or record.get("dtype")) for name, record in records.items()}
+    matches, match_issues = match_base_parameters(sorted(set(wanted.values())), candidates)
+    issues.extend(match_issues)
+
+    listed = sorted(catalogue)
+    unchecked: List[str] = []
+    for base_name, parameter in sorted(matches.items()):
+        modules = [module for module, target in wanted.items() if target == base_name]
+        delta_shape = (delta_shapes or {}).get(modules[0]) if delta_shapes is not None else None
+        weight = candidates[parameter]
+        if delta_shapes is None:
+            continue  # the caller has no shapes to check (the API used with names only)
+        problem = base_weight_problem(modules[0], parameter, delta_shape, weight,
+                                      transposed_storage=fan_in_fan_out or weight.expert is not None
+                                      or _EXPERT_SUFFIX.match(parameter) is not None,
+                                      companions=_companions(parameter, listed) if catalogue else ())
+        if problem:
+            issues.append(problem)
+            del matches[base_name]
+        elif weight.shape is None:
+            unchecked.append(modules[0])
+    if unchecked:
+        issues.append(f"udr: {len(unchecked)} base norms records carry no shape (e.g. for {unchecked[0]}); "
+                      "their shapes could not be checked against ΔW")
+
+    if components:
+        by_component: Dict[str, List[str]] = {}
+        for parameter in sorted(set(matches.values()) - set(records)):
+            component = next((c for c, _ in components if c and parameter.startswith(c + ".")), "")
+            by_component.setdefault(component, []).append(parameter)
+        computed = _merged_documents([_compute_component(component, checkpoint, by_component.get(component, []),
+                                                         catalogue, cache, progress)
+                                      for component, checkpoint in components], base_model)
         if computed["stale_files"] or (cache is not None and cache["norms"] and not cache.get("files")):
             issues.append(f"udr: --base-norms-cache {cache_file} does not match this base's files "
                           f"({', '.join(computed['stale_files']) or 'no fingerprints'}); its norms were recomputed")
@@ -1985,11 +2366,9 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
             issues.append(f"udr: base weight {name}: {error}")
         if cache_file:
             base_norms.update_cache(cache_file, computed)
-    else:
-        matches, match_issues = match_base_parameters(sorted(set(wanted.values())), records)
-    issues.extend(match_issues)
 
     norms: Dict[str, Tuple[float, float]] = {}
+    sources: Dict[str, Tuple[str, str, BaseWeight]] = {}
     for module, base_name in wanted.items():
         record = records.get(matches.get(base_name, ""))
         if record is None:
@@ -1999,17 +2378,145 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
                           "UDR not computed")
             continue
         norms[module] = (float(record["sigma_max"]), float(record["fro_norm"]))
+        weight = catalogue.get(matches[base_name])
+        if weight is not None and weight.file is not None:
+            sources[module] = (matches[base_name], weight.file, weight)
     if not base_model and not norms_file and not cache_file:
         issues.append("udr: no base model or norms file given")
-    return BaseNorms(norms, issues)
+    return BaseNorms(norms, issues, verified if norms else None, sources)
+
+
+# ── UDR: DoRA's effective update ────────────────────────────────────────────
+# DoRA (PEFT tuners/lora/dora.py, MLX DoRALinear) adds to W₀'s output
+#   ΔW_eff = diag(c)·(W₀ + s·B·A) − W₀,   c = m / ‖W₀ + s·B·A‖_row,
+# the norm over the input axis for each output row (PEFT calls it "column-wise"
+# of the (in, out) view: torch.linalg.norm(weight, dim=1) on the (out, in) weight).
+# σ_max(ΔW_eff) comes from Lanczos over mat-vecs through W₀ and the factors;
+# ΔW_eff is never formed.  W₀ is read once per module, in float32.
+
+
+class DoraUpdate:
+    """ΔW_eff as an operator (``shape``, ``matvec``, ``rmatvec``, and ``@`` / ``.T``
+    so a matrix-only ``spectral_norm`` takes it too).
+
+    Written as diag(c − 1)·W₀ + diag(c)·s·B·A: c ≈ 1, so the two W₀ terms of
+    the definition would cancel in float32; c − 1 is formed in float64 and
+    multiplies W₀·v, whose float32 rounding then stays relative to ΔW_eff.
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, base: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, magnitude: np.ndarray):
+        self.base, self.a, self.b, self.scale = base, a, b, scale
+        row_sq, cross = np.zeros(base.shape[0]), np.zeros((base.shape[0], a.shape[0]))
+        step = max(1, CHUNK_ELEMENTS // max(base.shape[1], 1))
+        for start in range(0, base.shape[0], step):  # float64 row blocks: no full-size float64 copy of W₀
+            block = base[start:start + step].astype(np.float64)
+            row_sq[start:start + step] = np.einsum("ij,ij->i", block, block)
+            cross[start:start + step] = block @ a.T
+        # ‖W₀ᵢ + s·Bᵢ·A‖² = ‖W₀ᵢ‖² + 2s·Bᵢ·(A·W₀ᵢᵀ) + s²·Bᵢ·(A·Aᵀ)·Bᵢᵀ
+        adapted_sq = row_sq + 2 * scale * np.einsum("ir,ir->i", b, cross) \
+            + scale * scale * np.einsum("ir,rs,is->i", b, a @ a.T, b)
+        self.base_row_norms = np.sqrt(row_sq)
+        self.adapted_row_norms = np.sqrt(np.maximum(adapted_sq, 0.0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.gain = magnitude / self.adapted_row_norms
+            self.gain_minus_one = (magnitude - self.adapted_row_norms) / self.adapted_row_norms
+        self.shape = base.shape
+
+    def matvec(self, vector: np.ndarray) -> np.ndarray:
+        vector = np.asarray(vector, dtype=np.float64)
+        through_base = (self.base @ vector.astype(np.float32)).astype(np.float64)
+        return self.gain_minus_one * through_base + self.gain * (self.scale * (self.b @ (self.a @ vector)))
+
+    def rmatvec(self, vector: np.ndarray) -> np.ndarray:
+        vector = np.asarray(vector, dtype=np.float64)
+        through_base = (self.base.T @ (self.gain_minus_one * vector).astype(np.float32)).astype(np.float64)
+        return through_base + self.scale * (self.a.T @ (self.b.T @ (self.gain * vector)))
+
+    def __matmul__(self, vector: np.ndarray) -> np.ndarray:
+        return self.matvec(vector)
+
+    @property
+    def T(self) -> "_Transposed":
+        return _Transposed(self)
+
+
+class _Transposed(NamedTuple):
+    operator: DoraUpdate
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return self.operator.shape[::-1]
+
+    def __matmul__(self, vector: np.ndarray) -> np.ndarray:
+        return self.operator.rmatvec(vector)
+
+
+def _dora_factors(result: AuditResult) -> Dict[str, Tuple[LoraModule, _Factors, _TensorSource]]:
+    """name → (module, factor layout, tensor source) for the DoRA modules of a file audit."""
+    if result.weights_path is None or not any(layer.dora_magnitude is not None for layer in result.layers):
+        return {}
+    sf = open_safetensors(result.weights_path)
+    source = _TensorSource.from_file(sf)
+    modules, _ = group_modules(result.adapter_format, list(sf.tensors), lambda key: source.describe(key)[1])
+    found = {}
+    for module in modules:
+        if module.magnitude_key is None or module.a_key is None or module.b_key is None or module.family != "lora":
+            continue
+        layout, problem = _factor_layout(module, source.describe(module.a_key)[1], source.describe(module.b_key)[1])
+        if layout is not None:
+            found[module.name] = (module, layout, source)
+    return found
+
+
+def _oriented(source: _TensorSource, ref: FactorRef, rank_first: bool) -> np.ndarray:
+    values = decode(_stored_matrix(source, ref), source.describe(ref.key)[0])
+    return values if (ref.rank_axis == 0) == rank_first else values.T
+
+
+def dora_effective(layer: ModuleAudit, module: LoraModule, layout: _Factors, source: _TensorSource,
+                   base: BaseWeight, parameter: str) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """σ_max of DoRA's effective update and the magnitude change m / ‖W₀‖_row − 1, or an issue."""
+    import base_norms
+
+    if layout.kind not in ("linear", "conv") or layer.delta_shape is None:
+        return None, (f"udr: {layer.name}: the effective DoRA update is computed for linear and conv layers; "
+                      f"{layout.kind} reports the plain s·B·A UDR only")
+    if base.expert is not None or not _is_plain_float(base.storage):
+        return None, (f"udr: {layer.name}: the effective DoRA update needs W₀ as stored floats "
+                      f"({parameter} is {base.storage}); the plain s·B·A UDR is reported")
+    magnitude = source.load(module.magnitude_key).reshape(-1)
+    rows, columns = layer.delta_shape
+    if magnitude.size != rows:
+        return None, (f"udr: {layer.name}: DoRA magnitude has {magnitude.size} values for {rows} output rows "
+                      "(not PEFT's per-output-row convention); the plain s·B·A UDR is reported")
+    sf = open_safetensors(base.file)
+    info = sf.tensors[parameter]
+    w0 = read_tensor(sf, parameter, np.float32)
+    release_pages(sf, info)
+    w0 = w0.reshape(w0.shape[0], -1)
+    if w0.shape != (rows, columns):
+        w0 = np.ascontiguousarray(w0.T)  # fan_in_fan_out storage (the shape guard allowed only this)
+    a, b = _oriented(source, layout.a, True), _oriented(source, layout.b, False)
+    operator = DoraUpdate(w0, a, b, layer.scale, magnitude)
+    if not (np.isfinite(operator.gain).all() and np.isfinite(w0).all()):
+        return None, f"udr: {layer.name}: a row of W₀ + s·B·A has zero norm or W₀ is not finite; effective DoRA UDR not computed"
+    sigma = base_norms.spectral_norm(operator)
+    change = magnitude / operator.base_row_norms - 1.0
+    return {"dora_effective_sigma_max": sigma.sigma_max, "dora_magnitude_change": _dora_stats(change),
+            "converged": sigma.converged}, None
 
 
 def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_norms: Optional[str] = None,
                base_norms_cache: Optional[str] = None, progress: Optional[Callable[[str], None]] = None) -> AuditResult:
-    """Fill ``base_sigma_max``, ``base_fro_norm``, ``udr``, ``udr_f``, ``sdi`` per module.
+    """Fill ``base_sigma_max``, ``base_fro_norm``, ``udr``, ``udr_f``, ``sdi`` per module,
+    and for DoRA modules the effective update's ``dora_effective_sigma_max`` /
+    ``udr_dora_effective`` / ``dora_magnitude_change``.
 
-    The audit always completes: a missing base, an unmatched module or a failed
-    convergence leaves that module's UDR fields null with a specific issue.
+    The audit always completes: a missing base, an unmatched module, a base
+    weight of another shape or a failed convergence leaves that module's UDR
+    fields null with a specific issue.
     """
     issues = list(result.issues)
     if base_model == "auto":
@@ -2018,8 +2525,11 @@ def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_no
             issues.append("udr: --base-model auto, but the adapter config has no base_model_name_or_path")
     lookup = collect_base_norms([layer.name for layer in result.layers], base_model=base_model,
                                 norms_file=base_norms, cache_file=base_norms_cache,
-                                layer_replication=result.config.layer_replication, progress=progress)
+                                layer_replication=result.config.layer_replication, progress=progress,
+                                delta_shapes={layer.name: layer.delta_shape for layer in result.layers},
+                                fan_in_fan_out=result.config.fan_in_fan_out)
     issues.extend(lookup.issues)
+    dora = _dora_factors(result) if lookup.norms else {}
     layers = []
     for layer in result.layers:
         if layer.name not in lookup.norms:
@@ -2027,9 +2537,29 @@ def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_no
             continue
         sigma, fro = lookup.norms[layer.name]
         udr = layer.delta_sigma_max / (sigma + UDR_EPS)
-        layers.append(replace(layer, base_sigma_max=sigma, base_fro_norm=fro, udr=udr,
-                              udr_f=layer.delta_fro_norm / (fro + UDR_EPS), sdi=math.log10(udr + UDR_EPS)))
-    return replace(result, layers=tuple(layers), issues=tuple(issues), udr_requested=True)
+        layer = replace(layer, base_sigma_max=sigma, base_fro_norm=fro, udr=udr,
+                        udr_f=layer.delta_fro_norm / (fro + UDR_EPS), sdi=math.log10(udr + UDR_EPS))
+        if layer.dora_magnitude is not None:
+            effective, problem = None, None
+            if layer.name not in dora:
+                problem = f"udr: {layer.name}: DoRA factors could not be re-read; the plain s·B·A UDR is reported"
+            elif layer.name not in (lookup.sources or {}):
+                problem = (f"udr: {layer.name}: the effective DoRA update needs W₀ from --base-model "
+                           "(norms alone are not enough); the plain s·B·A UDR is reported")
+            else:
+                parameter, _, weight = lookup.sources[layer.name]
+                effective, problem = dora_effective(layer, *dora[layer.name], weight, parameter)
+            if problem:
+                issues.append(problem)
+            elif not effective["converged"]:
+                issues.append(f"udr: {layer.name}: the effective DoRA σ_max did not converge; not reported")
+            else:
+                sigma_eff = effective["dora_effective_sigma_max"]
+                layer = replace(layer, dora_effective_sigma_max=sigma_eff, udr_dora_effective=sigma_eff / (sigma + UDR_EPS),
+                                dora_magnitude_change=effective["dora_magnitude_change"])
+        layers.append(layer)
+    return replace(result, layers=tuple(layers), issues=tuple(issues), udr_requested=True,
+                   base_norms_verified=lookup.verified)
 
 
 # ══ 7. reports ═══════════════════════════════════════════════════════════════
