@@ -1929,7 +1929,8 @@ _EXPERT_CONTAINERS = {"switch_mlp": "experts"}
 # kohya-ss/sd-scripts and LyCORIS flatten a module path with underscores under
 # a prefix that names the sub-model.  The base keeps each sub-model under a
 # container: a diffusers pipeline folder, or a prefix of a single-file
-# checkpoint; "" is a base that is that sub-model alone (a unet/ folder, a Flux
+# checkpoint, possibly followed by the model's own wrapper (…transformer.text_model);
+# "" is a base that is that sub-model alone (a unet/ folder, a Flux
 # transformer file).  sd-scripts: lora_te1/te2 = CLIP-L / CLIP-G (SDXL, SD3),
 # lora_te3 = T5 (SD3; Flux, whose diffusers pipeline keeps T5 in text_encoder_2).
 # None: LyCORIS on an arbitrary model, any container.
@@ -1984,7 +1985,9 @@ def _flat_candidates(module: str, prefix: str, containers: Optional[Tuple[str, .
                      flat: Mapping[str, List[Tuple[str, str]]]) -> List[str]:
     hits = flat.get(module[len(prefix):], [])
     if containers is not None:
-        return [parameter for container, parameter in hits if container in containers]
+        return [parameter for container, parameter in hits
+                if any(container == allowed or (allowed and container.startswith(allowed + "."))
+                       for allowed in containers)]
     top_level = [parameter for container, parameter in hits if not container]
     return top_level or [parameter for _, parameter in hits]
 
