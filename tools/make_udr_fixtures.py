@@ -70,7 +70,7 @@ def fill_random(parameters, generator, scale=0.3):
 
 def tiny_pipeline():
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
@@ -79,9 +79,10 @@ def tiny_pipeline():
                                 norm_num_groups=4, attention_head_dim=2)
     clip = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
                 max_position_embeddings=16)
-    # Both encoders have the same shapes on purpose: only their containers
-    # (text_encoder/ vs text_encoder_2/) tell lora_te1_ from lora_te2_.
-    text_encoder = CLIPTextModel(CLIPTextConfig(**clip))
+    # Both encoders are the same class with the same shapes on purpose (as SD3's two CLIPs): their
+    # parameters have equal names, so only their containers (text_encoder/ vs text_encoder_2/) tell
+    # lora_te1_ from lora_te2_.
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=16, **clip))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=16, **clip))
     return unet, text_encoder, text_encoder_2
 
@@ -193,15 +194,14 @@ def make_diffusion(expected):
     text_encoder_2.save_pretrained(str(pipeline / "text_encoder_2"))
     (pipeline / "model_index.json").write_text(json.dumps(
         {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-         "text_encoder": ["transformers", "CLIPTextModel"],
+         "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
          "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, indent=1) + "\n")
 
     ldm = ldm_unet_names(unet)
     unet_ldm = {"model.diffusion_model." + ldm[name]: value.contiguous() for name, value in unet.state_dict().items()}
     check_ldm_round_trip(unet, unet_ldm)
-    # transformers 5's CLIPTextModel state dict has no text_model level; SD single files (written with
-    # transformers 4's CLIP) do: cond_stage_model.transformer.text_model.encoder.layers.0….
-    te1 = {"text_model." + name: value.contiguous() for name, value in text_encoder.state_dict().items()}
+    te1 = {name: value.contiguous() for name, value in text_encoder.state_dict().items()}
+    assert all(name.startswith(("text_model.", "text_projection.")) for name in te1)
     singles = fresh(OUT / "sd_single_file")
     # SD 1.x single file: the UNet in LDM names, its one CLIP under cond_stage_model.transformer.
     save_file({**unet_ldm, **{"cond_stage_model.transformer." + k: v for k, v in te1.items()}},
