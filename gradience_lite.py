@@ -2398,6 +2398,11 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
 # ΔW_eff is never formed.  W₀ is read once per module, in float32.
 
 
+# The formats whose magnitude vector follows that convention (kohya / LyCORIS
+# dora_scale may normalise the other axis and is not checked against its library here).
+DORA_FORMATS = ("peft", "diffusers", "mlx")
+
+
 class DoraUpdate:
     """ΔW_eff as an operator (``shape``, ``matvec``, ``rmatvec``, and ``@`` / ``.T``
     so a matrix-only ``spectral_norm`` takes it too).
@@ -2544,7 +2549,10 @@ def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_no
                         udr_f=layer.delta_fro_norm / (fro + UDR_EPS), sdi=math.log10(udr + UDR_EPS))
         if layer.dora_magnitude is not None:
             effective, problem = None, None
-            if layer.name not in dora:
+            if result.adapter_format not in DORA_FORMATS:
+                problem = (f"udr: {layer.name}: the effective DoRA update is computed for PEFT and MLX DoRA "
+                           f"({result.adapter_format} dora_scale has its own convention); the plain s·B·A UDR is reported")
+            elif layer.name not in dora:
                 problem = f"udr: {layer.name}: DoRA factors could not be re-read; the plain s·B·A UDR is reported"
             elif layer.name not in (lookup.sources or {}):
                 problem = (f"udr: {layer.name}: the effective DoRA update needs W₀ from --base-model "
