@@ -2060,9 +2060,11 @@ def match_base_parameters(module_names: Iterable[str], parameter_names: Iterable
 # Tensors that travel with a quantized weight (bitsandbytes, FP8 block scales,
 # compressed-tensors, GPTQ/AWQ, gpt-oss MXFP4).  While the base side lists them,
 # it does not decode the weight: the listed bytes are not the weight's values.
-_QUANTIZATION_COMPANIONS = (".weight.absmax", ".weight.quant_map", ".weight.quant_state", ".weight.nested_absmax",
-                            ".SCB", ".weight_scale", ".weight_zero_point", ".weight_global_scale", ".qweight",
-                            ".qzeros", ".scales", ".g_idx")
+_QUANTIZATION_COMPANIONS = (".weight.absmax", ".weight.quant_map", ".weight.nested_absmax", ".weight.nested_quant_map",
+                            ".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4", ".SCB",
+                            ".weight_format", ".weight_scale", ".weight_scale_inv", ".weight_scale_2",
+                            ".weight_zero_point", ".weight_global_scale", ".weight_packed", ".weight_shape",
+                            ".qweight", ".qzeros", ".scales", ".g_idx", "_blocks", "_scales")
 
 
 class BaseWeight(NamedTuple):
@@ -2097,6 +2099,17 @@ def _is_plain_float(storage: Optional[str]) -> bool:
     return storage is not None and storage in DTYPES and DTYPES[storage].is_float
 
 
+def storage_problem(module: str, parameter: str, weight: BaseWeight, companions: Sequence[str] = ()) -> Optional[str]:
+    """Why the stored values of this base weight are not its values, or None."""
+    if companions:
+        return (f"udr: {module}: base weight {parameter} is quantized ({', '.join(sorted(companions)[:4])} "
+                f"present) and is not decoded here; UDR not computed")
+    if weight.storage is not None and weight.storage in DTYPES and not DTYPES[weight.storage].is_float:
+        return (f"udr: {module}: base weight {parameter} is stored as {weight.storage} (integer / packed, "
+                f"not the weight's values); UDR not computed")
+    return None
+
+
 def base_weight_problem(module: str, parameter: str, delta_shape: Optional[Sequence[int]], weight: BaseWeight,
                         *, transposed_storage: bool, companions: Sequence[str] = ()) -> Optional[str]:
     """Why this base weight cannot be the one ΔW is added to, or None.
@@ -2107,12 +2120,9 @@ def base_weight_problem(module: str, parameter: str, delta_shape: Optional[Seque
     (E, out, in); PEFT's ParamWrapper follows the storage).  σ is the same
     for W and Wᵀ, so only the sizes are at stake.
     """
-    if companions:
-        return (f"udr: {module}: base weight {parameter} is quantized ({', '.join(sorted(companions)[:4])} "
-                f"present) and is not decoded here; UDR not computed")
-    if weight.storage is not None and weight.storage in DTYPES and not DTYPES[weight.storage].is_float:
-        return (f"udr: {module}: base weight {parameter} is stored as {weight.storage} (integer / packed, "
-                f"not the weight's values); UDR not computed")
+    problem = storage_problem(module, parameter, weight, companions)
+    if problem:
+        return problem
     if delta_shape is None:
         return f"udr: {module}: the update's matrix shape is unknown, so the base weight cannot be checked; UDR not computed"
     if weight.shape is None:
@@ -2128,10 +2138,19 @@ def base_weight_problem(module: str, parameter: str, delta_shape: Optional[Seque
             "UDR not computed (a base of another size or layout?)")
 
 
-def _companions(parameter: str, listed: Sequence[str]) -> List[str]:
-    path = parameter[:-len(".weight")] if parameter.endswith(".weight") else parameter
-    path = _EXPERT_SUFFIX.sub(r"\g<path>", path)
-    return [name for name in listed if name.startswith(path) and name[len(path):].startswith(_QUANTIZATION_COMPANIONS)]
+def quantization_companions(names: Iterable[str]) -> Dict[str, List[str]]:
+    """module path → the quantization companions listed for its weight."""
+    owners: Dict[str, List[str]] = {}
+    for name in names:
+        suffix = next((suffix for suffix in _QUANTIZATION_COMPANIONS if name.endswith(suffix)), None)
+        if suffix is not None and len(name) > len(suffix):
+            owners.setdefault(name[:-len(suffix)], []).append(name)
+    return owners
+
+
+def _owner_path(parameter: str) -> str:
+    path = _EXPERT_SUFFIX.sub(r"\g<path>", parameter)
+    return path[:-len(".weight")] if path.endswith(".weight") else path
 
 
 # ── UDR: the base checkpoint, its components and its norms ──────────────────
@@ -2321,34 +2340,37 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
             verified = False
     if not components and cache_file and not base_model and cache is None:
         issues.append(f"udr: --base-norms-cache {cache_file} does not exist and no --base-model to compute it from")
+    companions = quantization_companions(catalogue)
     if components:
         verified = True
         if any(_EXPERT_SUFFIX.match(name) for name in wanted.values()):
             catalogue.update(_expert_slices(catalogue))
-        candidates = catalogue
+        # A weight stored only as packed blocks (weight_packed, qweight, gpt-oss *_blocks) is still named
+        # after its module: matched, then refused by its storage instead of "no base weight named like it".
+        packed = {owner: BaseWeight(None, "quantized") for owner in companions
+                  if owner not in catalogue and owner + ".weight" not in catalogue}
+        candidates = {**catalogue, **packed}
     else:
         candidates = {name: BaseWeight(tuple(record["shape"]) if isinstance(record.get("shape"), list) else None,
                                        record.get("storage") or record.get("dtype")) for name, record in records.items()}
     matches, match_issues = match_base_parameters(sorted(set(wanted.values())), candidates)
     issues.extend(match_issues)
 
-    listed = sorted(catalogue)
     unchecked: List[str] = []
     for base_name, parameter in sorted(matches.items()):
-        modules = [module for module, target in wanted.items() if target == base_name]
-        delta_shape = (delta_shapes or {}).get(modules[0]) if delta_shapes is not None else None
+        module = next(module for module, target in wanted.items() if target == base_name)  # replicas share W
         weight = candidates[parameter]
-        if delta_shapes is None:
-            continue  # the caller has no shapes to check (the API used with names only)
-        problem = base_weight_problem(modules[0], parameter, delta_shape, weight,
-                                      transposed_storage=fan_in_fan_out or weight.expert is not None
-                                      or _EXPERT_SUFFIX.match(parameter) is not None,
-                                      companions=_companions(parameter, listed) if catalogue else ())
+        listed = companions.get(_owner_path(parameter), ())
+        if delta_shapes is None:  # the API called with names only: the storage is still checked
+            problem = storage_problem(module, parameter, weight, listed)
+        else:
+            problem = base_weight_problem(module, parameter, delta_shapes.get(module), weight, companions=listed,
+                                          transposed_storage=fan_in_fan_out or _EXPERT_SUFFIX.match(parameter) is not None)
         if problem:
             issues.append(problem)
             del matches[base_name]
-        elif weight.shape is None:
-            unchecked.append(modules[0])
+        elif weight.shape is None and delta_shapes is not None:
+            unchecked.append(module)
     if unchecked:
         issues.append(f"udr: {len(unchecked)} base norms records carry no shape (e.g. for {unchecked[0]}); "
                       "their shapes could not be checked against ΔW")

@@ -178,13 +178,15 @@ def test_a_base_of_another_hidden_size_is_refused_for_every_module():
 
 
 def _llama_base_copy(tmp_path, replace):
-    """tests/fixtures/base/llama_fp32 with some tensors replaced (name → (array, safetensors dtype))."""
+    """tests/fixtures/base/llama_fp32 with some tensors replaced (name → (array, safetensors dtype) or None: removed)."""
     tensors = oracle_load(FIXTURES / "base" / "llama_fp32" / "model.safetensors")
     tensors = {name: value.astype(np.float32) for name, value in tensors.items()}
     overrides = {}
-    for name, (array, dtype) in replace.items():
-        tensors[name] = array
-        overrides[name] = dtype
+    for name, stored in replace.items():
+        if stored is None:
+            del tensors[name]
+            continue
+        tensors[name], overrides[name] = stored
     folder = tmp_path / "base"
     folder.mkdir()
     write_safetensors(folder / "model.safetensors", tensors, dtype_override=overrides)
@@ -201,16 +203,24 @@ def test_integer_storage_is_never_read_as_a_weight(tmp_path):
     assert "stored as I8" in issue
 
 
-def test_a_quantized_weight_with_its_scales_is_refused_not_read_raw(tmp_path):
+V_PROJ = "model.layers.1.self_attn.v_proj"
+
+
+@pytest.mark.parametrize("stored,named", [
     # FP8 with 128×128 block scales (DeepSeek-V3 layout): the raw E4M3 values alone are off by the scale.
-    name = "model.layers.1.self_attn.v_proj.weight"
-    base = _llama_base_copy(tmp_path, {name: (np.full((16, 32), 0x38, np.uint8), "F8_E4M3"),
-                                       "model.layers.1.self_attn.v_proj.weight_scale_inv": (np.ones((1, 1), np.float32), "F32")})
+    ({V_PROJ + ".weight": (np.full((16, 32), 0x38, np.uint8), "F8_E4M3"),
+      V_PROJ + ".weight_scale_inv": (np.ones((1, 1), np.float32), "F32")}, "weight_scale_inv"),
+    # compressed-tensors pack-quantized: no plain weight at all, only packed int32 words and scales.
+    ({V_PROJ + ".weight": None, V_PROJ + ".weight_packed": (np.zeros((16, 4), np.int32), "I32"),
+      V_PROJ + ".weight_scale": (np.ones((16, 1), np.float32), "F32")}, "weight_packed"),
+])
+def test_a_quantized_weight_with_its_companions_is_refused_not_read_raw(tmp_path, stored, named):
+    base = _llama_base_copy(tmp_path, stored)
     result = gl.audit_lora_peft_dir(PEFT_FIXTURES / "llama_fp32_qv", base_model=str(base))
-    layer = {layer.name: layer for layer in result.layers}["model.layers.1.self_attn.v_proj"]
+    layer = {layer.name: layer for layer in result.layers}[V_PROJ]
     assert layer.udr is None
-    (issue,) = [i for i in result.issues if i.startswith("udr: model.layers.1.self_attn.v_proj:")]
-    assert "quantized" in issue and "weight_scale_inv" in issue
+    (issue,) = [i for i in result.issues if i.startswith(f"udr: {V_PROJ}:")]
+    assert "quantized" in issue and named in issue
 
 
 def test_transposed_storage_is_accepted_only_when_the_config_says_so():
@@ -223,7 +233,7 @@ def test_transposed_storage_is_accepted_only_when_the_config_says_so():
 
 # ── DoRA ────────────────────────────────────────────────────────────────────
 
-@pytest.mark.parametrize("case", ["dora_llama", "dora_gpt2"])
+@pytest.mark.parametrize("case", ["dora_llama", "dora_gpt2", "dora_conv"])
 def test_dora_effective_udr_matches_peft_merge(case):
     result = gl.audit_lora_peft_dir(UDR / case / "adapter", base_model=str(UDR / case / "base"))
     truths = EXPECTED["dora"][case]

@@ -312,12 +312,18 @@ def make_dora(expected):
                                                          n_head=4)),
                       dict(r=4, lora_alpha=4, use_dora=True, fan_in_fan_out=True, target_modules=["c_attn", "c_fc"])),
     }
+    # Conv2d DoRA: the magnitude is per output channel, the norm over (in, kh, kw).
+    cases["dora_conv"] = (ConvNet, dict(r=3, lora_alpha=6, use_dora=True, target_modules=["conv1", "blocks.0"]))
     expected["dora"] = {}
     for index, (name, (build, options)) in enumerate(cases.items()):
         torch.manual_seed(10 + index)
         model = build()
         target = fresh(OUT / name)
-        model.save_pretrained(str(target / "base"))
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(str(target / "base"))
+        else:
+            (target / "base").mkdir()
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(target / "base" / "model.safetensors"))
         base = {k: v.double().numpy() for k, v in load_file(str(target / "base" / "model.safetensors")).items()}
         peft_model = get_peft_model(model, LoraConfig(**options))
         gen = torch.Generator().manual_seed(20 + index)
@@ -339,11 +345,19 @@ def make_dora(expected):
             w0 = base[path + ".weight"]
             w0 = w0.T if fan_in_fan_out else w0  # (out, in)
             with torch.no_grad():
-                eye = torch.eye(w0.shape[1], dtype=torch.float64)
-                through = (module(eye) - (module.base_layer(eye))).T.numpy()  # ΔW_eff by the forward pass
-                plain = (module.lora_B["default"].weight @ module.lora_A["default"].weight).numpy() \
-                    * module.scaling["default"]
-                magnitude = module.lora_magnitude_vector["default"].weight.numpy().copy()
+                if w0.ndim == 4:  # one-hot k×k inputs: the centre output pixel (padding 1) is ΔW_eff·e_j
+                    columns = int(np.prod(w0.shape[1:]))
+                    patches = torch.eye(columns, dtype=torch.float64).reshape(columns, *w0.shape[1:])
+                    centre = (w0.shape[2] // 2, w0.shape[3] // 2)
+                    through = (module(patches) - module.base_layer(patches))[:, :, centre[0], centre[1]].T.numpy()
+                    w0 = w0.reshape(w0.shape[0], -1)
+                else:
+                    eye = torch.eye(w0.shape[1], dtype=torch.float64)
+                    through = (module(eye) - (module.base_layer(eye))).T.numpy()  # ΔW_eff by the forward pass
+                lora_a = module.lora_A["default"].weight.reshape(module.lora_A["default"].weight.shape[0], -1)
+                lora_b = module.lora_B["default"].weight.reshape(module.lora_B["default"].weight.shape[0], -1)
+                plain = (lora_b @ lora_a).numpy() * module.scaling["default"]
+                magnitude = module.lora_magnitude_vector["default"].weight.numpy().reshape(-1).copy()  # conv: (1, out, 1, 1)
             truths[path] = {"forward_delta": through, "plain_sigma_max": sigma_max(plain), "w0": w0,
                             "magnitude": magnitude}
         merged = peft_model.merge_and_unload()
@@ -352,7 +366,7 @@ def make_dora(expected):
         for path, truth in truths.items():
             merged_weight = state[path + ".weight"]
             merged_weight = merged_weight.T if options.get("fan_in_fan_out", False) else merged_weight
-            effective = merged_weight - truth["w0"]
+            effective = merged_weight.reshape(merged_weight.shape[0], -1) - truth["w0"]
             agreement = float(np.abs(effective - truth["forward_delta"]).max() / np.abs(effective).max())
             assert agreement < 1e-10, (name, path, agreement)  # PEFT's merge and its forward agree
             base_sigma = sigma_max(truth["w0"])
