@@ -2074,6 +2074,7 @@ class BaseWeight(NamedTuple):
     storage: Optional[str]  # safetensors dtype, or the quantization the base side decodes
     file: Optional[str] = None
     expert: Optional[int] = None
+    stored_name: Optional[str] = None  # the tensor's name in ``file`` (without a pipeline component prefix)
 
 
 def _listed_weight(value: Any) -> Tuple[str, Tuple[int, ...], str]:
@@ -2159,7 +2160,7 @@ class BaseNorms(NamedTuple):
     norms: Dict[str, Tuple[float, float]]  # module name → (σ_max, ‖W‖_F)
     issues: List[str]
     verified: Optional[bool] = None  # norms computed from / checked against the base; False: taken on trust
-    sources: Optional[Dict[str, Tuple[str, str, BaseWeight]]] = None  # module → (parameter, file, weight)
+    sources: Optional[Dict[str, BaseWeight]] = None  # module → the base weight its norms came from
 
 
 def _load_norms_file(path: str, role: str, issues: List[str]) -> Optional[Dict[str, Any]]:
@@ -2321,28 +2322,24 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
             for component, checkpoint in components:
                 for name, value in base_norms.list_parameters(checkpoint).items():
                     file, shape, storage = _listed_weight(value)
-                    catalogue[_named(component, name)] = BaseWeight(shape, storage, file)
+                    catalogue[_named(component, name)] = BaseWeight(shape, storage, file, stored_name=name)
         except AdapterFormatError as error:
             issues.append(f"udr: {error}")
             components, catalogue = [], {}
-    verified: Optional[bool] = None
     if norms_file:
         document = _load_norms_file(norms_file, "--base-norms", issues)
         if document is not None and (not components or _trusted_norms_file(
                 document, _fingerprints(components), norms_file, base_model, issues)):
             records.update(document["norms"])
-            verified = bool(components)
     cache = None
     if cache_file and Path(cache_file).exists():
         cache = _load_norms_file(cache_file, "--base-norms-cache", issues)
         if cache is not None and not components:
             records.update(cache["norms"])
-            verified = False
     if not components and cache_file and not base_model and cache is None:
         issues.append(f"udr: --base-norms-cache {cache_file} does not exist and no --base-model to compute it from")
     companions = quantization_companions(catalogue)
     if components:
-        verified = True
         if any(_EXPERT_SUFFIX.match(name) for name in wanted.values()):
             catalogue.update(_expert_slices(catalogue))
         # A weight stored only as packed blocks (weight_packed, qweight, gpt-oss *_blocks) is still named
@@ -2356,9 +2353,12 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
     matches, match_issues = match_base_parameters(sorted(set(wanted.values())), candidates)
     issues.extend(match_issues)
 
+    first_module: Dict[str, str] = {}  # replicated layers share one base weight: check it once
+    for module, target in wanted.items():
+        first_module.setdefault(target, module)
     unchecked: List[str] = []
     for base_name, parameter in sorted(matches.items()):
-        module = next(module for module, target in wanted.items() if target == base_name)  # replicas share W
+        module = first_module[base_name]
         weight = candidates[parameter]
         listed = companions.get(_owner_path(parameter), ())
         if delta_shapes is None:  # the API called with names only: the storage is still checked
@@ -2393,7 +2393,7 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
             base_norms.update_cache(cache_file, computed)
 
     norms: Dict[str, Tuple[float, float]] = {}
-    sources: Dict[str, Tuple[str, str, BaseWeight]] = {}
+    sources: Dict[str, BaseWeight] = {}
     for module, base_name in wanted.items():
         record = records.get(matches.get(base_name, ""))
         if record is None:
@@ -2405,10 +2405,11 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
         norms[module] = (float(record["sigma_max"]), float(record["fro_norm"]))
         weight = catalogue.get(matches[base_name])
         if weight is not None and weight.file is not None:
-            sources[module] = (matches[base_name], weight.file, weight)
+            sources[module] = weight
     if not base_model and not norms_file and not cache_file:
         issues.append("udr: no base model or norms file given")
-    return BaseNorms(norms, issues, verified if norms else None, sources)
+    # With a base, every norm used was computed from it or fingerprint-checked against it.
+    return BaseNorms(norms, issues, bool(components) if norms else None, sources)
 
 
 # ── UDR: DoRA's effective update ────────────────────────────────────────────
@@ -2506,7 +2507,7 @@ def _oriented(source: _TensorSource, ref: FactorRef, rank_first: bool) -> np.nda
 
 
 def dora_effective(layer: ModuleAudit, module: LoraModule, layout: _Factors, source: _TensorSource,
-                   base: BaseWeight, parameter: str) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+                   base: BaseWeight) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     """σ_max of DoRA's effective update and the magnitude change m / ‖W₀‖_row − 1, or an issue."""
     import base_norms
 
@@ -2515,15 +2516,15 @@ def dora_effective(layer: ModuleAudit, module: LoraModule, layout: _Factors, sou
                       f"{layout.kind} reports the plain s·B·A UDR only")
     if base.expert is not None or not _is_plain_float(base.storage):
         return None, (f"udr: {layer.name}: the effective DoRA update needs W₀ as stored floats "
-                      f"({parameter} is {base.storage}); the plain s·B·A UDR is reported")
+                      f"({base.stored_name} is {base.storage}); the plain s·B·A UDR is reported")
     magnitude = source.load(module.magnitude_key).reshape(-1)
     rows, columns = layer.delta_shape
     if magnitude.size != rows:
         return None, (f"udr: {layer.name}: DoRA magnitude has {magnitude.size} values for {rows} output rows "
                       "(not PEFT's per-output-row convention); the plain s·B·A UDR is reported")
     sf = open_safetensors(base.file)
-    info = sf.tensors[parameter]
-    w0 = read_tensor(sf, parameter, np.float32)
+    info = sf.tensors[base.stored_name]
+    w0 = read_tensor(sf, base.stored_name, np.float32)
     release_pages(sf, info)
     w0 = w0.reshape(w0.shape[0], -1)
     if w0.shape != (rows, columns):
@@ -2580,8 +2581,7 @@ def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_no
                 problem = (f"udr: {layer.name}: the effective DoRA update needs W₀ from --base-model "
                            "(norms alone are not enough); the plain s·B·A UDR is reported")
             else:
-                parameter, _, weight = lookup.sources[layer.name]
-                effective, problem = dora_effective(layer, *dora[layer.name], weight, parameter)
+                effective, problem = dora_effective(layer, *dora[layer.name], lookup.sources[layer.name])
             if problem:
                 issues.append(problem)
             elif not effective["converged"]:

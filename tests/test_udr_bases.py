@@ -257,6 +257,24 @@ def test_dora_effective_udr_needs_the_base_weights_not_just_norms(tmp_path):
     assert len([i for i in result.issues if "effective DoRA update needs W₀" in i]) == len(result.layers)
 
 
+def test_dora_effective_udr_reads_w0_from_a_pipeline_component(tmp_path):
+    # The pipeline names the weight "text_encoder_2.<parameter>"; W₀ is read from text_encoder_2/model.safetensors.
+    module = "text_encoder_2.text_model.encoder.layers.0.mlp.fc1"
+    w0 = oracle_load(UDR / "sd_pipeline" / "text_encoder_2" / "model.safetensors")["text_model.encoder.layers.0.mlp.fc1.weight"]
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((2, w0.shape[1])) * 0.3, rng.standard_normal((w0.shape[0], 2)) * 0.3
+    magnitude = np.linalg.norm(w0, axis=1) * (1 + 0.1 * rng.standard_normal(w0.shape[0]))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    write_safetensors(adapter / "pytorch_lora_weights.safetensors", {
+        module + ".lora_A.weight": a, module + ".lora_B.weight": b, module + ".lora_magnitude_vector.weight": magnitude},
+        metadata={"lora_adapter_metadata": json.dumps({"r": 2, "lora_alpha": 4, "use_dora": True})})
+    (layer,) = gl.audit_lora_peft_dir(adapter, base_model=str(UDR / "sd_pipeline")).layers
+    adapted = w0 + 2.0 * b @ a
+    effective = (magnitude / np.linalg.norm(adapted, axis=1))[:, None] * adapted - w0  # DoRA, as PEFT merges it
+    assert layer.udr_dora_effective == pytest.approx(np.linalg.norm(effective, 2) / np.linalg.norm(w0, 2), rel=REL)
+
+
 def test_dora_operator_never_forms_the_update_yet_equals_it():
     rng = np.random.default_rng(3)
     w0 = rng.standard_normal((20, 12)).astype(np.float32)
