@@ -13,7 +13,6 @@ benchmarks/_data/ (NumPy only).  Peak RSS comes from wait4()'s rusage.
 import argparse
 import json
 import statistics
-import struct
 import sys
 from pathlib import Path
 
@@ -22,28 +21,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_audit import run_child  # noqa: E402  (same measurement as the audit benchmark)
+from synthetic import to_bf16_bytes, write_streaming  # noqa: E402
 
 PREFIX = "base_model.model.model.layers.0.self_attn.q_proj."
-
-
-def write_safetensors(path: Path, tensors: dict) -> None:
-    header, blobs, offset = {}, [], 0
-    for name, (dtype, array) in tensors.items():
-        blob = np.ascontiguousarray(array).tobytes()
-        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as stream:
-        stream.write(struct.pack("<Q", len(raw)) + raw)
-        for blob in blobs:
-            stream.write(blob)
-
-
-def bf16_bits(values: np.ndarray) -> np.ndarray:
-    bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 def generate(size: int, rank: int) -> Path:
@@ -53,16 +33,18 @@ def generate(size: int, rank: int) -> Path:
     rng = np.random.default_rng(0)
     (root / "base").mkdir(parents=True, exist_ok=True)
     weight = rng.standard_normal((size, size), dtype=np.float32) * 0.02
-    write_safetensors(root / "base" / "model.safetensors",
-                      {"model.layers.0.self_attn.q_proj.weight": ("BF16", bf16_bits(weight))})
+    write_streaming(root / "base" / "model.safetensors",
+                    [("model.layers.0.self_attn.q_proj.weight", (size, size), "BF16", lambda: to_bf16_bytes(weight))])
     magnitude = np.linalg.norm(weight.astype(np.float64), axis=1) * (1 + 0.05 * rng.standard_normal(size))
-    factors = {PREFIX + "lora_A.weight": ("F32", rng.standard_normal((rank, size), dtype=np.float32) * 0.01),
-               PREFIX + "lora_B.weight": ("F32", rng.standard_normal((size, rank), dtype=np.float32) * 0.01)}
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "use_dora": True}
-    for name, extra in (("dora", {PREFIX + "lora_magnitude_vector": ("F32", magnitude.astype(np.float32))}),
-                        ("plain", {})):
+    lora_a = rng.standard_normal((rank, size), dtype=np.float32) * 0.01
+    lora_b = rng.standard_normal((size, rank), dtype=np.float32) * 0.01
+    factors = [(PREFIX + "lora_A.weight", lora_a.shape, "F32", lora_a.tobytes),
+               (PREFIX + "lora_B.weight", lora_b.shape, "F32", lora_b.tobytes)]
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank}
+    dora = [(PREFIX + "lora_magnitude_vector", (size,), "F32", magnitude.astype(np.float32).tobytes)]
+    for name, extra in (("dora", dora), ("plain", [])):
         (root / name).mkdir(exist_ok=True)
-        write_safetensors(root / name / "adapter_model.safetensors", {**factors, **extra})
+        write_streaming(root / name / "adapter_model.safetensors", factors + extra)
         (root / name / "adapter_config.json").write_text(json.dumps(dict(config, use_dora=bool(extra))))
     (root / "done").write_text("")
     return root
