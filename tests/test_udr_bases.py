@@ -382,3 +382,24 @@ def test_without_a_base_the_summary_says_the_norms_were_not_verified(tmp_path):
     assert unverified.to_summary_dict()["n_layers_with_udr"] == 4
     assert gl.audit_lora_peft_dir(PEFT_FIXTURES / "llama_fp32_qv").to_summary_dict()["base_norms_verified"] is None
     json.dumps(unverified.to_summary_dict(include_layers=True), allow_nan=False)
+
+
+def test_expert_norms_cached_from_the_base_serve_a_later_audit_without_it(tmp_path):
+    cache = tmp_path / "cache.json"
+    modules = [f"model.layers.0.mlp.experts.gate_up_proj[{e}]" for e in range(4)]
+    shapes = {module: (48, 32) for module in modules}
+    gl.collect_base_norms(modules, base_model=str(UDR / "gpt_oss_base"), cache_file=str(cache), delta_shapes=shapes)
+    lookup = gl.collect_base_norms(modules, norms_file=str(cache), delta_shapes=shapes)
+    truth = EXPECTED["moe"]["gpt_oss"]["model.layers.0.mlp.experts.gate_up_proj"]
+    assert lookup.issues == [] and lookup.verified is False
+    assert [lookup.norms[module][0] for module in modules] == pytest.approx(truth["sigma_max"], rel=REL)
+
+
+def test_norms_records_without_shapes_are_reported_once(tmp_path):
+    upstream = tmp_path / "upstream.json"
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    upstream.write_text(json.dumps({name + ".weight": {"sigma_max": 2.0, "fro_norm": 3.0} for name in names}))
+    lookup = gl.collect_base_norms(names, norms_file=str(upstream), delta_shapes={name: (32, 32) for name in names})
+    assert set(lookup.norms) == set(names)
+    (issue,) = lookup.issues
+    assert issue.startswith("udr: 2 base norms records carry no shape")
