@@ -2346,6 +2346,9 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
         # after its module: matched, then refused by its storage instead of "no base weight named like it".
         packed = {owner: BaseWeight(None, "quantized") for owner in companions
                   if owner not in catalogue and owner + ".weight" not in catalogue}
+        # … and so is one expert of packed fused experts (gpt-oss MXFP4 gate_up_proj_blocks / _scales).
+        packed.update({target: BaseWeight(None, "quantized") for target in wanted.values()
+                       if _EXPERT_SUFFIX.match(target) and _owner_path(target) in packed})
         candidates = {**catalogue, **packed}
     else:
         candidates = {name: BaseWeight(tuple(record["shape"]) if isinstance(record.get("shape"), list) else None,

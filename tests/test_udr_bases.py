@@ -403,3 +403,19 @@ def test_norms_records_without_shapes_are_reported_once(tmp_path):
     assert set(lookup.norms) == set(names)
     (issue,) = lookup.issues
     assert issue.startswith("udr: 2 base norms records carry no shape")
+
+
+def test_an_expert_of_packed_mxfp4_experts_is_refused_by_its_storage(tmp_path):
+    # gpt-oss's released checkpoints keep experts as MXFP4 *_blocks (U8) + *_scales (U8), no plain tensor.
+    tensors = oracle_load(UDR / "gpt_oss_base" / "model.safetensors")
+    tensors = {name: value.astype(np.float32) for name, value in tensors.items()
+               if name != "model.layers.0.mlp.experts.gate_up_proj"}
+    tensors["model.layers.0.mlp.experts.gate_up_proj_blocks"] = np.zeros((4, 48, 1, 16), np.uint8)
+    tensors["model.layers.0.mlp.experts.gate_up_proj_scales"] = np.full((4, 48, 1), 127, np.uint8)
+    (tmp_path / "base").mkdir()
+    write_safetensors(tmp_path / "base" / "model.safetensors", tensors)
+    module = "model.layers.0.mlp.experts.gate_up_proj[1]"
+    lookup = gl.collect_base_norms([module], base_model=str(tmp_path / "base"), delta_shapes={module: (48, 32)})
+    assert lookup.norms == {}
+    (issue,) = lookup.issues
+    assert issue.startswith(f"udr: {module}: base weight {module} is quantized") and "gate_up_proj_blocks" in issue
