@@ -1303,9 +1303,9 @@ class _PreparedModule(NamedTuple):
     gram_b: Optional[np.ndarray]  # Bᵀ·B (r×r)
     bias_norm: Optional[float]
     magnitude: Optional[Dict[str, float]]
+    delta_shape: Optional[Tuple[int, int]] = None  # computed families; stored factors: from the layout
     tall: Optional[Tuple[np.ndarray, np.ndarray]] = None  # computed factors (Aᵀ, B), for the QR fallback
     sigma: Optional[np.ndarray] = None  # a spectrum computed directly (LoKr, dense fallback)
-    delta_shape: Optional[Tuple[int, int]] = None  # see ModuleAudit.delta_shape
 
 
 CHUNK_ELEMENTS = 1 << 18  # 2 MiB of float64: bounded memory, and large enough that per-chunk overhead is noise
@@ -1419,8 +1419,7 @@ def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Option
     a_matrix, b_matrix = (layout.a.shape, layout.b.shape) if module.expert is not None else (a_shape, b_shape)
     return _PreparedModule(module, layout, tuple(a_matrix), tuple(b_matrix), dtype,
                            math.prod(a_matrix) + math.prod(b_matrix), scale_rule(module, layout.rank, alpha),
-                           layout.rank, layout.rank, grams[0], grams[1], bias_norm, magnitude,
-                           delta_shape=_delta_shape(layout)), []
+                           layout.rank, layout.rank, grams[0], grams[1], bias_norm, magnitude), []
 
 
 def _alpha_value(module: LoraModule, source: _TensorSource) -> Tuple[Optional[float], Optional[str]]:
@@ -1632,6 +1631,7 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         r=rank, config_r=scale.config_r, alpha=scale.alpha, scale=scale.scale, scale_rule=scale.scale_rule,
         rank_pattern_key=scale.rank_pattern_key, alpha_pattern_key=scale.alpha_pattern_key,
         params=item.params, a_shape=item.a_shape, b_shape=item.b_shape,
+        delta_shape=item.delta_shape if item.delta_shape is not None or item.layout.a is None else _delta_shape(item.layout),
         dtype=item.dtype, lora_a_key=item.module.a_key, lora_b_key=item.module.b_key,
         stable_rank=spectrum.stable_rank, effective_rank=spectrum.effective_rank, utilization=utilization,
         sigma_max=spectrum.sigma_max, frob_sq=spectrum.frob_sq,
@@ -1640,7 +1640,7 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         delta_sigma_max=abs_scale * spectrum.sigma_max, delta_fro_norm=abs_scale * math.sqrt(spectrum.frob_sq),
         top_singular_values=tuple(float(s) for s in sigma[:top_k]) if top_k > 0 else None,
         lora_bias_key=item.module.bias_key, lora_bias_norm=item.bias_norm, dora_magnitude=item.magnitude,
-        family=item.module.family, max_rank=item.max_rank, issues=tuple(issues), delta_shape=item.delta_shape)
+        family=item.module.family, max_rank=item.max_rank, issues=tuple(issues))
 
 
 def _percentile(values: Sequence[float], q: float) -> Optional[float]:

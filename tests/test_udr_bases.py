@@ -14,7 +14,7 @@ import pytest
 
 import base_norms as bn
 import gradience_lite as gl
-from conftest import FIXTURES, PEFT_FIXTURES, fixture_deltas, oracle_load, write_safetensors
+from conftest import FIXTURES, PEFT_FIXTURES, fixture_deltas, oracle_load, peft_cases, write_safetensors
 
 UDR = FIXTURES / "udr"
 EXPECTED = json.loads((UDR / "expected.json").read_text())
@@ -229,6 +229,15 @@ def test_a_quantized_weight_is_never_read_raw(tmp_path, stored, named, dequantiz
     else:
         assert dequantized_sigma is not None and mine == []
         assert layer.base_sigma_max == pytest.approx(dequantized_sigma, rel=REL)
+
+
+@pytest.mark.parametrize("case", peft_cases(), ids=lambda case: case.relative_to(PEFT_FIXTURES).as_posix())
+def test_delta_shape_is_the_shape_of_the_update_peft_forms(case):
+    result = gl.audit_lora_peft_dir(case.parent, adapter=case.name) if case.parent != PEFT_FIXTURES else \
+        gl.audit_lora_peft_dir(case)
+    deltas = fixture_deltas(case)
+    assert {layer.name: layer.delta_shape for layer in result.layers} == \
+        {name: deltas[name][0].shape for name in deltas}
 
 
 def test_transposed_storage_is_accepted_only_when_the_config_says_so():
