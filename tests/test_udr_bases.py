@@ -240,6 +240,23 @@ def test_delta_shape_is_the_shape_of_the_update_peft_forms(case):
         {name: deltas[name][0].shape for name in deltas}
 
 
+# peft_vera_no_projection is refused as a whole (its shared projections were not saved): no ΔW to shape.
+VARIANTS = sorted(path.parent for path in (FIXTURES / "variants").glob("*/expected.json")
+                  if path.parent.name != "peft_vera_no_projection"
+                  and any("shape" in row for row in json.loads(path.read_text()).get("modules", {}).values()))
+
+
+@pytest.mark.parametrize("case", VARIANTS, ids=lambda case: case.name)
+def test_delta_shape_is_the_shape_of_peft_tuners_own_delta_weight(case):
+    # expected.json records the shape of ΔW as the tuner's get_delta_weight formed it (LoHa, LoKr, AdaLoRA…).
+    modules = json.loads((case / "expected.json").read_text())["modules"]
+    base = case / "base"  # VeRA reads in_features from its base
+    result = gl.audit_lora_peft_dir(case, base_model=str(base) if base.is_dir() else None)
+    shapes = {layer.name: layer.delta_shape for layer in result.layers}
+    assert shapes and {name: shapes[name] for name in modules if name in shapes} == \
+        {name: tuple(row["shape"]) for name, row in modules.items() if name in shapes}
+
+
 def test_transposed_storage_is_accepted_only_when_the_config_says_so():
     shape = (24, 72)  # GPT-2 c_attn stores (in, out); ΔW is (out, in) = (72, 24)
     weight = gl.BaseWeight(shape, "F32")
