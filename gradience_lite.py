@@ -3015,6 +3015,7 @@ def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wa
             if row["n_layers_with_udr"]:
                 lines.append(f"    {kind:<6} UDR p50 {_fmt(row['udr_median'])}  p90 {_fmt(row['udr_p90'])}  "
                              f"max {_fmt(row['udr_max'])}  (SDI p50 {_fmt(row['sdi_median'])})")
+        lines += _udr_notes(result)
     if top_wasteful > 0 and result.layers:
         lines += ["", f"  most wasteful modules (lowest utilization, top {top_wasteful}):"]
         for layer in sorted(result.layers, key=lambda layer: layer.utilization)[:top_wasteful]:
@@ -3034,6 +3035,19 @@ def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wa
         lines += ["", f"  issues ({len(result.issues)}):"] + [f"    - {issue}" for issue in result.issues]
     lines += [""] + ["  " + line for line in CHEAT_SHEET]
     return "\n".join(lines)
+
+
+def _udr_notes(result: AuditResult) -> List[str]:
+    """What the UDR lines above do not say: DoRA's effective update, and norms taken on trust."""
+    notes = []
+    dora = [layer.udr_dora_effective for layer in result.layers if layer.udr_dora_effective is not None]
+    if dora:
+        notes.append(f"    DoRA: the update DoRA applies, m ⊙ (W₀ + s·B·A)/‖·‖_row − W₀, has UDR median "
+                     f"{_fmt(_median(dora))}, max {_fmt(max(dora))} over {len(dora)} modules "
+                     "(the UDR above is the plain s·B·A; per module: udr_dora_effective)")
+    if result.base_norms_verified is False:
+        notes.append("    base norms taken from a norms file without a base to check them against (not verified)")
+    return notes
 
 
 # ── HTML report ──────────────────────────────────────────────────────────────

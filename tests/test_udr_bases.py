@@ -457,3 +457,15 @@ def test_an_expert_of_packed_mxfp4_experts_is_never_read_raw(tmp_path):
     else:  # it lists the packed tensors as they are: refused by their storage
         (issue,) = lookup.issues
         assert issue.startswith(f"udr: {module}: base weight {module} is quantized") and "gate_up_proj_blocks" in issue
+
+
+def test_the_text_report_tells_dora_effective_udr_and_unverified_norms_apart(tmp_path):
+    dora = gl.audit_lora_peft_dir(UDR / "dora_llama" / "adapter", base_model=str(UDR / "dora_llama" / "base"))
+    effective = [row["udr_dora_effective"] for row in EXPECTED["dora"]["dora_llama"].values()]
+    text = gl.render_text_report(dora)
+    assert f"has UDR median {gl._fmt(float(np.median(effective)))}, max {gl._fmt(max(effective))} over 6 modules" in text
+    assert "not verified" not in text
+    norms = tmp_path / "norms.json"
+    bn.save_norms(norms, bn.compute_base_norms(FIXTURES / "base" / "llama_fp32"))
+    unverified = gl.audit_lora_peft_dir(PEFT_FIXTURES / "llama_fp32_qv", base_norms=str(norms))
+    assert "(not verified)" in gl.render_text_report(unverified)
