@@ -2722,12 +2722,12 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
     matches, match_issues = match_base_parameters(sorted(set(wanted.values())), candidates)
     issues.extend(match_issues)
 
-    first_module: Dict[str, str] = {}  # replicated layers share one base weight: check it once
-    for module, target in wanted.items():
-        first_module.setdefault(target, module)
+    refused: set = set()
     unchecked: List[str] = []
-    for base_name, parameter in sorted(matches.items()):
-        module = first_module[base_name]
+    for module, base_name in sorted(wanted.items()):
+        parameter = matches.get(base_name)
+        if parameter is None:
+            continue
         weight = candidates[parameter]
         listed = companions.get(_owner_path(parameter), ())
         if delta_shapes is None:  # the API called with names only: the storage is still checked
@@ -2737,7 +2737,7 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
                                           transposed_storage=fan_in_fan_out or _EXPERT_SUFFIX.match(parameter) is not None)
         if problem:
             issues.append(problem)
-            del matches[base_name]
+            refused.add(module)
         elif weight.shape is None and delta_shapes is not None:
             unchecked.append(module)
     if unchecked:
@@ -2746,7 +2746,8 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
 
     if components:
         by_component: Dict[str, List[str]] = {}
-        for parameter in sorted(set(matches.values()) - set(records)):
+        used = {matches[base_name] for module, base_name in wanted.items() if base_name in matches and module not in refused}
+        for parameter in sorted(used - set(records)):
             component = next((c for c, _ in components if c and parameter.startswith(c + ".")), "")
             by_component.setdefault(component, []).append(parameter)
         computed = _merged_documents([_compute_component(component, checkpoint, by_component.get(component, []),
@@ -2765,7 +2766,7 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
     sources: Dict[str, BaseWeight] = {}
     for module, base_name in wanted.items():
         record = records.get(matches.get(base_name, ""))
-        if record is None:
+        if record is None or module in refused:
             continue
         if not record.get("converged", True):
             issues.append(f"udr: {module}: base σ_max did not converge in {record.get('iterations')} iterations; "

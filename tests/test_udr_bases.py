@@ -469,3 +469,14 @@ def test_the_text_report_tells_dora_effective_udr_and_unverified_norms_apart(tmp
     bn.save_norms(norms, bn.compute_base_norms(FIXTURES / "base" / "llama_fp32"))
     unverified = gl.audit_lora_peft_dir(PEFT_FIXTURES / "llama_fp32_qv", base_norms=str(norms))
     assert "(not verified)" in gl.render_text_report(unverified)
+
+
+def test_each_replicated_layer_gets_its_own_refusal():
+    # layer_replication [[0, 2], [0, 1]]: layer 2 is a copy of layer 0 and shares its base weight.
+    modules = ["model.layers.0.self_attn.v_proj", "model.layers.2.self_attn.v_proj", "model.layers.2.self_attn.q_proj"]
+    lookup = gl.collect_base_norms(modules, base_model=str(UDR / "llama_gqa_1kv"), layer_replication=[[0, 2], [0, 1]],
+                                   delta_shapes={modules[0]: (16, 32), modules[1]: (16, 32), modules[2]: (32, 32)})
+    assert set(lookup.norms) == {modules[2]}
+    for module in modules[:2]:
+        (issue,) = [issue for issue in lookup.issues if issue.startswith(f"udr: {module}:")]
+        assert "model.layers.0.self_attn.v_proj.weight has shape [8, 32] but the update ΔW is [16, 32]" in issue
