@@ -2578,10 +2578,17 @@ def _component_view(document: Optional[Dict[str, Any]], component: str) -> Optio
     return dict(document, files=files, norms=norms)
 
 
-def _fingerprints(components: Sequence[Tuple[str, Any]]) -> Dict[str, Dict[str, Any]]:
+def _fingerprints(components: Sequence[Tuple[str, Any]]) -> Dict[str, Optional[Dict[str, Any]]]:
+    """file key → its fingerprint (None for a file that is not safetensors: then nothing matches it)."""
     import base_norms
 
-    return {(f"{component}/" if component else "") + os.path.basename(file): base_norms.fingerprint(open_safetensors(file))
+    def fingerprint(file: str) -> Optional[Dict[str, Any]]:
+        try:
+            return base_norms.fingerprint(open_safetensors(file))
+        except AdapterFormatError:
+            return None
+
+    return {(f"{component}/" if component else "") + os.path.basename(file): fingerprint(file)
             for component, checkpoint in components for file in checkpoint.files}
 
 
@@ -2651,7 +2658,7 @@ def _trusted_norms_file(document: Dict[str, Any], current: Mapping[str, Any], pa
                         issues: List[str]) -> bool:
     """A norms file is used with a base only when it was computed from that base's very files."""
     listed = document.get("files") or {}
-    differing = sorted(key for key, value in listed.items() if current.get(key) != value)
+    differing = sorted(key for key, value in listed.items() if current.get(key) is None or current[key] != value)
     if listed and not differing:
         return True
     reason = f"its fingerprints differ for {', '.join(differing[:4])}" if listed else "it carries no file fingerprints"
@@ -2884,7 +2891,7 @@ def dora_effective(layer: ModuleAudit, module: LoraModule, layout: _Factors, sou
     if layout.kind not in ("linear", "conv") or layer.delta_shape is None:
         return None, (f"udr: {layer.name}: the effective DoRA update is computed for linear and conv layers; "
                       f"{layout.kind} reports the plain s·B·A UDR only")
-    if base.expert is not None or not _is_plain_float(base.storage):
+    if base.expert is not None or not _is_plain_float(base.storage) or not base.file.endswith(".safetensors"):
         return None, (f"udr: {layer.name}: the effective DoRA update needs W₀ as stored floats "
                       f"({base.stored_name} is {base.storage}); the plain s·B·A UDR is reported")
     magnitude = source.load(module.magnitude_key).reshape(-1)
@@ -2892,7 +2899,10 @@ def dora_effective(layer: ModuleAudit, module: LoraModule, layout: _Factors, sou
     if magnitude.size != rows:
         return None, (f"udr: {layer.name}: DoRA magnitude has {magnitude.size} values for {rows} output rows "
                       "(not PEFT's per-output-row convention); the plain s·B·A UDR is reported")
-    sf = open_safetensors(base.file)
+    try:
+        sf = open_safetensors(base.file)
+    except AdapterFormatError as error:
+        return None, f"udr: {layer.name}: W₀ cannot be read ({error}); the plain s·B·A UDR is reported"
     info = sf.tensors[base.stored_name]
     w0 = read_tensor(sf, base.stored_name, np.float32)
     release_pages(sf, info)
