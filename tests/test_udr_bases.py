@@ -7,7 +7,6 @@ float64 SVDs; the PEFT LoRA oracle is conftest's dense ΔW.  No torch here.
 """
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest

@@ -167,7 +167,7 @@ def module_paths(models: dict) -> dict:
     return paths
 
 
-def lycoris_truths(network, paths, unet, text_encoders) -> dict:
+def lycoris_truths(network, paths) -> dict:
     truths = {}
     for module in network.loras:
         original = module.org_module[0]
@@ -217,15 +217,14 @@ def make_diffusion(expected):
     network = lycoris_network(unet, text_encoder, seed=1)  # one encoder, not a list: LyCORIS names it lora_te_
     target = fresh(OUT / "kohya_sd15")
     network.save_weights(str(target / "kohya_sd15.safetensors"), torch.float32, {"ss_network_module": "lycoris.kohya"})
-    cases["kohya_sd15"] = lycoris_truths(network, paths, unet, [text_encoder])
-    network.restore() if hasattr(network, "restore") else None
+    cases["kohya_sd15"] = lycoris_truths(network, paths)
 
-    unet, text_encoder, text_encoder_2 = tiny_pipeline()  # same seed: the same weights as saved above
+    unet, text_encoder, text_encoder_2 = tiny_pipeline()  # fresh, unwrapped models: the same weights as saved above
     paths = module_paths({"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2})
     network = lycoris_network(unet, [text_encoder, text_encoder_2], seed=2)
     target = fresh(OUT / "kohya_sdxl")
     network.save_weights(str(target / "kohya_sdxl.safetensors"), torch.float32, {"ss_network_module": "lycoris.kohya"})
-    truths = lycoris_truths(network, paths, unet, [text_encoder, text_encoder_2])
+    truths = lycoris_truths(network, paths)
     cases["kohya_sdxl"] = truths
 
     # sd-scripts' SDXL UNet is the original layout: its module names are LDM names.
@@ -274,7 +273,7 @@ def make_lycoris_generic(expected):
         fill_random([p for n, p in module.named_parameters() if n.startswith(("lora_down", "lora_up"))], gen)
     network.save_weights(str(target / "lycoris_convnet.safetensors"), torch.float32, {"ss_network_module": "lycoris.kohya"})
     paths = module_paths({"": net})
-    expected["lycoris_convnet"] = lycoris_truths(network, paths, net, [])
+    expected["lycoris_convnet"] = lycoris_truths(network, paths)
 
 
 # ── shape mismatch: the same adapter against Llama bases of other sizes ──────
