@@ -2790,57 +2790,77 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
 
 
 # ── UDR: DoRA's effective update ────────────────────────────────────────────
-# DoRA (PEFT tuners/lora/dora.py, MLX DoRALinear) adds to W₀'s output
-#   ΔW_eff = diag(c)·(W₀ + s·B·A) − W₀,   c = m / ‖W₀ + s·B·A‖_row,
+# DoRA (PEFT tuners/lora/dora.py, MLX DoRALinear, LyCORIS weight_decompose)
+# adds to W₀'s output
+#   ΔW_eff = diag(c)·(W₀ + s·B·A) − W₀,   c = m / (‖W₀ + s·B·A‖_row + ε),
 # the norm over the input axis for each output row (PEFT calls it "column-wise"
-# of the (in, out) view: torch.linalg.norm(weight, dim=1) on the (out, in) weight).
+# of the (in, out) view: torch.linalg.norm(weight, dim=1) on the (out, in)
+# weight).  LyCORIS adds ε = float32 eps to the norm, and with wd_on_output
+# false normalises each input column instead: ΔW_eff = (W₀ + s·B·A)·diag(c) − W₀.
 # σ_max(ΔW_eff) comes from Lanczos over mat-vecs through W₀ and the factors;
 # ΔW_eff is never formed.  W₀ is read once per module, in float32.
 
 
-# The formats whose magnitude vector follows that convention (kohya / LyCORIS
-# dora_scale may normalise the other axis and is not checked against its library here).
-DORA_FORMATS = ("peft", "diffusers", "mlx")
-
-
 class DoraUpdate:
     """ΔW_eff as an operator (``shape``, ``matvec``, ``rmatvec``, and ``@`` / ``.T``
-    so a matrix-only ``spectral_norm`` takes it too).
+    so a matrix-only ``spectral_norm`` takes it too); ``per`` is "row" or "column".
 
-    Written as diag(c − 1)·W₀ + diag(c)·s·B·A: c ≈ 1, so the two W₀ terms of
-    the definition would cancel in float32; c − 1 is formed in float64 and
-    multiplies W₀·v, whose float32 rounding then stays relative to ΔW_eff.
+    Written as diag(c − 1)·W₀ + diag(c)·s·B·A (row; the mirror image for
+    columns): c ≈ 1, so the two W₀ terms of the definition would cancel in
+    float32; c − 1 is formed in float64 and multiplies W₀'s float32 mat-vec,
+    whose rounding then stays relative to ΔW_eff.
     """
 
     dtype = np.dtype(np.float32)
 
-    def __init__(self, base: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, magnitude: np.ndarray):
-        self.base, self.a, self.b, self.scale = base, a, b, scale
-        row_sq, cross = np.zeros(base.shape[0]), np.zeros((base.shape[0], a.shape[0]))
+    def __init__(self, base: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, magnitude: np.ndarray,
+                 per: str = "row", epsilon: float = 0.0):
+        self.base, self.a, self.b, self.scale, self.per = base, a, b, scale, per
+        rows = per == "row"
+        base_sq = np.zeros(base.shape[0] if rows else base.shape[1])
+        cross = np.zeros((base_sq.size, a.shape[0]))  # W₀·Aᵀ (row) or W₀ᵀ·B (column), in float64
         step = max(1, CHUNK_ELEMENTS // max(base.shape[1], 1))
         for start in range(0, base.shape[0], step):  # float64 row blocks: no full-size float64 copy of W₀
             block = base[start:start + step].astype(np.float64)
-            row_sq[start:start + step] = np.einsum("ij,ij->i", block, block)
-            cross[start:start + step] = block @ a.T
-        # ‖W₀ᵢ + s·Bᵢ·A‖² = ‖W₀ᵢ‖² + 2s·Bᵢ·(A·W₀ᵢᵀ) + s²·Bᵢ·(A·Aᵀ)·Bᵢᵀ
-        adapted_sq = row_sq + 2 * scale * np.einsum("ir,ir->i", b, cross) \
-            + scale * scale * np.einsum("ir,rs,is->i", b, a @ a.T, b)
-        self.base_row_norms = np.sqrt(row_sq)
-        self.adapted_row_norms = np.sqrt(np.maximum(adapted_sq, 0.0))
+            if rows:
+                base_sq[start:start + step] = np.einsum("ij,ij->i", block, block)
+                cross[start:start + step] = block @ a.T
+            else:
+                base_sq += np.einsum("ij,ij->j", block, block)
+                cross += block.T @ b[start:start + step]
+        # ‖W₀ᵢ + s·Bᵢ·A‖² = ‖W₀ᵢ‖² + 2s·Bᵢ·(A·W₀ᵢᵀ) + s²·Bᵢ·(A·Aᵀ)·Bᵢᵀ, and for column j
+        # ‖W₀ⱼ + s·B·Aⱼ‖² = ‖W₀ⱼ‖² + 2s·(W₀ᵀ·B)ⱼ·Aⱼ + s²·Aⱼᵀ·(Bᵀ·B)·Aⱼ.
+        if rows:
+            adapted_sq = base_sq + 2 * scale * np.einsum("ir,ir->i", b, cross) \
+                + scale * scale * np.einsum("ir,rs,is->i", b, a @ a.T, b)
+        else:
+            adapted_sq = base_sq + 2 * scale * np.einsum("jr,rj->j", cross, a) \
+                + scale * scale * np.einsum("rj,rs,sj->j", a, b.T @ b, a)
+        self.base_norms = np.sqrt(base_sq)
+        norms = np.sqrt(np.maximum(adapted_sq, 0.0)) + epsilon
         with np.errstate(divide="ignore", invalid="ignore"):
-            self.gain = magnitude / self.adapted_row_norms
-            self.gain_minus_one = (magnitude - self.adapted_row_norms) / self.adapted_row_norms
+            self.gain = magnitude / norms
+            self.gain_minus_one = (magnitude - norms) / norms
         self.shape = base.shape
+
+    def _through_base(self, matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+        return (matrix @ vector.astype(np.float32)).astype(np.float64)
 
     def matvec(self, vector: np.ndarray) -> np.ndarray:
         vector = np.asarray(vector, dtype=np.float64)
-        through_base = (self.base @ vector.astype(np.float32)).astype(np.float64)
-        return self.gain_minus_one * through_base + self.gain * (self.scale * (self.b @ (self.a @ vector)))
+        if self.per == "row":
+            return self.gain_minus_one * self._through_base(self.base, vector) \
+                + self.gain * (self.scale * (self.b @ (self.a @ vector)))
+        return self._through_base(self.base, self.gain_minus_one * vector) \
+            + self.scale * (self.b @ (self.a @ (self.gain * vector)))
 
     def rmatvec(self, vector: np.ndarray) -> np.ndarray:
         vector = np.asarray(vector, dtype=np.float64)
-        through_base = (self.base.T @ (self.gain_minus_one * vector).astype(np.float32)).astype(np.float64)
-        return through_base + self.scale * (self.a.T @ (self.b.T @ (self.gain * vector)))
+        if self.per == "row":
+            return self._through_base(self.base.T, self.gain_minus_one * vector) \
+                + self.scale * (self.a.T @ (self.b.T @ (self.gain * vector)))
+        return self.gain_minus_one * self._through_base(self.base.T, vector) \
+            + self.gain * (self.scale * (self.a.T @ (self.b.T @ vector)))
 
     def __matmul__(self, vector: np.ndarray) -> np.ndarray:
         return self.matvec(vector)
@@ -2878,6 +2898,29 @@ def _dora_factors(result: AuditResult) -> Dict[str, Tuple[LoraModule, _Factors, 
     return found
 
 
+def _dora_convention(magnitude_shape: Tuple[int, ...], layer: ModuleAudit, kind: str,
+                     module: LoraModule) -> Tuple[Optional[str], float]:
+    """("row" | "column" | None, ε) from the magnitude's stored shape.
+
+    PEFT's lora_magnitude_vector ((out,); a conv's (1, out, 1, 1)) and MLX's m:
+    per output row, no ε.
+    LyCORIS's dora_scale (out, 1[, 1, 1]) per output row, (1, in) per input
+    column (wd_on_output false), both with ε = float32 eps added to the norm
+    (lycoris/functional/general.py _weight_decompose).  A conv normalised per
+    input channel, (1, in, 1, 1), spans several columns of the flattened ΔW.
+    """
+    rows, columns = layer.delta_shape
+    size = math.prod(magnitude_shape)
+    if not module.magnitude_key.endswith(".dora_scale"):  # PEFT (out,) or conv (1, out, 1, 1); MLX (out,)
+        return ("row" if size == rows else None), 0.0
+    epsilon = float(np.finfo(np.float32).eps)
+    if size == rows and magnitude_shape[0] == rows:
+        return "row", epsilon
+    if kind == "linear" and tuple(magnitude_shape) == (1, columns):
+        return "column", epsilon
+    return None, epsilon
+
+
 def _oriented(source: _TensorSource, ref: FactorRef, rank_first: bool) -> np.ndarray:
     values = decode(_stored_matrix(source, ref), source.describe(ref.key)[0])
     return values if (ref.rank_axis == 0) == rank_first else values.T
@@ -2894,11 +2937,13 @@ def dora_effective(layer: ModuleAudit, module: LoraModule, layout: _Factors, sou
     if base.expert is not None or not _is_plain_float(base.storage) or not base.file.endswith(".safetensors"):
         return None, (f"udr: {layer.name}: the effective DoRA update needs W₀ as stored floats "
                       f"({base.stored_name} is {base.storage}); the plain s·B·A UDR is reported")
+    per, epsilon = _dora_convention(source.describe(module.magnitude_key)[1], layer, layout.kind, module)
+    if per is None:
+        return None, (f"udr: {layer.name}: DoRA magnitude of shape {list(source.describe(module.magnitude_key)[1])} "
+                      f"fits neither a norm per output row nor per input column of ΔW {list(layer.delta_shape)}; "
+                      "the plain s·B·A UDR is reported")
     magnitude = source.load(module.magnitude_key).reshape(-1)
     rows, columns = layer.delta_shape
-    if magnitude.size != rows:
-        return None, (f"udr: {layer.name}: DoRA magnitude has {magnitude.size} values for {rows} output rows "
-                      "(not PEFT's per-output-row convention); the plain s·B·A UDR is reported")
     try:
         sf = open_safetensors(base.file)
     except AdapterFormatError as error:
@@ -2910,11 +2955,11 @@ def dora_effective(layer: ModuleAudit, module: LoraModule, layout: _Factors, sou
     if w0.shape != (rows, columns):
         w0 = np.ascontiguousarray(w0.T)  # fan_in_fan_out storage (the shape guard allowed only this)
     a, b = _oriented(source, layout.a, True), _oriented(source, layout.b, False)
-    operator = DoraUpdate(w0, a, b, layer.scale, magnitude)
+    operator = DoraUpdate(w0, a, b, layer.scale, magnitude, per, epsilon)
     if not (np.isfinite(operator.gain).all() and np.isfinite(w0).all()):
         return None, f"udr: {layer.name}: a row of W₀ + s·B·A has zero norm or W₀ is not finite; effective DoRA UDR not computed"
     sigma = base_norms.spectral_norm(operator)
-    change = magnitude / operator.base_row_norms - 1.0
+    change = magnitude / operator.base_norms - 1.0
     return {"dora_effective_sigma_max": sigma.sigma_max, "dora_magnitude_change": _dora_stats(change),
             "converged": sigma.converged}, None
 
@@ -2952,10 +2997,7 @@ def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_no
                         udr_f=layer.delta_fro_norm / (fro + UDR_EPS), sdi=math.log10(udr + UDR_EPS))
         if layer.dora_magnitude is not None:
             effective, problem = None, None
-            if result.adapter_format not in DORA_FORMATS:
-                problem = (f"udr: {layer.name}: the effective DoRA update is computed for PEFT and MLX DoRA "
-                           f"({result.adapter_format} dora_scale has its own convention); the plain s·B·A UDR is reported")
-            elif layer.name not in dora:
+            if layer.name not in dora:
                 problem = f"udr: {layer.name}: DoRA factors could not be re-read; the plain s·B·A UDR is reported"
             elif layer.name not in (lookup.sources or {}):
                 problem = (f"udr: {layer.name}: the effective DoRA update needs W₀ from --base-model "

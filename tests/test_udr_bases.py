@@ -282,6 +282,22 @@ def test_dora_effective_udr_matches_peft_merge(case):
     assert {"udr_dora_effective", "dora_effective_sigma_max", "dora_magnitude_change", "delta_shape"} <= set(row)
 
 
+@pytest.mark.parametrize("case", ["lycoris_dora_out", "lycoris_dora_in"])
+def test_lycoris_dora_per_output_row_or_input_column_matches_lycoris_merge(case):
+    result = gl.audit_lora_peft_dir(UDR / case, base_model=str(UDR / case / "base"))
+    truths = EXPECTED["lycoris_dora"][case]
+    assert {layer.name for layer in result.layers} == set(truths)
+    for layer in result.layers:
+        truth = truths[layer.name]
+        mine = [issue for issue in udr_issues(result) if issue.startswith(f"udr: {layer.name}:")]
+        assert layer.base_sigma_max == pytest.approx(truth["base_sigma_max"], rel=REL)
+        if truth["dora_scale_shape"] == [1, 3, 1, 1]:  # a conv normalised per input channel: several columns
+            assert layer.udr_dora_effective is None and len(mine) == 1 and "fits neither" in mine[0]
+        else:
+            assert mine == []
+            assert layer.udr_dora_effective == pytest.approx(truth["udr_dora_effective"], rel=REL)
+
+
 def test_dora_effective_udr_needs_the_base_weights_not_just_norms(tmp_path):
     norms = tmp_path / "norms.json"
     bn.save_norms(norms, bn.compute_base_norms(UDR / "dora_llama" / "base"))
@@ -313,13 +329,17 @@ def test_dora_operator_never_forms_the_update_yet_equals_it():
     w0 = rng.standard_normal((20, 12)).astype(np.float32)
     a, b, scale = rng.standard_normal((3, 12)), rng.standard_normal((20, 3)), 0.7
     magnitude = np.linalg.norm(w0, axis=1) * (1 + 0.1 * rng.standard_normal(20))
-    operator = gl.DoraUpdate(w0, a, b, scale, magnitude)
     adapted = w0.astype(np.float64) + scale * b @ a
-    dense = (magnitude / np.linalg.norm(adapted, axis=1))[:, None] * adapted - w0
-    vector, other = rng.standard_normal(12), rng.standard_normal(20)
-    assert np.allclose(operator.matvec(vector), dense @ vector, rtol=1e-6, atol=1e-6)
-    assert np.allclose(operator.rmatvec(other), dense.T @ other, rtol=1e-6, atol=1e-6)
-    assert bn.spectral_norm(operator).sigma_max == pytest.approx(np.linalg.norm(dense, 2), rel=REL)
+    columns = np.linalg.norm(w0, axis=0) * (1 + 0.1 * rng.standard_normal(12))
+    for operator, dense in (
+            (gl.DoraUpdate(w0, a, b, scale, magnitude),
+             (magnitude / np.linalg.norm(adapted, axis=1))[:, None] * adapted - w0),
+            (gl.DoraUpdate(w0, a, b, scale, columns, per="column", epsilon=1e-3),
+             adapted * (columns / (np.linalg.norm(adapted, axis=0) + 1e-3))[None, :] - w0)):
+        vector, other = rng.standard_normal(12), rng.standard_normal(20)
+        assert np.allclose(operator.matvec(vector), dense @ vector, rtol=1e-6, atol=1e-6)
+        assert np.allclose(operator.rmatvec(other), dense.T @ other, rtol=1e-6, atol=1e-6)
+        assert bn.spectral_norm(operator).sigma_max == pytest.approx(np.linalg.norm(dense, 2), rel=REL)
 
 
 # ── MoE experts ─────────────────────────────────────────────────────────────

@@ -276,6 +276,51 @@ def make_lycoris_generic(expected):
     expected["lycoris_convnet"] = lycoris_truths(network, paths)
 
 
+def make_lycoris_dora(expected):
+    """LyCORIS DoRA (weight_decompose): dora_scale per output row (wd_on_out) or per input column.
+    Truth: LyCORIS's own get_merged_weight − W₀, as its non-bypass forward applies it (float32, like
+    the library at work: its ε is float32 eps); checked against the forward pass for linear layers."""
+    from lycoris import LycorisNetwork, create_lycoris
+
+    expected["lycoris_dora"] = {}
+    for index, wd_on_out in enumerate((True, False)):
+        name = f"lycoris_dora_{'out' if wd_on_out else 'in'}"
+        torch.manual_seed(40 + index)
+        net = ConvNet()
+        target = fresh(OUT / name)
+        (target / "base").mkdir()
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(target / "base" / "model.safetensors"))
+        # per input column has no flattened-matrix form for a conv: linear layers only there.
+        names = ["conv1", "blocks.0", "blocks.1", "head_proj"] if wd_on_out else ["blocks.0", "blocks.1", "head_proj"]
+        LycorisNetwork.apply_preset({"target_name": names})
+        network = create_lycoris(net, 1.0, algo="lora", linear_dim=3, linear_alpha=1.5, conv_dim=3, conv_alpha=1.5,
+                                 dora_wd=True, wd_on_output=wd_on_out)
+        network.apply_to()
+        gen = torch.Generator().manual_seed(50 + index)
+        for module in network.loras:
+            fill_random([p for n, p in module.named_parameters() if n.startswith(("lora_down", "lora_up"))], gen)
+            with torch.no_grad():
+                module.dora_scale.mul_(1 + 0.2 * torch.randn(module.dora_scale.shape, generator=gen))
+        network.save_weights(str(target / f"{name}.safetensors"), torch.float32, {"ss_network_module": "lycoris.kohya"})
+        truths = {}
+        for module in network.loras:
+            original = module.org_module[0]
+            with torch.no_grad():
+                w0 = original.weight.detach().double().numpy()
+                merged = module.get_merged_weight(multiplier=1)[0].double().numpy()
+                effective = (merged - w0).reshape(w0.shape[0], -1)
+                if isinstance(original, torch.nn.Linear):
+                    eye = torch.eye(original.in_features)
+                    through = (module(eye) - torch.nn.functional.linear(eye, original.weight, original.bias)).T
+                    assert np.allclose(through.double().numpy(), effective, atol=1e-5), module.lora_name
+            w0 = w0.reshape(w0.shape[0], -1)
+            truths[module.lora_name] = {"dora_effective_sigma_max": sigma_max(effective),
+                                        "base_sigma_max": sigma_max(w0),
+                                        "udr_dora_effective": sigma_max(effective) / sigma_max(w0),
+                                        "dora_scale_shape": list(module.dora_scale.shape)}
+        expected["lycoris_dora"][name] = truths
+
+
 # ── shape mismatch: the same adapter against Llama bases of other sizes ──────
 
 def make_mismatched_bases(expected):
@@ -429,6 +474,7 @@ def main():
     expected = {"note": "written by tools/make_udr_fixtures.py from the live libraries; see its docstring"}
     make_diffusion(expected)
     make_lycoris_generic(expected)
+    make_lycoris_dora(expected)
     make_mismatched_bases(expected)
     make_dora(expected)
     make_moe(expected)
