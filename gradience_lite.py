@@ -3531,7 +3531,7 @@ def _udr_notes(result: AuditResult) -> List[str]:
     notes = []
     dora = [layer.udr_dora_effective for layer in result.layers if layer.udr_dora_effective is not None]
     if dora:
-        notes.append(f"    DoRA: the update DoRA applies, m ⊙ (W₀ + s·B·A)/‖·‖_row − W₀, has UDR median "
+        notes.append(f"    DoRA: the update DoRA applies, m ⊙ (W₀ + s·B·A)/‖W₀ + s·B·A‖ − W₀, has UDR median "
                      f"{_fmt(_median(dora))}, max {_fmt(max(dora))} over {len(dora)} modules "
                      "(the UDR above is the plain s·B·A; per module: udr_dora_effective)")
     if result.base_norms_verified is False:
