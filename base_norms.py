@@ -1306,9 +1306,13 @@ def weight_norms(found: Catalog, name: str, *, tol: float = DEFAULT_TOL, max_ite
         record = matrix_norms(values, tol=tol, max_iter=max_iter, seed=seed)
     except AdapterFormatError as error:
         raise AdapterFormatError(f"{weight.file}: {name} {error}") from None
-    main = found.index.get(weight.tensors.get("weight", ""))
-    return dict(record, shape=list(values.shape), storage=weight.storage,
-                dtype=main[1].dtype if main else weight.storage, file=os.path.basename(weight.file))
+    if weight.method == "gguf":
+        dtype = found.sources[weight.file].tensors[weight.tensors["weight"]].type_name
+    else:
+        main = found.index.get(weight.tensors.get("weight") or next(iter(weight.tensors.values()), ""))
+        dtype = main[1].dtype if main else weight.storage
+    return dict(record, shape=list(values.shape), storage=weight.storage, dtype=dtype,
+                file=os.path.basename(weight.file))
 
 
 def tensor_norms(sf: SafetensorsFile, name: str, *, tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER,
