@@ -2097,10 +2097,16 @@ class ModuleAudit:
     max_rank: Optional[int] = None  # upper bound on rank(ΔW) given the factorisation
     lora_e: Optional[Tuple[float, ...]] = None  # AdaLoRA: the stored singular-value-like weights E, as saved
     issues: Tuple[str, ...] = ()
+    # ΔW as the matrix it is added to: (out, in·∏kernel); an embedding's (num_embeddings, dim).
+    delta_shape: Optional[Tuple[int, int]] = None
+    dora_effective_sigma_max: Optional[float] = None  # ‖m ⊙ V/‖V‖_row − W₀‖₂, V = W₀ + s·B·A
+    udr_dora_effective: Optional[float] = None
+    dora_magnitude_change: Optional[Dict[str, float]] = None  # m / ‖W₀‖_row − 1 across output rows
 
     def to_dict(self) -> Dict[str, Any]:
         row = {name: getattr(self, name) for name in self.__dataclass_fields__}
         row["a_shape"], row["b_shape"] = list(self.a_shape), list(self.b_shape)
+        row["delta_shape"] = list(self.delta_shape) if self.delta_shape is not None else None
         row["top_singular_values"] = list(self.top_singular_values) if self.top_singular_values is not None else None
         row["lora_e"] = list(self.lora_e) if self.lora_e is not None else None
         row["issues"] = list(self.issues)
@@ -2312,6 +2318,14 @@ def _factor_layout(module: LoraModule, a_shape: Tuple[int, ...], b_shape: Tuple[
     return None, f"factor shapes A{list(a_shape)} / B{list(b_shape)} are not a known LoRA layout"
 
 
+def _delta_shape(layout: _Factors) -> Tuple[int, int]:
+    """ΔW's matrix shape from the factor refs: in is A's long side, out is B's."""
+    columns = layout.a.shape[1 - layout.a.rank_axis]
+    rows = layout.b.shape[1 - layout.b.rank_axis]
+    # PEFT's embedding update is (B·A)ᵀ: (num_embeddings, dim), the embedding weight's own shape.
+    return (columns, rows) if layout.kind == "embedding" else (rows, columns)
+
+
 def _dora_stats(values: np.ndarray) -> Dict[str, float]:
     return {"size": int(values.size), "mean": float(values.mean()), "std": float(values.std()),
             "min": float(values.min()), "max": float(values.max())} if values.size else {"size": 0}
@@ -2333,6 +2347,7 @@ class _PreparedModule(NamedTuple):
     gram_b: Optional[np.ndarray]  # Bᵀ·B (r×r)
     bias_norm: Optional[float]
     magnitude: Optional[Dict[str, float]]
+    delta_shape: Optional[Tuple[int, int]] = None  # computed families; stored factors: from the layout
     tall: Optional[Tuple[np.ndarray, np.ndarray]] = None  # computed factors (Aᵀ, B), for the QR fallback
     sigma: Optional[np.ndarray] = None  # a spectrum computed directly (LoKr, dense fallback)
     lora_e: Optional[Tuple[float, ...]] = None
@@ -2627,7 +2642,7 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
         return None, [problem]
     try:
         with np.errstate(over="ignore", invalid="ignore"):
-            built = FAMILY_BUILDERS[module.family](values, module)
+            built = FAMILY_BUILDERS[module.family](values, module).with_shape()
     except (FactorsUnavailable, ResourceCapExceeded) as error:
         return None, [f"{name}: {error}; not audited"]
     except (KeyError, ValueError, IndexError) as error:
@@ -2648,7 +2663,7 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
     rank = built.rank if built.rank is not None else (scale.config_r or built.max_rank)
     common = dict(module=module, layout=layout, a_shape=a_shape, b_shape=b_shape, dtype="/".join(dtypes),
                   params=params, scale=scale, r=rank, max_rank=built.max_rank, bias_norm=bias_norm,
-                  magnitude=magnitude, lora_e=built.lora_e)
+                  magnitude=magnitude, lora_e=built.lora_e, delta_shape=built.shape)
     if built.sigma is not None:
         return _PreparedModule(gram_a=None, gram_b=None, sigma=built.sigma, **common), []
     if inner > min(built.a.shape[1], built.b.shape[0]) or inner > MAX_RANK:
@@ -2674,6 +2689,12 @@ class _Built(NamedTuple):
     b: Optional[np.ndarray] = None  # m×r
     sigma: Optional[np.ndarray] = None
     lora_e: Optional[Tuple[float, ...]] = None  # AdaLoRA's E, reported as stored
+    shape: Optional[Tuple[int, int]] = None  # ΔW as a matrix
+
+    def with_shape(self) -> "_Built":
+        if self.shape is None and self.a is not None:
+            return self._replace(shape=(self.b.shape[0], self.a.shape[1]))
+        return self
 
 
 class FactorsUnavailable(ValueError):
@@ -2723,7 +2744,8 @@ def _loha(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
     max_rank = min(inner, w1a.shape[0], w1b.shape[1])
     if inner >= min(w1a.shape[0], w1b.shape[1]) or inner > MAX_RANK:  # the r² route would be larger than ΔW
         check_dense((w1a.shape[0], w1b.shape[1]), "LoHa's dense ΔW", svd=True)
-        return _Built(kind, rank, max_rank, sigma=_dense_sigma((w1a @ w1b) * (w2a @ w2b)))
+        return _Built(kind, rank, max_rank, sigma=_dense_sigma((w1a @ w1b) * (w2a @ w2b)),
+                      shape=(w1a.shape[0], w1b.shape[1]))
     check_dense((w1a.shape[0] + w1b.shape[1], inner), "LoHa's Khatri–Rao factors")
     p = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], inner)
     q = (w1b[:, None, :] * w2b[None, :, :]).reshape(inner, w1b.shape[1])
@@ -2747,30 +2769,31 @@ def _lokr(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
     # W2 viewed as (c, d·∏kernel) — the same column order torch.kron gives a conv.
     if "lokr_w1" in values:
         sigma1, cap1 = _dense_sigma(_matrix(values["lokr_w1"])), min(values["lokr_w1"].shape[:2])
-        rank = None
+        rank, shape1 = None, _matrix(values["lokr_w1"]).shape
     else:
         w1a, w1b = values["lokr_w1_a"], values["lokr_w1_b"]
         sigma1, cap1 = lowrank_singular_values(w1b, w1a), min(w1a.shape[0], w1b.shape[1], w1a.shape[1])
-        rank = w1a.shape[1]
+        rank, shape1 = w1a.shape[1], (w1a.shape[0], w1b.shape[1])
     kernel = ()
     if "lokr_w2" in values:
         w2 = values["lokr_w2"]
-        kernel = w2.shape[2:]
+        kernel, shape2 = w2.shape[2:], _matrix(w2).shape
         sigma2, cap2 = _dense_sigma(_matrix(w2)), min(w2.shape[0], math.prod(w2.shape[1:]))
     elif "lokr_t2" in values:  # Tucker: W2 = t2 ×₁ w2_a ×₂ w2_b (LyCORIS rebuild_tucker), as a low-rank product
         t2 = values["lokr_t2"]
         p, q = _tucker_product(t2, values["lokr_w2_a"], values["lokr_w2_b"])
-        kernel = t2.shape[2:]
+        kernel, shape2 = t2.shape[2:], (p.shape[0], q.shape[1])
         sigma2, cap2 = lowrank_singular_values(q, p), min(p.shape[0], q.shape[1], p.shape[1])
         rank = values["lokr_w2_a"].shape[0]
     else:
         w2a, w2b = values["lokr_w2_a"], _matrix(values["lokr_w2_b"])
         sigma2, cap2 = lowrank_singular_values(w2b, w2a), min(w2a.shape[0], w2b.shape[1], w2a.shape[1])
         rank = w2a.shape[1]
-        kernel = values["lokr_w2_b"].shape[2:]
+        kernel, shape2 = values["lokr_w2_b"].shape[2:], (w2a.shape[0], w2b.shape[1])
     check_dense((sigma1.size, sigma2.size), "LoKr's Kronecker spectrum")
     sigma = np.sort(np.outer(sigma1, sigma2).ravel())[::-1]
-    return _Built("conv" if kernel else "linear", rank, cap1 * cap2, sigma=sigma)
+    return _Built("conv" if kernel else "linear", rank, cap1 * cap2, sigma=sigma,
+                  shape=(shape1[0] * shape2[0], shape1[1] * shape2[1]))
 
 
 def _adalora(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
@@ -2781,7 +2804,7 @@ def _adalora(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
         raise ValueError(f"lora_A {list(a.shape)}, lora_E {list(e.shape)}, lora_B {list(b.shape)} are not r×in, r×1, out×r")
     weights = tuple(float(v) for v in e.reshape(-1))
     if a.shape[0] == 0:
-        return _Built("linear", 0, 0, sigma=np.zeros(1), lora_e=weights)
+        return _Built("linear", 0, 0, sigma=np.zeros(1), lora_e=weights, shape=(b.shape[0], a.shape[1]))
     return _Built("linear", a.shape[0], a.shape[0], a=e.reshape(-1, 1) * a, b=b, lora_e=weights)
 
 
@@ -2876,6 +2899,7 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         r=rank, config_r=scale.config_r, alpha=scale.alpha, scale=scale.scale, scale_rule=scale.scale_rule,
         rank_pattern_key=scale.rank_pattern_key, alpha_pattern_key=scale.alpha_pattern_key,
         params=item.params, a_shape=item.a_shape, b_shape=item.b_shape,
+        delta_shape=item.delta_shape if item.delta_shape is not None or item.layout.a is None else _delta_shape(item.layout),
         dtype=item.dtype, lora_a_key=item.module.a_key, lora_b_key=item.module.b_key,
         stable_rank=spectrum.stable_rank, effective_rank=spectrum.effective_rank, utilization=utilization,
         sigma_max=spectrum.sigma_max, frob_sq=spectrum.frob_sq,
@@ -2967,6 +2991,7 @@ class AuditResult:
     config: AdapterConfig = field(default_factory=AdapterConfig)
     format_metadata: Dict[str, str] = field(default_factory=dict)  # kohya ss_* training metadata
     udr_requested: bool = False
+    base_norms_verified: Optional[bool] = None  # see attach_udr: True checked against the base, False on trust
 
     def summary(self, percentile: str = "linear") -> Dict[str, Any]:
         """The summary statistics; ``percentile`` is the rule for UDR / SDI
@@ -3004,6 +3029,7 @@ class AuditResult:
             "sdi_p90": _percentile(sdi, 90, percentile),
             "fraction_udr_gt_0_1": sum(u > 0.1 for u in udr) / len(udr) if udr else None,
             "fraction_udr_gt_0_3": sum(u > 0.3 for u in udr) / len(udr) if udr else None,
+            "base_norms_verified": self.base_norms_verified,
         }
 
     def to_summary_dict(self, include_layers: bool = False, topk_layers: Optional[int] = None, *,
@@ -3341,6 +3367,82 @@ def base_module_name(module_name: str, replication: Mapping[int, int]) -> str:
     return module_name[:match.start(1)] + str(replication[int(match.group(1))]) + module_name[match.end(1):]
 
 
+# The base side names one expert of a fused experts tensor "<parameter>[e]"
+# (slice e along axis 0); the audit names one expert's update "<module>[e]"
+# (MLX SwitchLinear, PEFT target_parameters).
+_EXPERT_SUFFIX = re.compile(r"^(?P<path>.+)\[(?P<index>\d+)\]$")
+
+# mlx-lm stacks a Hugging Face checkpoint's experts.<e>.<proj> into
+# switch_mlp.<proj> (its models' sanitize()); against a per-expert base, an MLX
+# expert update looks for the weight under the Hugging Face name.
+_EXPERT_CONTAINERS = {"switch_mlp": "experts"}
+
+# kohya-ss/sd-scripts and LyCORIS flatten a module path with underscores under
+# a prefix that names the sub-model.  The base keeps each sub-model under a
+# container: a diffusers pipeline folder, or a prefix of a single-file
+# checkpoint, possibly followed by the model's own wrapper (…transformer.text_model);
+# "" is a base that is that sub-model alone (a unet/ folder, a Flux
+# transformer file).  sd-scripts: lora_te1/te2 = CLIP-L / CLIP-G (SDXL, SD3),
+# lora_te3 = T5 (SD3; Flux, whose diffusers pipeline keeps T5 in text_encoder_2).
+# None: LyCORIS on an arbitrary model, any container.
+_KOHYA_CONTAINERS: Tuple[Tuple[str, Optional[Tuple[str, ...]]], ...] = (
+    ("lora_unet_", ("unet", "transformer", "model.diffusion_model", "")),
+    ("lora_te1_", ("text_encoder", "conditioner.embedders.0.transformer", "text_encoders.clip_l.transformer")),
+    ("lora_te2_", ("text_encoder_2", "conditioner.embedders.1.model", "text_encoders.clip_g.transformer")),
+    ("lora_te3_", ("text_encoder_3", "text_encoder_2", "text_encoders.t5xxl.transformer")),
+    ("lora_te_", ("text_encoder", "cond_stage_model.transformer", "")),
+    ("lycoris_", None),
+)
+
+
+def _parameter_path(parameter: str) -> str:
+    """``a.b.weight`` → ``a.b``; ``a.b.weight[3]`` → ``a.b[3]`` (an expert slice keeps its index)."""
+    expert = _EXPERT_SUFFIX.match(parameter)
+    path, suffix = (expert["path"], f"[{expert['index']}]") if expert else (parameter, "")
+    return (path[:-len(".weight")] if path.endswith(".weight") else path) + suffix
+
+
+def _dotted_candidates(module: str, by_last: Mapping[str, List[Tuple[str, str]]]) -> List[str]:
+    """``<module>.weight`` exactly, else the candidates sharing the longest dot-aligned tail with it."""
+    candidates = [(path, parameter) for path, parameter in by_last.get(module.rsplit(".", 1)[-1], [])
+                  if path == module or path.endswith("." + module) or module.endswith("." + path)]
+    exact = [parameter for path, parameter in candidates if path == module]
+    if exact or not candidates:
+        return exact[:1]
+    longest = max(min(len(path), len(module)) for path, _ in candidates)
+    return [parameter for path, parameter in candidates if min(len(path), len(module)) == longest]
+
+
+def _per_expert_name(path: str, index: str) -> str:
+    """``….experts.w1`` + 3 → ``….experts.3.w1`` (Mixtral-style per-expert weights)."""
+    head, _, leaf = path.rpartition(".")
+    parent, _, container = head.rpartition(".")
+    return ".".join(part for part in (parent, _EXPERT_CONTAINERS.get(container, container), index, leaf) if part)
+
+
+def _flat_index(paths: Iterable[Tuple[str, str]]) -> Dict[str, List[Tuple[str, str]]]:
+    """underscore-joined dot-aligned tail → [(container before it, parameter)]."""
+    index: Dict[str, List[Tuple[str, str]]] = {}
+    for path, parameter in paths:
+        if _EXPERT_SUFFIX.match(path):
+            continue
+        parts = path.split(".")
+        for cut in range(len(parts)):
+            index.setdefault("_".join(parts[cut:]), []).append((".".join(parts[:cut]), parameter))
+    return index
+
+
+def _flat_candidates(module: str, prefix: str, containers: Optional[Tuple[str, ...]],
+                     flat: Mapping[str, List[Tuple[str, str]]]) -> List[str]:
+    hits = flat.get(module[len(prefix):], [])
+    if containers is not None:
+        return [parameter for container, parameter in hits
+                if any(container == allowed or (allowed and container.startswith(allowed + "."))
+                       for allowed in containers)]
+    top_level = [parameter for container, parameter in hits if not container]
+    return top_level or [parameter for _, parameter in hits]
+
+
 def match_base_parameters(module_names: Iterable[str], parameter_names: Iterable[str]
                           ) -> Tuple[Dict[str, str], List[str]]:
     """Map each module to its base weight's parameter name.
@@ -3349,37 +3451,167 @@ def match_base_parameters(module_names: Iterable[str], parameter_names: Iterable
     exactly, or else the candidates whose names share a dot-aligned tail with
     it (one name is the other plus wrapper prefixes such as ``model.``,
     ``transformer.``, ``bert.``); the longest shared tail must be unique.
+    An expert ``<module>[e]`` matches ``<parameter>[e]`` (a slice of a fused
+    experts tensor) or else the per-expert weight ``….experts.<e>.<leaf>``.
+    kohya / LyCORIS names (``lora_unet_down_blocks_0_…``) are compared in
+    underscore space with every dot-aligned tail of every parameter path, under
+    the containers their prefix allows (see ``_KOHYA_CONTAINERS``); ambiguity
+    is reported, never guessed.
     """
     by_last: Dict[str, List[Tuple[str, str]]] = {}
+    paths: List[Tuple[str, str]] = []
     for parameter in parameter_names:
         if parameter.endswith(".bias"):
             continue
-        path = parameter[:-len(".weight")] if parameter.endswith(".weight") else parameter
+        path = _parameter_path(parameter)
+        paths.append((path, parameter))
         by_last.setdefault(path.rsplit(".", 1)[-1], []).append((path, parameter))
+    flat: Optional[Dict[str, List[Tuple[str, str]]]] = None  # built for the first kohya name only
     matches: Dict[str, str] = {}
     issues: List[str] = []
+    ldm_unet_refused = 0
     for module in module_names:
-        candidates = [(path, parameter) for path, parameter in by_last.get(module.rsplit(".", 1)[-1], [])
-                      if path == module or path.endswith("." + module) or module.endswith("." + path)]
-        exact = [parameter for path, parameter in candidates if path == module]
-        if exact:
-            matches[module] = exact[0]
-            continue
-        if not candidates:
-            issues.append(f"udr: {module}: no base weight named like it; UDR not computed")
-            continue
-        longest = max(min(len(path), len(module)) for path, _ in candidates)
-        best = [parameter for path, parameter in candidates if min(len(path), len(module)) == longest]
+        kohya = next(((prefix, containers) for prefix, containers in _KOHYA_CONTAINERS
+                      if "." not in module and module.startswith(prefix)), None)
+        where = ""
+        if kohya is not None:
+            flat = _flat_index(paths) if flat is None else flat
+            best = _flat_candidates(module, kohya[0], kohya[1], flat)
+            if not best:
+                within = "any container" if kohya[1] is None else \
+                    ", ".join(container or "<top level>" for container in kohya[1])
+                where = f" ({module[len(kohya[0]):]!r} looked for under {within})"
+                ldm_unet_refused += kohya[0] == "lora_unet_" and module[len(kohya[0]):].startswith(
+                    ("down_blocks_", "up_blocks_", "mid_block_"))
+        else:
+            best = _dotted_candidates(module, by_last)
+            expert = _EXPERT_SUFFIX.match(module)
+            if not best and expert:
+                best = _dotted_candidates(_per_expert_name(expert["path"], expert["index"]), by_last)
         if len(best) == 1:
             matches[module] = best[0]
+        elif not best:
+            issues.append(f"udr: {module}: no base weight named like it{where}; UDR not computed")
         else:
             issues.append(f"udr: {module}: ambiguous base weight ({', '.join(sorted(best)[:4])}); UDR not computed")
+    if ldm_unet_refused and any(path.startswith("model.diffusion_model.input_blocks.") for path, _ in paths):
+        issues.append(f"udr: {ldm_unet_refused} kohya unet modules use diffusers names (down_blocks_…) while the "
+                      "base is an original-layout single file (model.diffusion_model.input_blocks…); sd-scripts "
+                      "names SD 1.x/2.x LoRAs after the diffusers UNet: pass the diffusers unet folder as the base")
     return matches, issues
 
+
+# ── UDR: the shape and storage guard ────────────────────────────────────────
+# A base weight of another model size, a GQA base with another number of KV
+# heads, or quantized bytes read as numbers would all give a UDR that looks
+# plausible.  A base weight is used only when it is stored as floating-point
+# numbers (or by a quantization base_norms decodes) and its matrix shape equals
+# ΔW's.
+
+# Tensors that travel with a quantized weight (bitsandbytes, FP8 block scales,
+# compressed-tensors, GPTQ/AWQ, gpt-oss MXFP4).  While the base side lists them,
+# it does not decode the weight: the listed bytes are not the weight's values.
+_QUANTIZATION_COMPANIONS = (".weight.absmax", ".weight.quant_map", ".weight.nested_absmax", ".weight.nested_quant_map",
+                            ".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4", ".SCB",
+                            ".weight_format", ".weight_scale", ".weight_scale_inv", ".weight_scale_2",
+                            ".weight_zero_point", ".weight_global_scale", ".weight_packed", ".weight_shape",
+                            ".qweight", ".qzeros", ".scales", ".g_idx", "_blocks", "_scales")
+
+
+class BaseWeight(NamedTuple):
+    """A base weight as the base's headers (or a norms record) describe it."""
+
+    shape: Optional[Tuple[int, ...]]  # the logical shape; for "<parameter>[e]" the expert's slice
+    storage: Optional[str]  # safetensors dtype, or the quantization the base side decodes
+    file: Optional[str] = None
+    expert: Optional[int] = None
+    stored_name: Optional[str] = None  # the tensor's name in ``file`` (without a pipeline component prefix)
+
+
+def _listed_weight(value: Any) -> Tuple[str, Tuple[int, ...], str]:
+    """(file, shape, storage) from a ``base_norms.list_parameters`` value: a (file, shape, dtype)
+    tuple, or a record with ``file`` / ``shape`` / ``storage`` attributes."""
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return value[0], tuple(value[1]), value[2]
+    storage = getattr(value, "storage", None) or getattr(value, "dtype", None)
+    return getattr(value, "file", None), tuple(getattr(value, "shape")), storage
+
+
+def _expert_slices(catalogue: Dict[str, BaseWeight]) -> Dict[str, BaseWeight]:
+    """``<parameter>[e]`` for every 3-D parameter: one expert of a fused experts tensor."""
+    slices = {}
+    for name, weight in catalogue.items():
+        if weight.shape is not None and len(weight.shape) == 3 and weight.expert is None:
+            for index in range(weight.shape[0]):
+                slices[f"{name}[{index}]"] = weight._replace(shape=weight.shape[1:], expert=index)
+    return slices
+
+
+def _is_plain_float(storage: Optional[str]) -> bool:
+    return storage is not None and storage in DTYPES and DTYPES[storage].is_float
+
+
+def storage_problem(module: str, parameter: str, weight: BaseWeight, companions: Sequence[str] = ()) -> Optional[str]:
+    """Why the stored values of this base weight are not its values, or None."""
+    if companions:
+        return (f"udr: {module}: base weight {parameter} is quantized ({', '.join(sorted(companions)[:4])} "
+                f"present) and is not decoded here; UDR not computed")
+    if weight.storage is not None and weight.storage in DTYPES and not DTYPES[weight.storage].is_float:
+        return (f"udr: {module}: base weight {parameter} is stored as {weight.storage} (integer / packed, "
+                f"not the weight's values); UDR not computed")
+    return None
+
+
+def base_weight_problem(module: str, parameter: str, delta_shape: Optional[Sequence[int]], weight: BaseWeight,
+                        *, transposed_storage: bool, companions: Sequence[str] = ()) -> Optional[str]:
+    """Why this base weight cannot be the one ΔW is added to, or None.
+
+    ``transposed_storage``: the base keeps the weight as (in, out) — PEFT's
+    ``fan_in_fan_out`` (GPT-2 Conv1D) — or, for one expert of a fused experts
+    tensor, in either orientation (gpt-oss stores (E, in, out), others
+    (E, out, in); PEFT's ParamWrapper follows the storage).  σ is the same
+    for W and Wᵀ, so only the sizes are at stake.
+    """
+    problem = storage_problem(module, parameter, weight, companions)
+    if problem:
+        return problem
+    if delta_shape is None:
+        return f"udr: {module}: the update's matrix shape is unknown, so the base weight cannot be checked; UDR not computed"
+    if weight.shape is None:
+        return None  # a norms record without a shape: counted and reported once by the caller
+    if len(weight.shape) < 2:
+        return f"udr: {module}: base weight {parameter} is {list(weight.shape)}, not a matrix; UDR not computed"
+    matrix = (weight.shape[0], math.prod(weight.shape[1:]))
+    delta = tuple(delta_shape)
+    if matrix == delta or (transposed_storage and matrix == delta[::-1]):
+        return None
+    shown = list(weight.shape) if len(weight.shape) == 2 else f"{list(weight.shape)} (as a matrix {list(matrix)})"
+    return (f"udr: {module}: base weight {parameter} has shape {shown} but the update ΔW is {list(delta)}; "
+            "UDR not computed (a base of another size or layout?)")
+
+
+def quantization_companions(names: Iterable[str]) -> Dict[str, List[str]]:
+    """module path → the quantization companions listed for its weight."""
+    owners: Dict[str, List[str]] = {}
+    for name in names:
+        suffix = next((suffix for suffix in _QUANTIZATION_COMPANIONS if name.endswith(suffix)), None)
+        if suffix is not None and len(name) > len(suffix):
+            owners.setdefault(name[:-len(suffix)], []).append(name)
+    return owners
+
+
+def _owner_path(parameter: str) -> str:
+    path = _EXPERT_SUFFIX.sub(r"\g<path>", parameter)
+    return path[:-len(".weight")] if path.endswith(".weight") else path
+
+
+# ── UDR: the base checkpoint, its components and its norms ──────────────────
 
 class BaseNorms(NamedTuple):
     norms: Dict[str, Tuple[float, float]]  # module name → (σ_max, ‖W‖_F)
     issues: List[str]
+    verified: Optional[bool] = None  # norms computed from / checked against the base; False: taken on trust
+    sources: Optional[Dict[str, BaseWeight]] = None  # module → the base weight its norms came from
 
 
 # A norms file holds two numbers per base weight: a 405B model's is a few MB.
@@ -3432,13 +3664,147 @@ def _weight_map_escape(root: str) -> Optional[str]:
     return None
 
 
+def base_components(base_model: str) -> List[Tuple[str, Any]]:
+    """(component, checkpoint) pairs: one unnamed checkpoint, or the component
+    folders of a diffusers pipeline (``unet/``, ``text_encoder/``…), whose
+    parameters are then named ``<component>.<parameter>`` — the names a
+    diffusers LoRA gives its modules."""
+    import base_norms
+
+    try:
+        return [("", base_norms.resolve_base(base_model))]
+    except AdapterFormatError:
+        root = Path(base_model).expanduser()
+        folders = [name for name in DIFFUSERS_COMPONENTS if (root / name).is_dir()] if root.is_dir() else []
+        components = []
+        for name in folders:
+            try:
+                components.append((name, base_norms.resolve_base(root / name)))
+            except AdapterFormatError:
+                continue  # a component without safetensors weights (e.g. only pickles): nothing to match
+        if not components:
+            raise
+        return components
+
+
+def _named(component: str, name: str) -> str:
+    return f"{component}.{name}" if component else name
+
+
+def _component_view(document: Optional[Dict[str, Any]], component: str) -> Optional[Dict[str, Any]]:
+    """A combined norms document seen from one component (names without its prefix)."""
+    if document is None or not component:
+        return document
+    head = component + "/"
+    files = {key[len(head):]: value for key, value in document.get("files", {}).items() if key.startswith(head)}
+    norms = {name[len(component) + 1:]: dict(record, file=str(record.get("file", ""))[len(head):])
+             for name, record in document.get("norms", {}).items()
+             if name.startswith(component + ".") and str(record.get("file", "")).startswith(head)}
+    return dict(document, files=files, norms=norms)
+
+
+def _fingerprints(components: Sequence[Tuple[str, Any]]) -> Dict[str, Optional[Dict[str, Any]]]:
+    """file key → its fingerprint (None for a file that is not safetensors: then nothing matches it)."""
+    import base_norms
+
+    def fingerprint(file: str) -> Optional[Dict[str, Any]]:
+        try:
+            return base_norms.fingerprint(open_safetensors(file))
+        except AdapterFormatError:
+            return None
+
+    return {(f"{component}/" if component else "") + os.path.basename(file): fingerprint(file)
+            for component, checkpoint in components for file in checkpoint.files}
+
+
+def _expert_slice_norms(file: str, parameter: str, index: int) -> Dict[str, Any]:
+    """σ_max and ‖W‖_F of one expert of a fused experts tensor: only that slice is decoded."""
+    import base_norms
+
+    sf = open_safetensors(file)
+    info = sf.tensors[parameter]
+    if info.problem is not None:
+        raise AdapterFormatError(f"{file}: tensor {parameter!r}: {info.problem}")
+    values = decode(raw_view(sf, info)[index], info.dtype, np.float32)
+    release_pages(sf, info)
+    matrix = base_norms.as_matrix(values)
+    fro_norm = base_norms.frobenius_norm(matrix)
+    if not math.isfinite(fro_norm):
+        raise AdapterFormatError(f"{file}: tensor {parameter!r} expert {index} contains NaN/Inf")
+    result = base_norms.spectral_norm(matrix)
+    return {"sigma_max": result.sigma_max, "fro_norm": fro_norm, "shape": list(values.shape), "dtype": info.dtype,
+            "iterations": result.iterations, "converged": result.converged, "file": os.path.basename(file)}
+
+
+def _compute_component(component: str, checkpoint: Any, names: Sequence[str], catalogue: Mapping[str, BaseWeight],
+                       cache: Optional[Dict[str, Any]], progress: Optional[Callable[[str], None]]) -> Dict[str, Any]:
+    """base_norms.compute_base_norms over one component, names and files namespaced by it.
+
+    Expert slices the base side does not compute itself (it names them
+    ``<parameter>[e]`` too) are computed here from the slice alone.
+    """
+    import base_norms
+
+    local = [name[len(component) + 1:] if component else name for name in names]
+    document = base_norms.compute_base_norms(checkpoint, local, existing=_component_view(cache, component),
+                                             progress=progress)
+    for name in list(document["errors"]):
+        expert = _EXPERT_SUFFIX.match(name)
+        weight = catalogue.get(_named(component, name))
+        if expert and weight is not None and weight.file is not None and "not found" in document["errors"][name]:
+            try:
+                document["norms"][name] = _expert_slice_norms(weight.file, expert["path"], int(expert["index"]))
+                del document["errors"][name]
+            except AdapterFormatError as error:
+                document["errors"][name] = str(error)
+    if not component:
+        return document
+    head = component + "/"
+    return dict(document,
+                files={head + key: value for key, value in document["files"].items()},
+                norms={_named(component, name): dict(record, file=head + str(record.get("file", "")))
+                       for name, record in document["norms"].items()},
+                errors={_named(component, name): error for name, error in document["errors"].items()},
+                stale_files=[head + key for key in document.get("stale_files", [])])
+
+
+def _merged_documents(documents: Sequence[Dict[str, Any]], base: str) -> Dict[str, Any]:
+    if len(documents) == 1:
+        return documents[0]
+    merged = dict(documents[0], base=base, files={}, norms={}, errors={}, stale_files=[])
+    for document in documents:
+        for key in ("files", "norms", "errors"):
+            merged[key].update(document[key])
+        merged["stale_files"].extend(document.get("stale_files", []))
+    return merged
+
+
+def _trusted_norms_file(document: Dict[str, Any], current: Mapping[str, Any], path: str, base_model: str,
+                        issues: List[str]) -> bool:
+    """A norms file is used with a base only when it was computed from that base's very files."""
+    listed = document.get("files") or {}
+    differing = sorted(key for key, value in listed.items() if current.get(key) is None or current[key] != value)
+    if listed and not differing:
+        return True
+    reason = f"its fingerprints differ for {', '.join(differing[:4])}" if listed else "it carries no file fingerprints"
+    issues.append(f"udr: --base-norms {path} was not computed from --base-model {base_model} ({reason}); "
+                  "not used, the norms were recomputed from the base")
+    return False
+
+
 def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str] = None,
                        norms_file: Optional[str] = None, cache_file: Optional[str] = None,
-                       layer_replication: Any = None, progress: Optional[Callable[[str], None]] = None) -> BaseNorms:
+                       layer_replication: Any = None, progress: Optional[Callable[[str], None]] = None,
+                       delta_shapes: Optional[Mapping[str, Optional[Sequence[int]]]] = None,
+                       fan_in_fan_out: bool = False) -> BaseNorms:
     """Base σ_max and ‖W‖_F for each module, from a norms file, a cache, or the checkpoint.
 
-    Only the base tensors of adapted modules are read.  Never raises for a
-    missing/damaged base or cache: those become issues and null UDR fields.
+    Only the base tensors of adapted modules are read.  With ``delta_shapes``
+    (module → ΔW's matrix shape) every match passes the shape and storage guard
+    (:func:`base_weight_problem`).  A norms file is used next to a base only if
+    its fingerprints are that base's; without a base its norms are used
+    unverified (``verified`` False).  Never raises for a missing/damaged base
+    or cache: those become issues and null UDR fields.
     """
     import base_norms  # only audits that ask for UDR pay for it
 
@@ -3449,31 +3815,82 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
     replication = _layer_replication_map(layer_replication)
     wanted = {module: base_module_name(module, replication) for module in module_names}
     records: Dict[str, Dict[str, Any]] = {}
-    if norms_file:
-        document = _load_norms_file(norms_file, "--base-norms", issues)
-        records.update(document["norms"] if document else {})
-    checkpoint = None
+    components: List[Tuple[str, Any]] = []
+    catalogue: Dict[str, BaseWeight] = {}
     if base_model:
         try:
-            checkpoint = base_norms.resolve_base(base_model)
-            escape = _weight_map_escape(checkpoint.root) if Path(checkpoint.root).is_dir() else None
-            if escape:
-                raise AdapterFormatError(escape)
-            parameters = list(base_norms.list_parameters(checkpoint))
+            components = base_components(base_model)
+            for component, checkpoint in components:
+                escape = _weight_map_escape(checkpoint.root) if Path(checkpoint.root).is_dir() else None
+                if escape:
+                    raise AdapterFormatError(escape)
+                for name, value in base_norms.list_parameters(checkpoint).items():
+                    file, shape, storage = _listed_weight(value)
+                    catalogue[_named(component, name)] = BaseWeight(shape, storage, file, stored_name=name)
         except AdapterFormatError as error:
             issues.append(f"udr: {error}")
-            checkpoint = None
+            components, catalogue = [], {}
+    if norms_file:
+        document = _load_norms_file(norms_file, "--base-norms", issues)
+        if document is not None and (not components or _trusted_norms_file(
+                document, _fingerprints(components), norms_file, base_model, issues)):
+            records.update(document["norms"])
     cache = None
     if cache_file and Path(cache_file).exists():
         cache = _load_norms_file(cache_file, "--base-norms-cache", issues)
-        if cache is not None and checkpoint is None:
+        if cache is not None and not components:
             records.update(cache["norms"])
-    if checkpoint is None and cache_file and not base_model and cache is None:
+    if not components and cache_file and not base_model and cache is None:
         issues.append(f"udr: --base-norms-cache {cache_file} does not exist and no --base-model to compute it from")
-    if checkpoint is not None:
-        matches, match_issues = match_base_parameters(sorted(set(wanted.values())), parameters)
-        needed = sorted(set(matches.values()) - set(records))
-        computed = base_norms.compute_base_norms(checkpoint, needed, existing=cache, progress=progress)
+    companions = quantization_companions(catalogue)
+    if components:
+        if any(_EXPERT_SUFFIX.match(name) for name in wanted.values()):
+            catalogue.update(_expert_slices(catalogue))
+        # A weight stored only as packed blocks (weight_packed, qweight, gpt-oss *_blocks) is still named
+        # after its module: matched, then refused by its storage instead of "no base weight named like it".
+        packed = {owner: BaseWeight(None, "quantized") for owner in companions
+                  if owner not in catalogue and owner + ".weight" not in catalogue}
+        # … and so is one expert of packed fused experts (gpt-oss MXFP4 gate_up_proj_blocks / _scales).
+        packed.update({target: BaseWeight(None, "quantized") for target in wanted.values()
+                       if _EXPERT_SUFFIX.match(target) and _owner_path(target) in packed})
+        candidates = {**catalogue, **packed}
+    else:
+        candidates = {name: BaseWeight(tuple(record["shape"]) if isinstance(record.get("shape"), list) else None,
+                                       record.get("storage") or record.get("dtype")) for name, record in records.items()}
+    matches, match_issues = match_base_parameters(sorted(set(wanted.values())), candidates)
+    issues.extend(match_issues)
+
+    refused: set = set()
+    unchecked: List[str] = []
+    for module, base_name in sorted(wanted.items()):
+        parameter = matches.get(base_name)
+        if parameter is None:
+            continue
+        weight = candidates[parameter]
+        listed = companions.get(_owner_path(parameter), ())
+        if delta_shapes is None:  # the API called with names only: the storage is still checked
+            problem = storage_problem(module, parameter, weight, listed)
+        else:
+            problem = base_weight_problem(module, parameter, delta_shapes.get(module), weight, companions=listed,
+                                          transposed_storage=fan_in_fan_out or _EXPERT_SUFFIX.match(parameter) is not None)
+        if problem:
+            issues.append(problem)
+            refused.add(module)
+        elif weight.shape is None and delta_shapes is not None:
+            unchecked.append(module)
+    if unchecked:
+        issues.append(f"udr: {len(unchecked)} base norms records carry no shape (e.g. for {unchecked[0]}); "
+                      "their shapes could not be checked against ΔW")
+
+    if components:
+        by_component: Dict[str, List[str]] = {}
+        used = {matches[base_name] for module, base_name in wanted.items() if base_name in matches and module not in refused}
+        for parameter in sorted(used - set(records)):
+            component = next((c for c, _ in components if c and parameter.startswith(c + ".")), "")
+            by_component.setdefault(component, []).append(parameter)
+        computed = _merged_documents([_compute_component(component, checkpoint, by_component.get(component, []),
+                                                         catalogue, cache, progress)
+                                      for component, checkpoint in components], base_model)
         if computed["stale_files"] or (cache is not None and cache["norms"] and not cache.get("files")):
             issues.append(f"udr: --base-norms-cache {cache_file} does not match this base's files "
                           f"({', '.join(computed['stale_files']) or 'no fingerprints'}); its norms were recomputed")
@@ -3487,32 +3904,212 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
                 base_norms.update_cache(cache_file, computed)
             except OSError as error:
                 issues.append(f"udr: --base-norms-cache {cache_file}: cannot write ({error.strerror or error})")
-    else:
-        matches, match_issues = match_base_parameters(sorted(set(wanted.values())), records)
-    issues.extend(match_issues)
 
     norms: Dict[str, Tuple[float, float]] = {}
+    sources: Dict[str, BaseWeight] = {}
     for module, base_name in wanted.items():
         record = records.get(matches.get(base_name, ""))
-        if record is None:
+        if record is None or module in refused:
             continue
         if not record.get("converged", True):
             issues.append(f"udr: {module}: base σ_max did not converge in {record.get('iterations')} iterations; "
                           "UDR not computed")
             continue
         norms[module] = (float(record["sigma_max"]), float(record["fro_norm"]))
+        weight = catalogue.get(matches[base_name])
+        if weight is not None and weight.file is not None:
+            sources[module] = weight
     if not base_model and not norms_file and not cache_file:
         issues.append("udr: no base model or norms file given")
-    return BaseNorms(norms, issues)
+    # With a base, every norm used was computed from it or fingerprint-checked against it.
+    return BaseNorms(norms, issues, bool(components) if norms else None, sources)
+
+
+# ── UDR: DoRA's effective update ────────────────────────────────────────────
+# DoRA (PEFT tuners/lora/dora.py, MLX DoRALinear, LyCORIS weight_decompose)
+# adds to W₀'s output
+#   ΔW_eff = diag(c)·(W₀ + s·B·A) − W₀,   c = m / (‖W₀ + s·B·A‖_row + ε),
+# the norm over the input axis for each output row (PEFT calls it "column-wise"
+# of the (in, out) view: torch.linalg.norm(weight, dim=1) on the (out, in)
+# weight).  LyCORIS adds ε = float32 eps to the norm, and with wd_on_output
+# false normalises each input column instead: ΔW_eff = (W₀ + s·B·A)·diag(c) − W₀.
+# σ_max(ΔW_eff) comes from Lanczos over mat-vecs through W₀ and the factors;
+# ΔW_eff is never formed.  W₀ is read once per module, in float32.
+
+
+class DoraUpdate:
+    """ΔW_eff as an operator (``shape``, ``matvec``, ``rmatvec``, and ``@`` / ``.T``
+    so a matrix-only ``spectral_norm`` takes it too); ``per`` is "row" or "column".
+
+    Written as diag(c − 1)·W₀ + diag(c)·s·B·A (row; the mirror image for
+    columns): c ≈ 1, so the two W₀ terms of the definition would cancel in
+    float32; c − 1 is formed in float64 and multiplies W₀'s float32 mat-vec,
+    whose rounding then stays relative to ΔW_eff.
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, base: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, magnitude: np.ndarray,
+                 per: str = "row", epsilon: float = 0.0):
+        self.base, self.a, self.b, self.scale, self.per = base, a, b, scale, per
+        rows = per == "row"
+        base_sq = np.zeros(base.shape[0] if rows else base.shape[1])
+        cross = np.zeros((base_sq.size, a.shape[0]))  # W₀·Aᵀ (row) or W₀ᵀ·B (column), in float64
+        step = max(1, CHUNK_ELEMENTS // max(base.shape[1], 1))
+        for start in range(0, base.shape[0], step):  # float64 row blocks: no full-size float64 copy of W₀
+            block = base[start:start + step].astype(np.float64)
+            if rows:
+                base_sq[start:start + step] = np.einsum("ij,ij->i", block, block)
+                cross[start:start + step] = block @ a.T
+            else:
+                base_sq += np.einsum("ij,ij->j", block, block)
+                cross += block.T @ b[start:start + step]
+        # ‖W₀ᵢ + s·Bᵢ·A‖² = ‖W₀ᵢ‖² + 2s·Bᵢ·(A·W₀ᵢᵀ) + s²·Bᵢ·(A·Aᵀ)·Bᵢᵀ, and for column j
+        # ‖W₀ⱼ + s·B·Aⱼ‖² = ‖W₀ⱼ‖² + 2s·(W₀ᵀ·B)ⱼ·Aⱼ + s²·Aⱼᵀ·(Bᵀ·B)·Aⱼ.
+        if rows:
+            adapted_sq = base_sq + 2 * scale * np.einsum("ir,ir->i", b, cross) \
+                + scale * scale * np.einsum("ir,rs,is->i", b, a @ a.T, b)
+        else:
+            adapted_sq = base_sq + 2 * scale * np.einsum("jr,rj->j", cross, a) \
+                + scale * scale * np.einsum("rj,rs,sj->j", a, b.T @ b, a)
+        self.base_norms = np.sqrt(base_sq)
+        norms = np.sqrt(np.maximum(adapted_sq, 0.0)) + epsilon
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.gain = magnitude / norms
+            self.gain_minus_one = (magnitude - norms) / norms
+        self.shape = base.shape
+
+    def _through_base(self, matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+        return (matrix @ vector.astype(np.float32)).astype(np.float64)
+
+    def matvec(self, vector: np.ndarray) -> np.ndarray:
+        vector = np.asarray(vector, dtype=np.float64)
+        if self.per == "row":
+            return self.gain_minus_one * self._through_base(self.base, vector) \
+                + self.gain * (self.scale * (self.b @ (self.a @ vector)))
+        return self._through_base(self.base, self.gain_minus_one * vector) \
+            + self.scale * (self.b @ (self.a @ (self.gain * vector)))
+
+    def rmatvec(self, vector: np.ndarray) -> np.ndarray:
+        vector = np.asarray(vector, dtype=np.float64)
+        if self.per == "row":
+            return self._through_base(self.base.T, self.gain_minus_one * vector) \
+                + self.scale * (self.a.T @ (self.b.T @ (self.gain * vector)))
+        return self.gain_minus_one * self._through_base(self.base.T, vector) \
+            + self.gain * (self.scale * (self.a.T @ (self.b.T @ vector)))
+
+    def __matmul__(self, vector: np.ndarray) -> np.ndarray:
+        return self.matvec(vector)
+
+    @property
+    def T(self) -> "_Transposed":
+        return _Transposed(self)
+
+
+class _Transposed(NamedTuple):
+    operator: DoraUpdate
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return self.operator.shape[::-1]
+
+    def __matmul__(self, vector: np.ndarray) -> np.ndarray:
+        return self.operator.rmatvec(vector)
+
+
+def _dora_factors(result: AuditResult) -> Dict[str, Tuple[LoraModule, _Factors, _TensorSource]]:
+    """name → (module, factor layout, tensor source) for the DoRA modules of a file audit."""
+    if result.weights_path is None or not any(layer.dora_magnitude is not None for layer in result.layers):
+        return {}
+    sf = open_safetensors(result.weights_path)
+    source = _TensorSource.from_file(sf)
+    modules, _ = group_modules(result.adapter_format, list(sf.tensors), lambda key: source.describe(key)[1])
+    found = {}
+    for module in modules:
+        if module.magnitude_key is None or module.a_key is None or module.b_key is None or module.family != "lora":
+            continue
+        layout, problem = _factor_layout(module, source.describe(module.a_key)[1], source.describe(module.b_key)[1])
+        if layout is not None:
+            found[module.name] = (module, layout, source)
+    return found
+
+
+def _dora_convention(magnitude_shape: Tuple[int, ...], layer: ModuleAudit, kind: str,
+                     module: LoraModule) -> Tuple[Optional[str], float]:
+    """("row" | "column" | None, ε) from the magnitude's stored shape.
+
+    PEFT's lora_magnitude_vector ((out,); a conv's (1, out, 1, 1)) and MLX's m:
+    per output row, no ε.
+    LyCORIS's dora_scale (out, 1[, 1, 1]) per output row, (1, in) per input
+    column (wd_on_output false), both with ε = float32 eps added to the norm
+    (lycoris/functional/general.py _weight_decompose).  A conv normalised per
+    input channel, (1, in, 1, 1), spans several columns of the flattened ΔW.
+    """
+    rows, columns = layer.delta_shape
+    size = math.prod(magnitude_shape)
+    if not module.magnitude_key.endswith(".dora_scale"):  # PEFT (out,) or conv (1, out, 1, 1); MLX (out,)
+        return ("row" if size == rows else None), 0.0
+    epsilon = float(np.finfo(np.float32).eps)
+    if size == rows and magnitude_shape[0] == rows:
+        return "row", epsilon
+    if kind == "linear" and tuple(magnitude_shape) == (1, columns):
+        return "column", epsilon
+    return None, epsilon
+
+
+def _oriented(source: _TensorSource, ref: FactorRef, rank_first: bool) -> np.ndarray:
+    values = decode(_stored_matrix(source, ref), source.describe(ref.key)[0])
+    return values if (ref.rank_axis == 0) == rank_first else values.T
+
+
+def dora_effective(layer: ModuleAudit, module: LoraModule, layout: _Factors, source: _TensorSource,
+                   base: BaseWeight) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """σ_max of DoRA's effective update and the magnitude change m / ‖W₀‖_row − 1, or an issue."""
+    import base_norms
+
+    if layout.kind not in ("linear", "conv") or layer.delta_shape is None:
+        return None, (f"udr: {layer.name}: the effective DoRA update is computed for linear and conv layers; "
+                      f"{layout.kind} reports the plain s·B·A UDR only")
+    if base.expert is not None or not _is_plain_float(base.storage) or not base.file.endswith(".safetensors"):
+        return None, (f"udr: {layer.name}: the effective DoRA update needs W₀ as stored floats "
+                      f"({base.stored_name} is {base.storage}); the plain s·B·A UDR is reported")
+    per, epsilon = _dora_convention(source.describe(module.magnitude_key)[1], layer, layout.kind, module)
+    if per is None:
+        return None, (f"udr: {layer.name}: DoRA magnitude of shape {list(source.describe(module.magnitude_key)[1])} "
+                      f"fits neither a norm per output row nor per input column of ΔW {list(layer.delta_shape)}; "
+                      "the plain s·B·A UDR is reported")
+    magnitude = source.load(module.magnitude_key).reshape(-1)
+    rows, columns = layer.delta_shape
+    try:
+        sf = open_safetensors(base.file)
+    except AdapterFormatError as error:
+        return None, f"udr: {layer.name}: W₀ cannot be read ({error}); the plain s·B·A UDR is reported"
+    info = sf.tensors[base.stored_name]
+    w0 = read_tensor(sf, base.stored_name, np.float32)
+    release_pages(sf, info)
+    w0 = w0.reshape(w0.shape[0], -1)
+    if w0.shape != (rows, columns):
+        w0 = np.ascontiguousarray(w0.T)  # fan_in_fan_out storage (the shape guard allowed only this)
+    a, b = _oriented(source, layout.a, True), _oriented(source, layout.b, False)
+    operator = DoraUpdate(w0, a, b, layer.scale, magnitude, per, epsilon)
+    if not (np.isfinite(operator.gain).all() and np.isfinite(w0).all()):
+        return None, f"udr: {layer.name}: a row of W₀ + s·B·A has zero norm or W₀ is not finite; effective DoRA UDR not computed"
+    sigma = base_norms.spectral_norm(operator)
+    change = magnitude / operator.base_norms - 1.0
+    return {"dora_effective_sigma_max": sigma.sigma_max, "dora_magnitude_change": _dora_stats(change),
+            "converged": sigma.converged}, None
 
 
 def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_norms: Optional[str] = None,
                base_norms_cache: Optional[str] = None, progress: Optional[Callable[[str], None]] = None,
                base_model_id: Optional[str] = None) -> AuditResult:
-    """Fill ``base_sigma_max``, ``base_fro_norm``, ``udr``, ``udr_f``, ``sdi`` per module.
+    """Fill ``base_sigma_max``, ``base_fro_norm``, ``udr``, ``udr_f``, ``sdi`` per module,
+    and for DoRA modules the effective update's ``dora_effective_sigma_max`` /
+    ``udr_dora_effective`` / ``dora_magnitude_change``.
 
-    The audit always completes: a missing base, an unmatched module or a failed
-    convergence leaves that module's UDR fields null with a specific issue.
+    The audit always completes: a missing base, an unmatched module, a base
+    weight of another shape or a failed convergence leaves that module's UDR
+    fields null with a specific issue.
     Works on any result, e.g. one from :func:`audit_lora_state_dict` in a
     training loop (the base's norms are cached with ``base_norms_cache``).
     ``base_model_id`` is upstream gradience's name for ``base_model`` (an alias).
@@ -3525,8 +4122,11 @@ def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_no
             issues.append("udr: --base-model auto, but the adapter config has no base_model_name_or_path")
     lookup = collect_base_norms([layer.name for layer in result.layers], base_model=base_model,
                                 norms_file=base_norms, cache_file=base_norms_cache,
-                                layer_replication=result.config.layer_replication, progress=progress)
+                                layer_replication=result.config.layer_replication, progress=progress,
+                                delta_shapes={layer.name: layer.delta_shape for layer in result.layers},
+                                fan_in_fan_out=result.config.fan_in_fan_out)
     issues.extend(lookup.issues)
+    dora = _dora_factors(result) if lookup.norms else {}
     layers = []
     for layer in result.layers:
         if layer.name not in lookup.norms:
@@ -3534,9 +4134,28 @@ def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_no
             continue
         sigma, fro = lookup.norms[layer.name]
         udr = layer.delta_sigma_max / (sigma + UDR_EPS)
-        layers.append(replace(layer, base_sigma_max=sigma, base_fro_norm=fro, udr=udr,
-                              udr_f=layer.delta_fro_norm / (fro + UDR_EPS), sdi=math.log10(udr + UDR_EPS)))
-    return replace(result, layers=tuple(layers), issues=tuple(issues), udr_requested=True)
+        layer = replace(layer, base_sigma_max=sigma, base_fro_norm=fro, udr=udr,
+                        udr_f=layer.delta_fro_norm / (fro + UDR_EPS), sdi=math.log10(udr + UDR_EPS))
+        if layer.dora_magnitude is not None:
+            effective, problem = None, None
+            if layer.name not in dora:
+                problem = f"udr: {layer.name}: DoRA factors could not be re-read; the plain s·B·A UDR is reported"
+            elif layer.name not in (lookup.sources or {}):
+                problem = (f"udr: {layer.name}: the effective DoRA update needs W₀ from --base-model "
+                           "(norms alone are not enough); the plain s·B·A UDR is reported")
+            else:
+                effective, problem = dora_effective(layer, *dora[layer.name], lookup.sources[layer.name])
+            if problem:
+                issues.append(problem)
+            elif not effective["converged"]:
+                issues.append(f"udr: {layer.name}: the effective DoRA σ_max did not converge; not reported")
+            else:
+                sigma_eff = effective["dora_effective_sigma_max"]
+                layer = replace(layer, dora_effective_sigma_max=sigma_eff, udr_dora_effective=sigma_eff / (sigma + UDR_EPS),
+                                dora_magnitude_change=effective["dora_magnitude_change"])
+        layers.append(layer)
+    return replace(result, layers=tuple(layers), issues=tuple(issues), udr_requested=True,
+                   base_norms_verified=lookup.verified)
 
 
 # ══ 7. reports ═══════════════════════════════════════════════════════════════
@@ -3624,6 +4243,7 @@ def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wa
             if row["n_layers_with_udr"]:
                 lines.append(f"    {kind:<6} UDR p50 {_fmt(row['udr_median'])}  p90 {_fmt(row['udr_p90'])}  "
                              f"max {_fmt(row['udr_max'])}  (SDI p50 {_fmt(row['sdi_median'])})")
+        lines += _udr_notes(result)
     nonzero = [layer for layer in result.layers if layer.sigma_max > 0]
     if top_wasteful > 0 and nonzero:
         lines += ["", f"  most wasteful modules (lowest utilization, top {top_wasteful}):"]
@@ -3656,6 +4276,19 @@ def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wa
     elif not result.udr_requested:
         lines.append("  " + UDR_HINT)
     return "\n".join(terminal_safe(line) for line in lines)
+
+
+def _udr_notes(result: AuditResult) -> List[str]:
+    """What the UDR lines above do not say: DoRA's effective update, and norms taken on trust."""
+    notes = []
+    dora = [layer.udr_dora_effective for layer in result.layers if layer.udr_dora_effective is not None]
+    if dora:
+        notes.append(f"    DoRA: the update DoRA applies, m ⊙ (W₀ + s·B·A)/‖W₀ + s·B·A‖ − W₀, has UDR median "
+                     f"{_fmt(_median(dora))}, max {_fmt(max(dora))} over {len(dora)} modules "
+                     "(the UDR above is the plain s·B·A; per module: udr_dora_effective)")
+    if result.base_norms_verified is False:
+        notes.append("    base norms taken from a norms file without a base to check them against (not verified)")
+    return notes
 
 
 # ── HTML report ──────────────────────────────────────────────────────────────
