@@ -1978,7 +1978,7 @@ def lowrank_singular_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Singular values of B·A (descending, length r) without forming B·A.
 
     ``a`` is r×n and ``b`` is m×r, any float dtype; work is float64.  Raises
-    ``ValueError`` if either factor holds NaN or Inf.
+    ``ValueError`` if either factor holds NaN or Inf or B·A is empty.
 
     >>> rng = np.random.default_rng(0)
     >>> a, b = rng.normal(size=(4, 30)), rng.normal(size=(20, 4))
@@ -1988,8 +1988,10 @@ def lowrank_singular_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("lowrank_singular_values: factors contain NaN or Inf")
+    if min(a.shape[1], b.shape[0]) == 0:  # a header can claim any r for an empty factor: nothing to pad to r
+        raise ValueError(f"lowrank_singular_values: B·A is empty (A {list(a.shape)}, B {list(b.shape)})")
     if a.shape[0] > min(a.shape[1], b.shape[0]):  # the r×r route would be larger than B·A itself
-        sigma = np.zeros(a.shape[0])
+        sigma = np.zeros(a.shape[0])  # r ≤ the entries of A, which exist
         dense = product_singular_values(b, a)
         sigma[:dense.size] = dense
         return sigma

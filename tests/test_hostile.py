@@ -1058,3 +1058,12 @@ def test_peft_fused_experts_claiming_millions_of_experts_are_one_issue():
     assert time.perf_counter() - started < MAX_SECONDS
     assert sum("MAX_EXPERTS" in issue for issue in result.issues) == 1
     assert len(result.layers) > 0  # the other parameters are still audited
+
+
+def test_lokr_halves_claiming_a_huge_rank_with_no_entries_allocate_nothing():
+    # Fuzzer finding: w1_b [2³¹, 0] / w1_a [0, 2³¹] — the dense route padded σ to r (16 GiB).
+    sd = {"lora_unet_m.lokr_w1_a": np.zeros((0, 2 ** 31)), "lora_unet_m.lokr_w1_b": np.zeros((2 ** 31, 0)),
+          "lora_unet_m.lokr_w2": np.ones((2, 2))}
+    with address_space_cap():
+        result = gl.audit_lora_state_dict(sd)
+    assert not result.layers and any("empty" in issue for issue in result.issues)
