@@ -3134,12 +3134,14 @@ def _component_view(document: Optional[Dict[str, Any]], component: str) -> Optio
 
 
 def _fingerprints(components: Sequence[Tuple[str, Any]]) -> Dict[str, Optional[Dict[str, Any]]]:
-    """file key → its fingerprint (None for a file that is not safetensors: then nothing matches it)."""
+    """file key → its fingerprint, as compute_base_norms records it (None for a file that cannot be
+    read: then nothing matches it)."""
     import base_norms
 
     def fingerprint(file: str) -> Optional[Dict[str, Any]]:
-        try:
-            return base_norms.fingerprint(open_safetensors(file))
+        try:  # a GGUF file has the same size + header-hash fingerprint as a safetensors one
+            opened = base_norms.open_gguf(file) if file.lower().endswith(".gguf") else open_safetensors(file)
+            return base_norms.fingerprint(opened)
         except AdapterFormatError:
             return None
 

@@ -1,0 +1,65 @@
+"""Integration of the base side (base_norms: GGUF, dequantizers) with the auditor's UDR: norms provenance
+for GGUF bases, VeRA's in_features from a quantized/GGUF base, PEFT target_parameters experts against
+their base, DoRA's effective UDR over a quantized W₀.
+
+Oracles: the truths recorded by tools/ from the live libraries (tests/fixtures/quantized/expected.json:
+gguf-py / bitsandbytes dequantization + float64 SVD; tests/fixtures/variants/*/expected.json: PEFT's own
+ΔW), and dense float64 SVDs of base tensors as the libraries saved them.  No torch here.
+"""
+import json
+
+import numpy as np
+import pytest
+
+import base_norms as bn
+import gradience_lite as gl
+from conftest import FIXTURES, oracle_load
+
+QUANTIZED = FIXTURES / "quantized"
+VARIANTS = FIXTURES / "variants"
+QUANTIZED_TRUTH = json.loads((QUANTIZED / "expected.json").read_text())
+GGUF = QUANTIZED / "gguf_llama" / "model.gguf"
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+def _q_proj_adapter(tmp_adapter, shape):
+    rng = np.random.default_rng(5)
+    return tmp_adapter({f"base_model.model.{Q_PROJ}.lora_A.weight": rng.standard_normal((2, shape[1])).astype(np.float32),
+                        f"base_model.model.{Q_PROJ}.lora_B.weight": rng.standard_normal((shape[0], 2)).astype(np.float32)},
+                       {"r": 2, "lora_alpha": 2, "peft_type": "LORA"})
+
+
+# ── 1. norms provenance for a GGUF base ─────────────────────────────────────
+
+def _norms_with_sentinel(base, path):
+    document = bn.compute_base_norms(base, [Q_PROJ + ".weight"])
+    document["norms"][Q_PROJ + ".weight"]["sigma_max"] = 1000.0  # a value only this file holds
+    bn.save_norms(path, document)
+    return path
+
+
+def test_a_norms_file_of_the_same_gguf_base_is_trusted(tmp_path, tmp_adapter):
+    truth = QUANTIZED_TRUTH["gguf_llama"]["weights"][Q_PROJ + ".weight"]
+    norms = _norms_with_sentinel(GGUF, tmp_path / "own.json")
+    result = gl.audit_lora_peft_dir(_q_proj_adapter(tmp_adapter, truth["shape"]), base_model=str(GGUF),
+                                    base_norms=str(norms))
+    assert [layer.base_sigma_max for layer in result.layers] == [1000.0]
+    assert not [issue for issue in result.issues if issue.startswith("udr")]
+    assert result.to_summary_dict()["base_norms_verified"] is True
+
+
+def test_a_norms_file_of_another_gguf_is_refused_and_recomputed(tmp_path, tmp_adapter):
+    # Another GGUF of the same size and tensors: one metadata key differs, so its header (and fingerprint) does.
+    other = tmp_path / "other" / "model.gguf"
+    other.parent.mkdir()
+    raw = GGUF.read_bytes()
+    assert raw.count(b"llama.context_length") == 1
+    other.write_bytes(raw.replace(b"llama.context_length", b"llama.context_lengtX"))
+    norms = _norms_with_sentinel(other, tmp_path / "foreign.json")
+    truth = QUANTIZED_TRUTH["gguf_llama"]["weights"][Q_PROJ + ".weight"]
+    result = gl.audit_lora_peft_dir(_q_proj_adapter(tmp_adapter, truth["shape"]), base_model=str(GGUF),
+                                    base_norms=str(norms))
+    (issue,) = [issue for issue in result.issues if "--base-norms" in issue]
+    assert "was not computed from --base-model" in issue and "fingerprints differ for model.gguf" in issue
+    # recomputed from the base: gguf-py's dequantization + float64 SVD
+    assert [layer.base_sigma_max for layer in result.layers] == [pytest.approx(truth["sigma_max"], rel=1e-5)]
