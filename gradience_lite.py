@@ -2762,21 +2762,21 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
 
 def _base_shapes(base_model: Optional[str], norms_files: Sequence[Optional[str]]
                  ) -> Tuple[Dict[str, Tuple[Tuple[int, ...], str]], Optional[str]]:
-    """Base parameter name → (shape, dtype): from the checkpoint's headers, else
+    """Base parameter name → (logical shape, storage): from the checkpoint's headers, else
     from the records of a norms file or cache (which keep each weight's shape)."""
     import base_norms
 
     try:
         if base_model:
             parameters = base_norms.list_parameters(base_norms.resolve_base(base_model))
-            return {name: (shape, dtype) for name, (_, shape, dtype) in parameters.items()}, None
+            return {name: (shape, storage) for name, (_, shape, storage) in parameters.items()}, None
         shapes: Dict[str, Tuple[Tuple[int, ...], str]] = {}
         for path in norms_files:
             if path and Path(path).exists():
                 for name, record in base_norms.load_norms(path)["norms"].items():
                     shape = record.get("shape")
                     if isinstance(shape, list) and all(type(d) is int for d in shape):
-                        shapes[name] = (tuple(shape), str(record.get("dtype", "F32")))
+                        shapes[name] = (tuple(shape), str(record.get("storage") or record.get("dtype", "F32")))
         return shapes, None
     except AdapterFormatError as error:  # base_norms.NormsFileError included
         return {}, str(error)
@@ -2800,11 +2800,14 @@ def _with_base_in_features(setup: AuditSetup, keys: Sequence[str], base_model: O
                   for issue in match_issues)
     in_features = {}
     for name, parameter in matches.items():
-        shape, dtype = shapes[parameter]
-        if len(shape) == 2 and _is_float(dtype):  # a packed (quantized) weight's shape is not the layer's
+        shape, storage = shapes[parameter]
+        # base_norms lists a quantized or GGUF weight under its logical (dequantized) shape; only an
+        # integer tensor it did not decode keeps a stored shape, which may be packed.
+        packed = storage in DTYPES and not DTYPES[storage].is_float
+        if len(shape) == 2 and not packed:
             in_features[name] = shape[0] if setup.config.fan_in_fan_out else shape[1]
         else:
-            issues.append(f"vera: {name}: base weight {parameter} is {dtype} {list(shape)}, not a float matrix; "
+            issues.append(f"vera: {name}: base weight {parameter} is {storage} {list(shape)}, not a float matrix; "
                           "in_features unknown")
     return setup._replace(issues=issues, in_features=in_features)
 

@@ -63,3 +63,33 @@ def test_a_norms_file_of_another_gguf_is_refused_and_recomputed(tmp_path, tmp_ad
     assert "was not computed from --base-model" in issue and "fingerprints differ for model.gguf" in issue
     # recomputed from the base: gguf-py's dequantization + float64 SVD
     assert [layer.base_sigma_max for layer in result.layers] == [pytest.approx(truth["sigma_max"], rel=1e-5)]
+
+
+# ── 2. VeRA's in_features from a quantized (GGUF) base ─────────────────────
+
+VERA_GGUF = VARIANTS / "peft_vera" / "base_gguf"
+
+
+@pytest.mark.parametrize("how", ["base_model", "base_norms"])
+def test_vera_reads_in_features_from_a_gguf_base_logical_shape(tmp_path, how):
+    from test_variants_tuners import assert_matches_truth
+
+    base_truth = json.loads((VERA_GGUF / "expected.json").read_text())  # gguf-py dequantization + float64 SVD
+    if how == "base_norms":
+        norms = tmp_path / "norms.json"
+        assert bn.main([str(VERA_GGUF / "model.gguf"), "--out", str(norms), "--quiet"]) == 0
+        options = {"base_norms": str(norms)}
+    else:
+        options = {"base_model": str(VERA_GGUF / "model.gguf")}
+    truth = json.loads((VARIANTS / "peft_vera" / "expected.json").read_text())["modules"]  # PEFT's forward ΔW
+    result = gl.audit_lora_peft_dir(VARIANTS / "peft_vera", include_top_singular_values=10_000, **options)
+    assert {layer.name for layer in result.layers} == set(truth)
+    assert not [issue for issue in result.issues if issue.startswith("vera")]
+    storages = set()
+    for layer in result.layers:
+        assert_matches_truth(layer, truth[layer.name])
+        base = base_truth[layer.name + ".weight"]
+        storages.add(base["storage"])
+        assert layer.base_sigma_max == pytest.approx(base["sigma_max"], rel=1e-5)
+        assert layer.udr == pytest.approx(truth[layer.name]["sigma_max"] / base["sigma_max"], rel=1e-5)
+    assert storages == {"gguf-Q8_0", "gguf-F16"}  # storage names, not safetensors float dtypes
