@@ -93,3 +93,29 @@ def test_vera_reads_in_features_from_a_gguf_base_logical_shape(tmp_path, how):
         assert layer.base_sigma_max == pytest.approx(base["sigma_max"], rel=1e-5)
         assert layer.udr == pytest.approx(truth[layer.name]["sigma_max"] / base["sigma_max"], rel=1e-5)
     assert storages == {"gguf-Q8_0", "gguf-F16"}  # storage names, not safetensors float dtypes
+
+
+# ── 3. PEFT target_parameters experts against their base ───────────────────
+
+GPT_OSS = VARIANTS / "field_moe_gptoss"
+
+
+def test_target_parameters_experts_get_the_sigma_of_their_own_slice_of_the_base():
+    truth = json.loads((GPT_OSS / "expected.json").read_text())["modules"]  # PEFT's parametrized parameter − stored
+    saved = oracle_load(GPT_OSS / "base" / "model.safetensors")  # as transformers saved it: (E, in, out)
+    result = gl.audit_lora_peft_dir(GPT_OSS, base_model=str(GPT_OSS / "base"))
+    assert not [issue for issue in result.issues if issue.startswith("udr")]
+    experts = [layer for layer in result.layers if layer.name.endswith("]")]
+    assert {layer.name for layer in experts} == {name for name in truth if name.endswith("]")}
+    assert len(experts) == 8
+    for layer in experts:
+        parameter, index = layer.name[:-1].split("[")
+        expert_slice = saved[parameter][int(index)].astype(np.float64)
+        base_sigma = np.linalg.svd(expert_slice, compute_uv=False)[0]
+        assert layer.base_sigma_max == pytest.approx(base_sigma, rel=1e-6)
+        assert layer.base_fro_norm == pytest.approx(np.linalg.norm(expert_slice), rel=1e-6)
+        assert layer.delta_sigma_max == pytest.approx(truth[layer.name]["sigma_max"], rel=1e-6)
+        assert layer.udr == pytest.approx(truth[layer.name]["sigma_max"] / base_sigma, rel=1e-6)
+    # the experts differ: a slice mix-up would show
+    sigmas = [layer.base_sigma_max for layer in experts]
+    assert len({round(s, 6) for s in sigmas}) == len(sigmas)
