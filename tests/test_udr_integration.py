@@ -119,3 +119,49 @@ def test_target_parameters_experts_get_the_sigma_of_their_own_slice_of_the_base(
     # the experts differ: a slice mix-up would show
     sigmas = [layer.base_sigma_max for layer in experts]
     assert len({round(s, 6) for s in sigmas}) == len(sigmas)
+
+
+# ── 4. DoRA's effective UDR over a quantized W₀ ─────────────────────────────
+
+DORA_BNB = FIXTURES / "udr" / "dora_bnb_fp4"
+
+
+def test_dora_effective_udr_over_a_bitsandbytes_4bit_base_matches_peft():
+    """PEFT DoRA trained on the bnb FP4 base: W₀ is bitsandbytes' dequantize_4bit, as PEFT's DoRA uses it."""
+    document = json.loads((DORA_BNB / "expected.json").read_text())
+    truths = document["modules"]
+    result = gl.audit_lora_peft_dir(DORA_BNB / "adapter", base_model=str(FIXTURES / document["base"].split("fixtures/")[1]))
+    assert not [issue for issue in result.issues if issue.startswith("udr")]
+    assert {layer.name for layer in result.layers} == set(truths)
+    for layer in result.layers:
+        truth = truths[layer.name]
+        assert layer.base_sigma_max == pytest.approx(truth["base_sigma_max"], rel=1e-6)
+        assert layer.delta_sigma_max == pytest.approx(truth["plain_sigma_max"], rel=1e-6)
+        assert layer.dora_effective_sigma_max == pytest.approx(truth["dora_effective_sigma_max"], rel=1e-6)
+        assert layer.udr_dora_effective == pytest.approx(truth["udr_dora_effective"], rel=1e-6)
+        # bitsandbytes' own (CPU, rounded) forward of the same DoRA layer: within its recorded rounding
+        assert layer.dora_effective_sigma_max == pytest.approx(truth["bnb_cpu_forward_sigma_max"], rel=5e-3)
+        for key in ("mean", "min", "max", "std"):
+            assert layer.dora_magnitude_change[key] == pytest.approx(truth["magnitude_change"][key], rel=1e-6, abs=1e-9)
+
+
+def test_dora_effective_udr_over_a_gguf_base_reads_the_dequantized_w0(tmp_adapter):
+    # PEFT cannot train on a GGUF file, so there is no library run to record; what is checked is that W₀ is
+    # gguf-py's dequantization (its σ is the recorded truth) and that the effective update is PEFT's DoRA
+    # formula over it (the formula itself is checked against PEFT's forward in test_udr_bases).
+    truth = QUANTIZED_TRUTH["gguf_llama"]["weights"][Q_PROJ + ".weight"]
+    rows, columns = truth["shape"]
+    found = bn.catalog(bn.resolve_base(GGUF))
+    w0 = bn.load_weight(found, found.weights[Q_PROJ + ".weight"]).astype(np.float64)
+    assert np.linalg.svd(w0, compute_uv=False)[0] == pytest.approx(truth["sigma_max"], rel=1e-6)  # = gguf-py's
+    rng = np.random.default_rng(9)
+    a = (rng.standard_normal((2, columns)) * 0.1).astype(np.float32)
+    b = (rng.standard_normal((rows, 2)) * 0.01).astype(np.float32)
+    plain = b.astype(np.float64) @ a.astype(np.float64)
+    magnitude = (np.linalg.norm(w0 + plain, axis=1) * (1 + 0.2 * rng.standard_normal(rows))).astype(np.float32)
+    adapter = tmp_adapter({f"base_model.model.{Q_PROJ}.lora_A.weight": a, f"base_model.model.{Q_PROJ}.lora_B.weight": b,
+                           f"base_model.model.{Q_PROJ}.lora_magnitude_vector": magnitude},
+                          {"r": 2, "lora_alpha": 2, "peft_type": "LORA", "use_dora": True})
+    (layer,) = gl.audit_lora_peft_dir(adapter, base_model=str(GGUF)).layers
+    effective = magnitude[:, None].astype(np.float64) * (w0 + plain) / np.linalg.norm(w0 + plain, axis=1)[:, None] - w0
+    assert layer.dora_effective_sigma_max == pytest.approx(np.linalg.svd(effective, compute_uv=False)[0], rel=1e-5)
