@@ -380,6 +380,51 @@ def gguf_case() -> None:
         record(case, name, torch.from_numpy(np.ascontiguousarray(values).reshape(shape)), f"gguf-{qtype.name}")
 
 
+def vera_gguf_base_case() -> None:
+    """tests/variants/peft_vera's base as a GGUF (q/k Q8_0, the rest F16): VeRA reads in_features
+    from a quantized base's logical shape.  Truth (own expected.json, not this file's cases):
+    gguf-py's dequantization + float64 SVD."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    variants = ROOT / "tests" / "fixtures" / "variants" / "peft_vera"
+    folder = variants / "base_gguf"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    weights = load_file(str(variants / "base" / "model.safetensors"))
+    config = json.loads((variants / "base" / "config.json").read_text())
+    Q = gguf.GGMLQuantizationType
+    writer = gguf.GGUFWriter(str(folder / "model.gguf"), "llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    gguf_names = {"self_attn.q_proj": ("attn_q", Q.Q8_0), "self_attn.k_proj": ("attn_k", Q.Q8_0),
+                  "self_attn.v_proj": ("attn_v", Q.F16), "self_attn.o_proj": ("attn_output", Q.F16),
+                  "mlp.gate_proj": ("ffn_gate", Q.F16), "mlp.up_proj": ("ffn_up", Q.F16),
+                  "mlp.down_proj": ("ffn_down", Q.F16)}
+    hf_by_gguf = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module, (short, qtype) in gguf_names.items():
+            name = f"model.layers.{layer}.{module}.weight"
+            data = gguf.quants.quantize(weights[name].astype(np.float32), qtype)
+            writer.add_tensor(f"blk.{layer}.{short}.weight", data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+            hf_by_gguf[f"blk.{layer}.{short}.weight"] = name
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    expected = {}
+    for tensor in gguf.GGUFReader(str(folder / "model.gguf")).tensors:
+        qtype = Q(tensor.tensor_type)
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # ne[0] is the fastest axis
+        values = gguf.quants.dequantize(tensor.data, qtype)
+        expected[hf_by_gguf[tensor.name]] = dict(truth(torch.from_numpy(np.ascontiguousarray(values).reshape(shape))),
+                                                 storage=f"gguf-{qtype.name}")
+    (folder / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     only = set(sys.argv[1:])
@@ -388,6 +433,11 @@ def main() -> None:
     expected_path = OUT / "expected.json"
     if only and expected_path.exists():
         EXPECTED.update(json.loads(expected_path.read_text()))
+    if "vera_gguf" in only:  # writes its own folder and truths, not this file's cases
+        vera_gguf_base_case()
+        only.discard("vera_gguf")
+        if not only:
+            return
     for key, step in steps.items():
         if only and key not in only:
             continue
