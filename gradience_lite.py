@@ -5575,8 +5575,9 @@ def _stdout_fd_guarded() -> Iterable[None]:
         os.close(saved)
 
 
-class AuditTimeout(Exception):
-    """--timeout ran out."""
+class AuditTimeout(BaseException):
+    """--timeout ran out.  A BaseException, like KeyboardInterrupt, so no broad
+    ``except Exception`` on the way (a framework tensor's conversion) swallows it."""
 
 
 @contextlib.contextmanager
