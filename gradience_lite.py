@@ -13,6 +13,7 @@ The module reads top to bottom in the order data flows:
     4. keys               → module records for PEFT, diffusers, kohya, LyCORIS, MLX-LM
     5. low-rank spectra   → singular values of B·A from r×r problems
     6. audit              → per-module records (LoRA, LoHa, LoKr), summaries, UDR
+   6b. rank advice        → per-module rank policies (energy@P, knee, erank, oht, stable), suggested config
     7. reports            → JSON contract, text report, HTML report
     8. compare            → two adapters side by side; drift over checkpoints
     9. CLI                → ``python -m gradience_lite audit|compare …``
@@ -1170,9 +1171,14 @@ class ModuleAudit:
     family: str = "lora"  # "lora" | "loha" | "lokr"
     max_rank: Optional[int] = None  # upper bound on rank(ΔW) given the factorisation
     issues: Tuple[str, ...] = ()
+    rank_suggestions: Dict[str, int] = field(default_factory=dict)  # policy → k (see "rank advice")
+    # The whole spectrum of B·A, kept so advice can be recomputed for other
+    # policies without re-reading the file; not part of the JSON row.
+    singular_values: Tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     def to_dict(self) -> Dict[str, Any]:
-        row = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        row = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "singular_values"}
+        row["rank_suggestions"] = dict(self.rank_suggestions)
         row["a_shape"], row["b_shape"] = list(self.a_shape), list(self.b_shape)
         row["top_singular_values"] = list(self.top_singular_values) if self.top_singular_values is not None else None
         row["issues"] = list(self.issues)
@@ -1560,6 +1566,17 @@ def _module_spectra(prepared: Sequence[_PreparedModule], source: _TensorSource) 
     batched svd per rank; the rare factor that needs Householder QR is re-read
     (or taken from the computed factors), and directly computed spectra pass through."""
     spectra: List[Optional[np.ndarray]] = [item.sigma for item in prepared]
+    for indices, factors in _module_core_factors(prepared, source):
+        sigma = core_singular_values(factors[len(indices):], factors[:len(indices)])
+        for row, index in enumerate(indices):
+            spectra[index] = sigma[row]
+    return spectra
+
+
+def _module_core_factors(prepared: Sequence[_PreparedModule], source: _TensorSource
+                         ) -> Iterable[Tuple[List[int], np.ndarray]]:
+    """For batches of modules of equal rank: (their indices, the stacked r×r
+    factors R_A of every module followed by R_B of every module), RᵀR = the Gram."""
     by_rank: Dict[int, List[int]] = {}
     for index, item in enumerate(prepared):
         if item.sigma is None:
@@ -1580,10 +1597,7 @@ def _module_spectra(prepared: Sequence[_PreparedModule], source: _TensorSource) 
                 tall = _tall_factor(source, ref)
                 source.release(ref.key)
             factors[slot] = gram_factor(tall, item.gram_a if side == 0 else item.gram_b)
-        sigma = core_singular_values(factors[len(indices):], factors[:len(indices)])
-        for row, index in enumerate(indices):
-            spectra[index] = sigma[row]
-    return spectra
+        yield indices, factors
 
 
 def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum, config: AdapterConfig,
@@ -1616,7 +1630,9 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         delta_sigma_max=abs_scale * spectrum.sigma_max, delta_fro_norm=abs_scale * math.sqrt(spectrum.frob_sq),
         top_singular_values=tuple(float(s) for s in sigma[:top_k]) if top_k > 0 else None,
         lora_bias_key=item.module.bias_key, lora_bias_norm=item.bias_norm, dora_magnitude=item.magnitude,
-        family=item.module.family, max_rank=item.max_rank, issues=tuple(issues))
+        family=item.module.family, max_rank=item.max_rank, issues=tuple(issues),
+        rank_suggestions=suggest_module_ranks(sigma, DEFAULT_RANK_POLICIES),
+        singular_values=tuple(float(s) for s in sigma))
 
 
 def _percentile(values: Sequence[float], q: float) -> Optional[float]:
@@ -1689,6 +1705,7 @@ class AuditResult:
     config: AdapterConfig = field(default_factory=AdapterConfig)
     format_metadata: Dict[str, str] = field(default_factory=dict)  # kohya ss_* training metadata
     udr_requested: bool = False
+    rank_policies: Tuple[str, ...] = ()  # () = DEFAULT_RANK_POLICIES; see with_rank_policies()
 
     def summary(self) -> Dict[str, Any]:
         layers = self.layers
@@ -1722,11 +1739,14 @@ class AuditResult:
             "sdi_p90": _percentile(sdi, 90),
             "fraction_udr_gt_0_1": sum(u > 0.1 for u in udr) / len(udr) if udr else None,
             "fraction_udr_gt_0_3": sum(u > 0.3 for u in udr) / len(udr) if udr else None,
+            **policy_summary(layers, self.rank_policies or DEFAULT_RANK_POLICIES),
         }
 
-    def to_summary_dict(self, include_layers: bool = False, topk_layers: Optional[int] = None) -> Dict[str, Any]:
+    def to_summary_dict(self, include_layers: bool = False, topk_layers: Optional[int] = None,
+                        suggest_per_layer: bool = False) -> Dict[str, Any]:
         """JSON-ready summary; ``include_layers`` adds per-module rows under ``layers``
-        (``topk_layers`` keeps the N lowest-utilisation modules)."""
+        (``topk_layers`` keeps the N lowest-utilisation modules); ``suggest_per_layer``
+        adds ``suggested_config`` and ``policy_disagreement`` (see "rank advice")."""
         out: Dict[str, Any] = {"schema": SCHEMA_VERSION, "format": self.adapter_format,
                                "format_metadata": dict(self.format_metadata),
                                "adapter_name": self.adapter_name, "weights_path": self.weights_path,
@@ -1734,6 +1754,8 @@ class AuditResult:
         out.update(self.summary())
         out["non_lora_tensors"] = list(self.non_lora_tensors)
         out["issues"] = list(self.issues)
+        if suggest_per_layer:
+            out.update(per_layer_advice(self.layers, self.rank_policies or DEFAULT_RANK_POLICIES, self.config))
         if include_layers:
             layers = self.layers
             if topk_layers is not None:
@@ -2032,6 +2054,238 @@ def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_no
     return replace(result, layers=tuple(layers), issues=tuple(issues), udr_requested=True)
 
 
+# ══ 6b. rank advice ══════════════════════════════════════════════════════════
+# Each policy turns one module's singular values σ₁ ≥ … ≥ σᵣ (of the unscaled
+# B·A) into a rank k; all are pure functions of σ, so advice for another
+# policy never re-reads the file.  A zero update gets k = 0 from every policy;
+# otherwise 1 ≤ k ≤ r.  The formulas (and where they differ from upstream
+# gradience's rank_policies.py) are in the README, "Rank advice".
+
+DEFAULT_RANK_POLICIES = ("energy@0.90", "knee", "erank")
+# Gavish & Donoho (2014), "The optimal hard threshold for singular values is
+# 4/√3": with unknown noise level, τ = ω(β)·median(σ); ω(1) = λ*(1)/√μ₁ =
+# (4/√3)/√0.6528 ≈ 2.858, μ₁ the median of the Marchenko–Pastur law at β = 1.
+# The r nonzero singular values of B·A are those of the r×r core R_B·R_Aᵀ, so
+# the matrix thresholded is that square core: β = 1, and median(σ) over its r values.
+OHT_OMEGA_SQUARE = 2.858
+# exp(log k) and Σσ²/σ₁² can land a few ulps above an integer; a ceiling must not
+# turn 3.0000000000000004 into 4.
+CEIL_SLACK = 1e-9
+
+
+def _ceil_rank(value: float, rank: int) -> int:
+    return min(max(1, math.ceil(value - CEIL_SLACK)), rank)
+
+
+def _energy_rank(sigma: np.ndarray, fraction: float) -> int:
+    # Smallest k with Σ_{i≤k} σᵢ² ≥ P·Σσ² (the audit's energy_rank_90 at P = 0.9).
+    energy = np.cumsum(np.square(sigma))
+    return min(int(np.count_nonzero(energy < fraction * energy[-1])) + 1, sigma.size)
+
+
+def _knee_rank(sigma: np.ndarray) -> int:
+    # Kneedle (Satopää et al. 2011) on the scree curve σᵢ against i, both axes
+    # min–max normalised: xᵢ = (i−1)/(r−1), yᵢ = (σᵢ − σᵣ)/(σ₁ − σᵣ).  The knee
+    # is the point furthest below the chord from (0, 1) to (1, 0), i.e. argmax of
+    # dᵢ = (1 − xᵢ) − yᵢ (first on ties), and the components before it are kept:
+    # k = i* − 1.  No point below the chord (a flat or concave scree, r < 3):
+    # no knee, k = r.
+    count = sigma.size
+    if count < 3 or sigma[0] == sigma[-1]:
+        return count
+    x = np.arange(count) / (count - 1)
+    y = (sigma - sigma[-1]) / (sigma[0] - sigma[-1])
+    distance = (1.0 - x) - y
+    knee = int(np.argmax(distance))  # 0-based index of the knee point = components before it
+    return knee if distance[knee] > 0 and knee > 0 else count
+
+
+def _erank_rank(sigma: np.ndarray) -> int:
+    # ⌈exp(H)⌉, H the entropy of pᵢ = σᵢ/Σσⱼ over σ > 1e-12 (the audit's effective_rank).
+    positive = sigma[sigma > 1e-12]
+    if positive.size == 0:
+        return 1
+    p = positive / positive.sum()
+    return _ceil_rank(math.exp(-float(np.sum(p * np.log(p)))), sigma.size)
+
+
+def _oht_rank(sigma: np.ndarray) -> int:
+    # Number of σᵢ strictly above τ = ω(1)·median(σ), at least 1.
+    threshold = OHT_OMEGA_SQUARE * float(np.median(sigma))
+    return min(max(1, int(np.count_nonzero(sigma > threshold))), sigma.size)
+
+
+def _stable_ceil_rank(sigma: np.ndarray) -> int:
+    return _ceil_rank(float(np.sum(np.square(sigma)) / sigma[0] ** 2), sigma.size)
+
+
+RANK_POLICIES: Dict[str, Callable[[np.ndarray], int]] = {
+    "knee": _knee_rank, "erank": _erank_rank, "oht": _oht_rank, "stable": _stable_ceil_rank}
+
+
+def parse_rank_policies(text: str) -> Tuple[str, ...]:
+    """``"energy@0.90,knee,erank"`` → a tuple of policy names; ValueError names a bad one."""
+    policies: List[str] = []
+    for name in (part.strip().lower() for part in text.replace(" ", ",").split(",")):
+        if not name or name in policies:
+            continue
+        if name.startswith("energy@"):
+            try:
+                fraction = float(name[len("energy@"):])
+            except ValueError:
+                fraction = math.nan
+            if not 0.0 < fraction <= 1.0:
+                raise ValueError(f"rank policy {name!r}: energy@P needs 0 < P <= 1 (e.g. energy@0.90)")
+        elif name not in RANK_POLICIES:
+            raise ValueError(f"unknown rank policy {name!r} (known: energy@P, {', '.join(RANK_POLICIES)})")
+        policies.append(name)
+    if not policies:
+        raise ValueError("no rank policy given")
+    return tuple(policies)
+
+
+def policy_rank(policy: str, sigma: Sequence[float]) -> int:
+    """The rank ``policy`` suggests for a module with singular values ``sigma`` (any order).
+
+    >>> policy_rank("energy@0.90", [3.0, 1.0, 0.1])
+    1
+    >>> policy_rank("stable", [1.0, 1.0, 0.5])
+    3
+    """
+    ordered = np.sort(np.asarray(sigma, dtype=np.float64))[::-1]
+    if ordered.size == 0 or not ordered[0] > 0:
+        return 0
+    if policy.startswith("energy@"):
+        return _energy_rank(ordered, float(policy[len("energy@"):]))
+    return RANK_POLICIES[policy](ordered)
+
+
+def suggest_module_ranks(sigma: Sequence[float], policies: Sequence[str]) -> Dict[str, int]:
+    return {policy: policy_rank(policy, sigma) for policy in policies}
+
+
+def with_rank_policies(result: "AuditResult", policies: Sequence[str]) -> "AuditResult":
+    """The same audit with every module's ``rank_suggestions`` under ``policies``."""
+    layers = tuple(replace(layer, rank_suggestions=suggest_module_ranks(layer.singular_values, policies))
+                   for layer in result.layers)
+    return replace(result, layers=layers, rank_policies=tuple(policies))
+
+
+def _params_at_rank(layer: "ModuleAudit", k: int) -> int:
+    # A LoRA module holds r·(out + in) parameters, so rank k holds k/r of them.
+    return layer.params // layer.r * min(k, layer.r) if layer.r else layer.params
+
+
+def policy_summary(layers: Sequence["ModuleAudit"], policies: Sequence[str]) -> Dict[str, Any]:
+    """``policies`` and ``policy_global_suggestions``: per policy the median / p90 /
+    max of the modules' k and the LoRA parameters the advice keeps and saves."""
+    table = {}
+    for policy in policies:
+        ks = [layer.rank_suggestions[policy] for layer in layers if policy in layer.rank_suggestions]
+        lora = [layer for layer in layers if layer.family == "lora" and policy in layer.rank_suggestions]
+        before = sum(layer.params for layer in lora)
+        after = sum(_params_at_rank(layer, layer.rank_suggestions[policy]) for layer in lora)
+        table[policy] = {"median": _median(ks), "p90": _percentile(ks, 90), "max": max(ks) if ks else None,
+                         "params_after": after, "params_saved": before - after}
+    return {"policies": list(policies), "policy_global_suggestions": table}
+
+
+def peft_pattern_key(module_name: str) -> str:
+    """A rank_pattern / alpha_pattern key that PEFT matches to exactly this module.
+
+    PEFT matches ``re.match(rf"(.*\\.)?({key})$", name)``: the escaped name makes
+    every character literal, and ``^`` (which can only match at position 0) stops
+    the optional ``(.*\\.)?`` prefix from letting it match a longer name ending in it.
+    """
+    return "^" + re.escape(module_name)
+
+
+def _mode(values: Sequence[Any]) -> Any:
+    counts: Dict[Any, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return max(counts, key=lambda value: (counts[value], value))  # ties: the larger value
+
+
+def _plain_number(value: float) -> Any:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def lora_config_for_ranks(ranks: Mapping[str, int], scales: Mapping[str, float], use_rslora: bool) -> Dict[str, Any]:
+    """``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` giving each module
+    its rank and keeping its scale: alpha = s·k (rsLoRA: s·√k).  The most common
+    rank and alpha are the defaults; every other module gets an anchored key."""
+    alphas = {name: scales[name] * (math.sqrt(k) if use_rslora else k) for name, k in ranks.items()}
+    default_r = _mode(list(ranks.values()))
+    default_alpha = _mode(list(alphas.values()))
+    return {"r": default_r, "lora_alpha": _plain_number(default_alpha), "use_rslora": use_rslora,
+            "rank_pattern": {peft_pattern_key(name): k for name, k in ranks.items() if k != default_r},
+            "alpha_pattern": {peft_pattern_key(name): _plain_number(alpha)
+                              for name, alpha in alphas.items() if alpha != default_alpha}}
+
+
+def per_layer_advice(layers: Sequence["ModuleAudit"], policies: Sequence[str], config: AdapterConfig) -> Dict[str, Any]:
+    """``suggested_config`` (a paste-able LoRA config for the first policy) and
+    ``policy_disagreement`` (modules whose policies' ks differ by 2× or more)."""
+    first = policies[0]
+    ranks = {layer.name: max(1, layer.rank_suggestions[first]) for layer in layers if first in layer.rank_suggestions}
+    scales = {layer.name: layer.scale for layer in layers}
+    suggested = {"policy": first, **lora_config_for_ranks(ranks, scales, config.use_rslora)} if ranks else None
+    disagreement = []
+    for layer in layers:
+        ks = {policy: k for policy, k in layer.rank_suggestions.items() if policy in policies}
+        if len(ks) < 2:
+            continue
+        low, high = min(ks, key=ks.get), max(ks, key=ks.get)
+        if ks[low] >= 1 and ks[high] >= 2 * ks[low]:
+            disagreement.append({"name": layer.name, "low_policy": low, "low_k": ks[low],
+                                 "high_policy": high, "high_k": ks[high]})
+    return {"suggested_config": suggested, "policy_disagreement": disagreement}
+
+
+def _short_module_name(name: str) -> str:
+    return re.split(r"[._]", name)[-1] if "." not in name else name.rsplit(".", 1)[-1]
+
+
+def rank_advice_lines(result: "AuditResult", per_layer: bool = False) -> List[str]:
+    """The text report's advice: one row per policy, one per module type, and
+    (``per_layer``) one line per layer index listing each module's k."""
+    policies = result.rank_policies or DEFAULT_RANK_POLICIES
+    layers = result.layers
+    if not layers:
+        return []
+    table = policy_summary(layers, policies)["policy_global_suggestions"]
+    lines = ["", f"  rank advice (per-module k by policy; README \"Rank advice\"):",
+             f"    {'policy':<14} {'median':>7} {'p90':>6} {'max':>5} {'params kept':>12} {'saved':>12}"]
+    for policy, row in table.items():
+        lines.append(f"    {policy:<14} {_fmt(row['median']):>7} {_fmt(row['p90']):>6} {_fmt(row['max']):>5} "
+                     f"{row['params_after']:>12,} {row['params_saved']:>12,}")
+    types = [kind for kind in ("attn", "mlp", "other") if any(layer.module_type == kind for layer in layers)]
+    lines.append(f"    {'median k by type':<16} " + "  ".join(f"{policy}" for policy in policies))
+    for kind in types:
+        group = [layer for layer in layers if layer.module_type == kind]
+        lines.append(f"      {kind:<14} " + "  ".join(
+            f"{_fmt(_median([layer.rank_suggestions.get(policy, 0) for layer in group])):>{len(policy)}}"
+            for policy in policies))
+    if per_layer:
+        first = policies[0]
+        lines.append(f"    per layer, k by {first} (module: k of r):")
+        rows: Dict[Any, List[str]] = {}
+        for layer in layers:
+            rows.setdefault(layer.layer_index, []).append(
+                f"{_short_module_name(layer.name)} {layer.rank_suggestions.get(first, '-')}/{layer.r}")
+        for index, cells in rows.items():
+            label = f"layer {index}" if index is not None else "other"
+            lines.append(f"      {label:<10} " + ", ".join(cells))
+        advice = per_layer_advice(layers, policies, result.config)
+        for item in advice["policy_disagreement"][:5]:
+            lines.append(f"    disagreement ≥2×: {item['name']}: {item['low_policy']} {item['low_k']} "
+                         f"vs {item['high_policy']} {item['high_k']}")
+        if len(advice["policy_disagreement"]) > 5:
+            lines.append(f"    … {len(advice["policy_disagreement"]) - 5} more modules where policies differ ≥2× (--json)")
+    return lines
+
+
 # ══ 7. reports ═══════════════════════════════════════════════════════════════
 
 CHEAT_SHEET = (
@@ -2052,7 +2306,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wasteful: int = 5) -> str:
+def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wasteful: int = 5,
+                       suggest_per_layer: bool = False) -> str:
     """A human-readable report: summary, by-type table, suggestions, issues, cheat sheet."""
     summary = result.to_summary_dict()
     lines = [f"LoRA audit: {result.weights_path or '(in-memory state dict)'} [format {result.adapter_format}, "
@@ -2075,6 +2330,7 @@ def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wa
     for kind, row in summary["by_type"].items():
         lines.append(f"  {kind:<6} {row['n_layers']:>7} {row['params']:>12,} {_fmt(row['stable_rank_mean']):>11} "
                      f"{_fmt(row['utilization_mean']):>11} {_fmt(row['energy_rank_90_p50']):>8} {_fmt(row['energy_rank_90_p90']):>8}")
+    lines += rank_advice_lines(result, per_layer=suggest_per_layer)
     if result.udr_requested:
         lines += ["", f"  UDR over {summary['n_layers_with_udr']} modules: mean {_fmt(summary['udr_mean'])}, "
                       f"median {_fmt(summary['udr_median'])}, p90 {_fmt(summary['udr_p90'])}, max {_fmt(summary['udr_max'])}; "
@@ -2562,6 +2818,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--base-norms", metavar="FILE", help="precomputed base norms (read-only)")
     audit.add_argument("--base-norms-cache", metavar="FILE", help="base norms cache: read, compute what is missing, write back")
     audit.add_argument("--no-udr", action="store_true", help="skip UDR even if a base is given")
+    audit.add_argument("--rank-policies", metavar="LIST", default=",".join(DEFAULT_RANK_POLICIES),
+                       help="rank policies, comma-separated: energy@P, knee, erank, oht, stable "
+                            f"(default {','.join(DEFAULT_RANK_POLICIES)})")
+    audit.add_argument("--suggest-per-layer", action="store_true",
+                       help="per-module rank advice: a paste-able rank_pattern/alpha_pattern and policy disagreements")
     audit.add_argument("--jsonl", metavar="OUT.jsonl", help="batch: write one JSON line per adapter")
     audit.add_argument("--jobs", type=int, default=1, metavar="N", help="batch: audit N adapters in parallel processes")
     compare = commands.add_parser("compare", help="compare two adapters (or saved audit JSON), or a run's checkpoints")
@@ -2613,6 +2874,10 @@ def _run_audit(args: argparse.Namespace) -> int:
     for name in ("top_wasteful", "top_singular_values", "jobs"):
         if getattr(args, name) < (1 if name == "jobs" else 0):
             raise UsageError(f"--{name.replace('_', '-')} must be >= {1 if name == 'jobs' else 0}")
+    try:
+        policies = parse_rank_policies(args.rank_policies)
+    except ValueError as error:
+        raise UsageError(f"--rank-policies: {error}") from None
     if len(paths) > 1 or args.jsonl:
         return _run_batch(args, paths)
     # The HTML report plots spectra, so it asks for them when the user did not.
@@ -2621,11 +2886,13 @@ def _run_audit(args: argparse.Namespace) -> int:
         paths[0] if paths else args.weights, include_top_singular_values=top_k,
         adapter=args.adapter, weights=args.weights, adapter_config=args.adapter_config, **_udr_options(args),
         progress=lambda message: print(message, file=sys.stderr))
+    result = with_rank_policies(result, policies)
     if args.json:
-        document = result.to_summary_dict(include_layers=args.layers)
+        document = result.to_summary_dict(include_layers=args.layers, suggest_per_layer=args.suggest_per_layer)
         print(json.dumps(document, indent=2, allow_nan=False))
     else:
-        print(render_text_report(result, show_layers=args.layers, top_wasteful=args.top_wasteful))
+        print(render_text_report(result, show_layers=args.layers, top_wasteful=args.top_wasteful,
+                                 suggest_per_layer=args.suggest_per_layer))
     if args.html:
         Path(args.html).write_text(render_html_report(result), encoding="utf-8")
         print(f"wrote HTML report to {args.html}", file=sys.stderr)
