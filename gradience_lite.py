@@ -16,7 +16,8 @@ The module reads top to bottom in the order data flows:
    6b. rank advice        → per-module rank policies (energy@P, knee, erank, oht, stable), suggested config
     7. reports            → JSON contract, text report, HTML report
     8. compare            → two adapters side by side; drift over checkpoints
-    9. CLI                → ``python -m gradience_lite audit|compare …``
+   8b. resize             → the exact rank-k truncation of every module, written as a new adapter
+    9. CLI                → ``python -m gradience_lite audit|compare|resize …``
 
 Quick use::
 
@@ -2282,7 +2283,7 @@ def rank_advice_lines(result: "AuditResult", per_layer: bool = False) -> List[st
             lines.append(f"    disagreement ≥2×: {item['name']}: {item['low_policy']} {item['low_k']} "
                          f"vs {item['high_policy']} {item['high_k']}")
         if len(advice["policy_disagreement"]) > 5:
-            lines.append(f"    … {len(advice["policy_disagreement"]) - 5} more modules where policies differ ≥2× (--json)")
+            lines.append(f"    … {len(advice['policy_disagreement']) - 5} more modules where policies differ ≥2× (--json)")
     return lines
 
 
@@ -2787,6 +2788,413 @@ def render_drift(document: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ══ 8b. resize ═══════════════════════════════════════════════════════════════
+# ΔW = B·A = Q_B·C·Q_Aᵀ with C = R_B·R_Aᵀ (section 5), so its SVD is
+# Q_B·U·Σ·Vᵀ·Q_Aᵀ and the best rank-k approximation (Eckart–Young) is
+# ΔW_k = (Q_B·U_k·Σ_k^½)(Σ_k^½·V_kᵀ·Q_Aᵀ).  Q_B and Q_A are never formed:
+#   B' = Q_B·U_k·Σ_k^½ = B·(R_Aᵀ·V_k·Σ_k^-½)     since B·R_Aᵀ·V_k = Q_B·C·V_k = Q_B·U_k·Σ_k
+#   A' = Σ_k^½·V_kᵀ·Q_Aᵀ = (Σ_k^-½·U_kᵀ·R_B)·A   since U_kᵀ·R_B·A = U_kᵀ·C·Q_Aᵀ = Σ_k·V_kᵀ·Q_Aᵀ
+# so each new factor is the old one times an r×k matrix: two streamed passes
+# (Grams, then products), no inverse of R, no dense ΔW.  The scale is kept by
+# writing alpha = s·k (rsLoRA: s·√k) per module, so the loader's own rule
+# (alpha / k) gives back s and s·B'·A' = s·(B·A)_k.
+
+RESIZE_SCHEMA = "gradience_lite.resize/1"
+RESIZE_FORMATS = ("peft", "kohya")
+RESIZE_REPORT_NAME = "resize_report.json"
+OUTPUT_DTYPES = {"same": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
+# σᵢ at or below this fraction of σ₁ are round-off: the component is written as
+# zeros (ΔW_k is unchanged; dividing by √σᵢ would only amplify noise).
+NULL_SINGULAR_VALUE = 1e-13
+
+
+def _encode_bf16(values: np.ndarray) -> np.ndarray:
+    # Round to nearest even on the float32 bits: add 0x7FFF plus the lowest kept
+    # bit, keep the top half.  uint32 throughout (NumPy 1.x value-based casting).
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    one, sixteen = np.uint32(1), np.uint32(16)
+    return ((bits + (np.uint32(0x7FFF) + ((bits >> sixteen) & one))) >> sixteen).astype("<u2")
+
+
+# Output dtype → (dtype the products are computed in, encoder).  Half-precision
+# outputs are computed in float32: its round-off is 2¹⁶× below bf16's.
+ENCODERS: Dict[str, Tuple[Any, Callable[[np.ndarray], np.ndarray]]] = {
+    "F64": (np.float64, lambda values: np.ascontiguousarray(values, dtype="<f8")),
+    "F32": (np.float64, lambda values: np.ascontiguousarray(values, dtype="<f4")),
+    "F16": (np.float32, lambda values: np.ascontiguousarray(values, dtype="<f2")),
+    "BF16": (np.float32, _encode_bf16),
+}
+
+
+def encode(values: np.ndarray, dtype_name: str) -> np.ndarray:
+    """Float values → the stored array of safetensors dtype ``dtype_name``; ValueError on overflow."""
+    with np.errstate(over="ignore"):
+        stored = ENCODERS[dtype_name][1](values)
+    if not np.isfinite(decode(stored, dtype_name, np.float32)).all():
+        raise ValueError(f"values overflow {dtype_name}")
+    return stored
+
+
+class OutTensor(NamedTuple):
+    """One tensor to write: its bytes come from ``produce()`` when its turn comes."""
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    produce: Callable[[], Any]  # → an array (or buffer) of exactly shape × itemsize bytes
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Sequence[OutTensor],
+                      metadata: Optional[Mapping[str, str]] = None) -> int:
+    """Write a safetensors file, one tensor in memory at a time; returns its size.
+
+    Data is laid out contiguously in the given order (what the format's
+    validator requires); the header is padded with spaces to 8 bytes.
+
+    >>> write_safetensors("x.safetensors", [OutTensor("w", "F32", (2,), lambda: np.ones(2, "<f4"))])  # doctest: +SKIP
+    """
+    header: Dict[str, Any] = {}
+    offset = 0
+    for tensor in tensors:
+        size = math.prod(tensor.shape) * DTYPES[tensor.dtype].storage.itemsize
+        header[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as out:
+        out.write(len(blob).to_bytes(8, "little") + blob)
+        for tensor in tensors:
+            data = memoryview(tensor.produce()).cast("B")
+            start, end = header[tensor.name]["data_offsets"]
+            if data.nbytes != end - start:
+                raise ValueError(f"{tensor.name}: produced {data.nbytes} bytes, header says {end - start}")
+            out.write(data)
+    return 8 + len(blob) + offset
+
+
+def truncation_maps(factor_a: np.ndarray, factor_b: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(σ of B·A, M_B r×k, N_A k×r) from R_A, R_B (RᵀR = the Grams), so that
+    (B·M_B)·(N_A·A) is the best rank-k approximation of B·A."""
+    left, sigma, right_t = np.linalg.svd(factor_b @ factor_a.T)
+    kept = sigma[:k]
+    live = kept > sigma[0] * NULL_SINGULAR_VALUE if sigma.size and sigma[0] > 0 else np.zeros(kept.size, bool)
+    inverse_root = np.where(live, 1.0 / np.sqrt(np.where(live, kept, 1.0)), 0.0)
+    map_b = (factor_a.T @ right_t[:k].T) * inverse_root[None, :]
+    map_a = inverse_root[:, None] * (left[:, :k].T @ factor_b)
+    return sigma, map_b, map_a
+
+
+def truncate_lora(a: np.ndarray, b: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(A' k×n, B' m×k) with B'·A' the best rank-k approximation of B·A, from r×r work.
+
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = rng.normal(size=(6, 40)), rng.normal(size=(30, 6))
+    >>> a2, b2 = truncate_lora(a, b, 2)
+    >>> u, s, vt = np.linalg.svd(b @ a)
+    >>> bool(np.allclose(b2 @ a2, (u[:, :2] * s[:2]) @ vt[:2]))
+    True
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    factor_a, factor_b = gram_factor(a.T), gram_factor(b)
+    if factor_a is None or factor_b is None:
+        raise ValueError("truncate_lora: factors contain NaN or Inf")
+    _, map_b, map_a = truncation_maps(factor_a, factor_b, k)
+    return map_a @ a, b @ map_b
+
+
+class ResizedModule(NamedTuple):
+    """One module's plan and cost.  ``k == r``: written back unchanged."""
+
+    name: str
+    module_type: str
+    kind: str
+    r: int
+    k: int
+    scale: float
+    sigma: np.ndarray  # singular values of the unscaled B·A
+    prepared: _PreparedModule
+    map_a: Optional[np.ndarray]  # k×r, or None when unchanged
+    map_b: Optional[np.ndarray]  # r×k (the alpha correction folded in)
+    alpha: Optional[float]  # the alpha written for this module (kohya tensor / PEFT pattern)
+
+    def cost(self) -> Dict[str, Any]:
+        energy = np.square(self.sigma)
+        total = float(energy.sum())
+        zero = total == 0.0
+        return {"name": self.name, "module_type": self.module_type, "kind": self.kind, "r": self.r, "k": self.k,
+                "kept_energy": None if zero else float(energy[:self.k].sum()) / total,
+                # from the discarded σ directly: 1 − kept would cancel digits
+                "relative_error": None if zero else math.sqrt(float(energy[self.k:].sum()) / total),
+                "sigma_max": float(self.sigma[0]) if self.sigma.size else 0.0,
+                "delta_sigma_max": abs(self.scale) * (float(self.sigma[0]) if self.sigma.size else 0.0),
+                "params_before": self.prepared.params, "params_after": self.prepared.params // self.r * self.k}
+
+
+def _resize_refusal(module: LoraModule, config: AdapterConfig) -> Optional[str]:
+    if module.family != "lora":
+        return f"{module.name}: {module.family} (ΔW is not one product B·A in the file's layout); resize writes LoRA only"
+    if module.part("lora_mid.weight"):
+        return f"{module.name}: Tucker LoCon (lora_mid) is not resized"
+    if module.magnitude_key is not None or config.use_dora:
+        return (f"{module.name}: DoRA: its magnitude renormalises W₀ + ΔW column by column, so truncating ΔW "
+                "is not the best rank-k approximation of what the adapter applies; not resized")
+    return None
+
+
+def _target_rank(sigma: np.ndarray, r: int, rank: Optional[int], policy: Optional[str],
+                 min_rank: int, max_rank: Optional[int]) -> int:
+    k = rank if rank is not None else policy_rank(policy, sigma)
+    k = max(k, min_rank)
+    if max_rank is not None:
+        k = min(k, max_rank)
+    return min(k, r)
+
+
+def _stored_alpha(value: float, dtype_name: str) -> float:
+    return float(decode(encode(np.array([value], dtype=np.float64), dtype_name), dtype_name)[0])
+
+
+def plan_resize(source: _TensorSource, modules: Sequence[LoraModule], setup: AuditSetup, *,
+                rank: Optional[int], policy: Optional[str], min_rank: int = 1,
+                max_rank: Optional[int] = None) -> List[ResizedModule]:
+    """Pass 1: every module's Grams, r×r factors, SVD, chosen k and the two r×k maps.
+
+    Raises AdapterFormatError when a module cannot be resized exactly (nothing is written)."""
+    workspace = Workspace()
+    prepared: List[_PreparedModule] = []
+    for module in modules:
+        refusal = _resize_refusal(module, setup.config)
+        item, issues = (None, [refusal]) if refusal else _prepare_module(module, source, workspace, setup.scale_rule)
+        if item is None:
+            raise AdapterFormatError(f"cannot resize: {issues[0]}; nothing written")
+        prepared.append(item._replace(tall=None))
+    plans: List[Optional[ResizedModule]] = [None] * len(prepared)
+    for indices, factors in _module_core_factors(prepared, source):
+        for row, index in enumerate(indices):
+            item = prepared[index]
+            factor_a, factor_b = factors[row], factors[len(indices) + row]
+            sigma = np.linalg.svd(factor_b @ factor_a.T, compute_uv=False)
+            k = _target_rank(sigma, item.r, rank, policy, min_rank, max_rank)
+            plans[index] = _module_plan(item, factor_a, factor_b, sigma, k, source)
+    return [plan for plan in plans if plan is not None]
+
+
+def _module_plan(item: _PreparedModule, factor_a: np.ndarray, factor_b: np.ndarray, sigma: np.ndarray, k: int,
+                 source: _TensorSource) -> ResizedModule:
+    scale = item.scale.scale
+    common = dict(name=item.module.name, module_type=module_type(item.module.name), kind=item.layout.kind,
+                  r=item.r, scale=scale, sigma=sigma, prepared=item._replace(gram_a=None, gram_b=None))
+    if k >= item.r:
+        return ResizedModule(k=item.r, map_a=None, map_b=None, alpha=item.scale.alpha, **common)
+    _, map_b, map_a = truncation_maps(factor_a, factor_b, k)
+    alpha = None
+    if item.scale.scale_rule in ("alpha/r", "alpha/sqrt(r)"):
+        alpha = scale * (math.sqrt(k) if item.scale.scale_rule == "alpha/sqrt(r)" else k)
+        alpha_key = item.module.part("alpha")
+        if alpha_key is not None:  # kohya: alpha is a tensor; fold its rounding into B'
+            stored = _stored_alpha(alpha, source.describe(alpha_key)[0])
+            map_b = map_b * (alpha / stored)
+            alpha = stored
+    return ResizedModule(k=k, map_a=map_a, map_b=map_b, alpha=alpha, **common)
+
+
+def _product_tensor(source: _TensorSource, ref: FactorRef, linear_map: np.ndarray, out_dtype: str,
+                    out_shape: Tuple[int, ...]) -> np.ndarray:
+    """Pass 2 for one factor: decode it, multiply by its r×k map, encode."""
+    compute = ENCODERS[out_dtype][0]
+    values = decode(_stored_matrix(source, ref), source.describe(ref.key)[0], compute)
+    product = values @ linear_map.astype(compute) if ref.rank_axis == 1 else linear_map.astype(compute) @ values
+    source.release(ref.key)
+    return encode(product.reshape(out_shape), out_dtype)
+
+
+def _recoded_tensor(source: _TensorSource, key: str, out_dtype: str) -> np.ndarray:
+    values = decode(source.raw(key), source.describe(key)[0], ENCODERS[out_dtype][0])
+    source.release(key)
+    return encode(values, out_dtype)
+
+
+def _output_tensors(sf: SafetensorsFile, plans: Sequence[ResizedModule], dtype: Optional[str]) -> List[OutTensor]:
+    """Every input tensor in file order: resized factors and alphas replaced, the rest copied byte for byte."""
+    source = _TensorSource.from_file(sf)
+    replaced: Dict[str, OutTensor] = {}
+    for plan in plans:
+        layout, module = plan.prepared.layout, plan.prepared.module
+        for ref, stored_shape in ((layout.a, plan.prepared.a_shape), (layout.b, plan.prepared.b_shape)):
+            info = sf.tensors[ref.key]
+            out_dtype = dtype or info.dtype
+            if out_dtype not in ENCODERS:
+                raise AdapterFormatError(f"cannot resize: {ref.key} is stored as {info.dtype}; choose --dtype fp32/bf16/fp16")
+            if plan.map_a is None:
+                if out_dtype != info.dtype:
+                    replaced[ref.key] = OutTensor(ref.key, out_dtype, info.shape,
+                                                  functools.partial(_recoded_tensor, source, ref.key, out_dtype))
+                continue
+            is_a = ref is layout.a
+            shape = (plan.k,) + tuple(info.shape[1:]) if is_a else (info.shape[0], plan.k) + tuple(info.shape[2:])
+            replaced[ref.key] = OutTensor(ref.key, out_dtype, shape, functools.partial(
+                _product_tensor, source, ref, plan.map_a if is_a else plan.map_b, out_dtype, shape))
+        alpha_key = module.part("alpha")
+        if alpha_key is not None and plan.map_a is not None and plan.alpha is not None:
+            info = sf.tensors[alpha_key]
+            value = np.full(info.shape, plan.alpha)
+            replaced[alpha_key] = OutTensor(alpha_key, info.dtype, info.shape,
+                                            functools.partial(encode, value, info.dtype))
+
+    def copied(info: TensorInfo) -> Any:
+        data = sf.mapped[info.start:info.end] if info.end > info.start else b""
+        release_pages(sf, info)
+        return data
+
+    return [replaced.get(info.name) or OutTensor(info.name, info.dtype, info.shape, functools.partial(copied, info))
+            for info in sorted(sf.tensors.values(), key=lambda info: info.start)]
+
+
+def _resized_config(raw_config: Mapping[str, Any], plans: Sequence[ResizedModule], config: AdapterConfig) -> Dict[str, Any]:
+    """The input's adapter_config.json with r / lora_alpha / rank_pattern / alpha_pattern
+    rewritten so that PEFT's rules give every module its new rank and its old scale."""
+    document = dict(raw_config)
+    settings = lora_config_for_ranks({plan.name: plan.k for plan in plans},
+                                     {plan.name: plan.scale for plan in plans}, config.use_rslora)
+    document.update({key: settings[key] for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern")})
+    return document
+
+
+def _publish(temporary: Path, target: Path) -> None:
+    """Move the finished temporary directory into place; a replaced OUT is removed only afterwards."""
+    import shutil  # only resize needs it
+
+    if not target.exists():
+        os.replace(temporary, target)
+        return
+    backup = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+    os.replace(target, backup)
+    os.replace(temporary, target)
+    if backup.is_dir() and not backup.is_symlink():
+        shutil.rmtree(backup)
+    else:
+        backup.unlink()
+
+
+def resize_adapter(path: str | os.PathLike, out: str | os.PathLike, *, rank: Optional[int] = None,
+                   policy: Optional[str] = None, adapter: Optional[str] = None, dtype: str = "same",
+                   min_rank: int = 1, max_rank: Optional[int] = None, force: bool = False,
+                   base_model: Optional[str] = None, base_norms: Optional[str] = None,
+                   base_norms_cache: Optional[str] = None) -> Dict[str, Any]:
+    """Write OUT holding, per module, exactly the best rank-k approximation of ΔW.
+
+    ``rank`` (a fixed k) or ``policy`` (a rank policy per module) chooses k,
+    clamped to [min_rank, max_rank] and never above the module's r (such
+    modules are copied unchanged).  Returns the report also saved as
+    ``OUT/resize_report.json``.  Raises AdapterFormatError (nothing written)
+    when the input cannot be resized exactly.
+
+    >>> report = resize_adapter("adapter", "adapter-r4", rank=4)          # doctest: +SKIP
+    >>> report["totals"]["params_after"]                                   # doctest: +SKIP
+    """
+    import shutil  # only resize needs it
+
+    if (rank is None) == (policy is None):
+        raise ValueError("give exactly one of rank or policy")
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}")
+    target = Path(out)
+    files = find_adapter_files(path, adapter=adapter)
+    weights = Path(files.weights_path).resolve()
+    if target.exists() and not force:
+        raise AdapterFormatError(f"{target}: already exists (use --force to replace it)")
+    if target.resolve() in weights.parents:
+        raise AdapterFormatError(f"{target}: would replace the adapter being resized; choose another OUT")
+    sf = open_safetensors(files.weights_path)
+    raw_config, load_issues = load_adapter_config(files.config_path)
+    keys = list(sf.tensors)
+    setup = configure(detect_format(keys, sf.metadata, raw_config), raw_config, load_issues, sf.metadata)
+    if setup.adapter_format not in RESIZE_FORMATS:
+        raise AdapterFormatError(f"{files.weights_path}: format {setup.adapter_format!r}; resize writes PEFT and kohya LoRA only")
+    source = _TensorSource.from_file(sf)
+    modules, non_lora = group_modules(setup.adapter_format, keys, lambda key: source.describe(key)[1])
+    if not modules:
+        raise AdapterFormatError(f"{files.weights_path}: no LoRA modules to resize")
+    plans = plan_resize(source, modules, setup, rank=rank, policy=policy, min_rank=min_rank, max_rank=max_rank)
+    tensors = _output_tensors(sf, plans, OUTPUT_DTYPES[dtype])
+
+    temporary = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir(parents=True)
+    try:
+        size_after = write_safetensors(temporary / Path(files.weights_path).name, tensors, sf.metadata)
+        if setup.adapter_format == "peft" and isinstance(raw_config, Mapping):
+            (temporary / CONFIG_NAME).write_text(json.dumps(_resized_config(raw_config, plans, setup.config), indent=2),
+                                                 encoding="utf-8")
+        report = _resize_report(files, target, setup, plans, non_lora, rank, policy, dtype, min_rank, max_rank,
+                                sf.file_size, size_after, base_model, base_norms, base_norms_cache)
+        (temporary / RESIZE_REPORT_NAME).write_text(json.dumps(report, indent=2, allow_nan=False), encoding="utf-8")
+        _publish(temporary, target)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary)
+    return report
+
+
+def _resize_report(files: AdapterFiles, target: Path, setup: AuditSetup, plans: Sequence[ResizedModule],
+                   non_lora: Sequence[str], rank: Optional[int], policy: Optional[str], dtype: str, min_rank: int,
+                   max_rank: Optional[int], size_before: int, size_after: int, base_model: Optional[str],
+                   base_norms: Optional[str], base_norms_cache: Optional[str]) -> Dict[str, Any]:
+    rows = [plan.cost() for plan in plans]
+    issues = [f"{row['name']}: the update is zero; kept energy and error undefined" for row in rows
+              if row["kept_energy"] is None]
+    if base_model or base_norms or base_norms_cache:
+        lookup = collect_base_norms([row["name"] for row in rows], base_model=base_model, norms_file=base_norms,
+                                    cache_file=base_norms_cache, layer_replication=setup.config.layer_replication)
+        issues.extend(lookup.issues)
+        for row in rows:
+            base_sigma = lookup.norms.get(row["name"], (None, None))[0]
+            # Truncation keeps σ₁, so ‖ΔW_k‖₂ = ‖ΔW‖₂ and UDR is unchanged (up to the output dtype's rounding).
+            row["base_sigma_max"] = base_sigma
+            row["udr"] = row["delta_sigma_max"] / (base_sigma + UDR_EPS) if base_sigma is not None else None
+    errors = [row["relative_error"] for row in rows if row["relative_error"] is not None]
+    totals = {"modules": len(rows), "modules_resized": sum(row["k"] < row["r"] for row in rows),
+              "params_before": sum(row["params_before"] for row in rows),
+              "params_after": sum(row["params_after"] for row in rows),
+              "file_size_before": size_before, "file_size_after": size_after,
+              "relative_error_max": max(errors) if errors else None,
+              "kept_energy_min": min((row["kept_energy"] for row in rows if row["kept_energy"] is not None), default=None)}
+    return json_safe({"schema": RESIZE_SCHEMA, "input": files.weights_path, "output": str(target),
+                      "format": setup.adapter_format, "rank": rank, "policy": policy, "dtype": dtype,
+                      "min_rank": min_rank, "max_rank": max_rank, "non_lora_tensors": list(non_lora),
+                      "totals": totals, "modules": rows, "issues": issues})
+
+
+def render_resize_report(report: Mapping[str, Any], top: int = 10) -> str:
+    """The printed cost of a resize: totals, then every module (or the ``top``
+    with the largest error when there are more than 40)."""
+    totals = report["totals"]
+    choice = f"rank {report['rank']}" if report["rank"] is not None else f"policy {report['policy']}"
+    lines = [f"resized {report['input']} → {report['output']} ({choice}, dtype {report['dtype']})",
+             f"  modules: {totals['modules']} ({totals['modules_resized']} truncated)   "
+             f"LoRA params: {totals['params_before']:,} → {totals['params_after']:,}   "
+             f"file: {totals['file_size_before']:,} → {totals['file_size_after']:,} bytes",
+             f"  worst relative error ‖ΔW − ΔW_k‖_F/‖ΔW‖_F: {_fmt(totals['relative_error_max'])}   "
+             f"least kept energy: {_fmt(totals['kept_energy_min'])}", ""]
+    rows = list(report["modules"])
+    if len(rows) > 40:
+        rows = sorted(rows, key=lambda row: -(row["relative_error"] or 0.0))[:top]
+        lines.append(f"  the {len(rows)} modules with the largest error (all {totals['modules']} in {RESIZE_REPORT_NAME}):")
+    with_udr = any("udr" in row for row in rows)
+    lines.append(f"  {'module':<50} {'r→k':>9} {'kept energy':>11} {'rel. error':>10} {'σ_max(ΔW_k)':>11}"
+                 + (f" {'UDR':>8}" if with_udr else ""))
+    for row in rows:
+        lines.append(f"  {row['name']:<50} {str(row['r']) + '→' + str(row['k']):>9} {_fmt(row['kept_energy']):>11} "
+                     f"{_fmt(row['relative_error']):>10} {_fmt(row['delta_sigma_max']):>11}"
+                     + (f" {_fmt(row.get('udr')):>8}" if with_udr else ""))
+    if report["issues"]:
+        lines += ["", f"  issues ({len(report['issues'])}):"] + [f"    - {issue}" for issue in report["issues"]]
+    return "\n".join(lines)
+
+
 # ══ 9. CLI ═══════════════════════════════════════════════════════════════════
 
 class UsageError(Exception):
@@ -2831,6 +3239,21 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     compare.add_argument("--top", type=int, default=10, metavar="N", help="list the N modules that changed most")
     compare.add_argument("--no-overlap", action="store_true", help="skip the update overlaps (metrics only)")
+    resize = commands.add_parser("resize", help="write the exact best rank-k truncation of an adapter")
+    resize.add_argument("input", metavar="IN", help="adapter directory or .safetensors file (PEFT or kohya LoRA)")
+    resize.add_argument("output", metavar="OUT", help="directory to write (must not exist unless --force)")
+    choice = resize.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--rank", type=int, metavar="K", help="the same k for every module (at most its r)")
+    choice.add_argument("--policy", metavar="P", help="k per module from a rank policy: energy@P, knee, erank, oht, stable")
+    resize.add_argument("--adapter", help="named adapter saved in a subfolder (default: the root adapter)")
+    resize.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default="same", help="dtype of the new factors")
+    resize.add_argument("--min-rank", type=int, default=1, metavar="K", help="never below K (default 1)")
+    resize.add_argument("--max-rank", type=int, metavar="R", help="never above R")
+    resize.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    resize.add_argument("--json", action="store_true", help="print the report as JSON")
+    resize.add_argument("--base-model", metavar="PATH_OR_ID", help="base model, for the UDR of each truncated update")
+    resize.add_argument("--base-norms", metavar="FILE", help="precomputed base norms (read-only)")
+    resize.add_argument("--base-norms-cache", metavar="FILE", help="base norms cache: read, compute what is missing, write back")
     return parser
 
 
@@ -2973,6 +3396,28 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_resize(args: argparse.Namespace) -> int:
+    if args.rank is not None and args.rank < 1:
+        raise UsageError("--rank must be >= 1")
+    if args.min_rank < 1 or (args.max_rank is not None and args.max_rank < args.min_rank):
+        raise UsageError("need 1 <= --min-rank <= --max-rank")
+    policy = None
+    if args.policy is not None:
+        try:
+            policies = parse_rank_policies(args.policy)
+        except ValueError as error:
+            raise UsageError(f"--policy: {error}") from None
+        if len(policies) != 1:
+            raise UsageError("--policy takes one policy")
+        policy = policies[0]
+    report = resize_adapter(args.input, args.output, rank=args.rank, policy=policy, adapter=args.adapter,
+                            dtype=args.dtype, min_rank=args.min_rank, max_rank=args.max_rank, force=args.force,
+                            base_model=args.base_model, base_norms=args.base_norms,
+                            base_norms_cache=args.base_norms_cache)
+    print(json.dumps(report, indent=2, allow_nan=False) if args.json else render_resize_report(report))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``gradience-lite`` / ``python -m gradience_lite``; returns the exit code."""
     try:
@@ -2981,7 +3426,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run_audit(args)
         if args.command == "compare":
             return _run_compare(args)
-        raise UsageError("a command is required: audit or compare")
+        if args.command == "resize":
+            return _run_resize(args)
+        raise UsageError("a command is required: audit, compare or resize")
     except (UsageError, AdapterFormatError) as error:
         print(f"gradience-lite: error: {error}", file=sys.stderr)
         return 2
