@@ -2065,13 +2065,15 @@ def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_no
 DEFAULT_RANK_POLICIES = ("energy@0.90", "knee", "erank")
 # Gavish & Donoho (2014), "The optimal hard threshold for singular values is
 # 4/√3": with unknown noise level, τ = ω(β)·median(σ); ω(1) = λ*(1)/√μ₁ =
-# (4/√3)/√0.6528 ≈ 2.858, μ₁ the median of the Marchenko–Pastur law at β = 1.
+# (4/√3)/√0.652776 = 2.858362, μ₁ the median of the Marchenko–Pastur law at β = 1.
 # The r nonzero singular values of B·A are those of the r×r core R_B·R_Aᵀ, so
 # the matrix thresholded is that square core: β = 1, and median(σ) over its r values.
-OHT_OMEGA_SQUARE = 2.858
+OHT_OMEGA_SQUARE = 2.858362
 # exp(log k) and Σσ²/σ₁² can land a few ulps above an integer; a ceiling must not
 # turn 3.0000000000000004 into 4.
 CEIL_SLACK = 1e-9
+# A linear scree lies on its chord up to round-off; only a point this far below it is a knee.
+KNEE_MIN_DISTANCE = 1e-12
 
 
 def _ceil_rank(value: float, rank: int) -> int:
@@ -2089,8 +2091,8 @@ def _knee_rank(sigma: np.ndarray) -> int:
     # min–max normalised: xᵢ = (i−1)/(r−1), yᵢ = (σᵢ − σᵣ)/(σ₁ − σᵣ).  The knee
     # is the point furthest below the chord from (0, 1) to (1, 0), i.e. argmax of
     # dᵢ = (1 − xᵢ) − yᵢ (first on ties), and the components before it are kept:
-    # k = i* − 1.  No point below the chord (a flat or concave scree, r < 3):
-    # no knee, k = r.
+    # k = i* − 1.  No point more than 1e-12 below the chord (a flat, linear or
+    # concave scree; r < 3): no knee, k = r.
     count = sigma.size
     if count < 3 or sigma[0] == sigma[-1]:
         return count
@@ -2098,7 +2100,7 @@ def _knee_rank(sigma: np.ndarray) -> int:
     y = (sigma - sigma[-1]) / (sigma[0] - sigma[-1])
     distance = (1.0 - x) - y
     knee = int(np.argmax(distance))  # 0-based index of the knee point = components before it
-    return knee if distance[knee] > 0 and knee > 0 else count
+    return knee if distance[knee] > KNEE_MIN_DISTANCE and knee > 0 else count
 
 
 def _erank_rank(sigma: np.ndarray) -> int:
