@@ -316,3 +316,19 @@ def test_kohya_alpha_rounding_is_folded_into_the_factors(tmp_path):
     got = alpha / 2 * (after["lora_unet_x_proj.lora_up.weight"] @ after["lora_unet_x_proj.lora_down.weight"])
     want, _ = truncated(3 / 7 * (before["lora_unet_x_proj.lora_up.weight"] @ before["lora_unet_x_proj.lora_down.weight"]), 2)
     assert relative_difference(got, want) < 1e-6
+
+
+def test_real_peft_loaded_and_merged_every_resized_fixture():
+    """tools/check_resize_with_peft.py ran the written adapters through PEFT itself
+    (from_pretrained, set_peft_model_state_dict, merge_and_unload or the forward pass)
+    and recorded the outcome; this checks the record covers every case and passed."""
+    record = json.loads((FIXTURES / "resize_peft_check.json").read_text())
+    results = record["results"]
+    assert {result["case"] for result in results} == {str(case.relative_to(FIXTURES)) for case in RESIZABLE}
+    for result in results:
+        assert result["ok"] and not result["missing_keys"] and not result["unexpected_keys"], result["case"]
+        assert result["worst_merged_error_relative_to_delta"] <= 1e-5
+        recorded = json.loads((FIXTURES / result["case"] / "expected.json").read_text())["modules"]
+        for name, module in result["modules"].items():
+            assert module["scaling_loaded"] == pytest.approx(recorded[name]["scaling"], rel=1e-12)
+            assert module["k_loaded"] == module["k_report"]
