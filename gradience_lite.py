@@ -2818,23 +2818,27 @@ def _encode_bf16(values: np.ndarray) -> np.ndarray:
     return ((bits + (np.uint32(0x7FFF) + ((bits >> sixteen) & one))) >> sixteen).astype("<u2")
 
 
-# Output dtype → (dtype the products are computed in, encoder).  Half-precision
-# outputs are computed in float32: its round-off is 2¹⁶× below bf16's.
-ENCODERS: Dict[str, Tuple[Any, Callable[[np.ndarray], np.ndarray]]] = {
-    "F64": (np.float64, lambda values: np.ascontiguousarray(values, dtype="<f8")),
-    "F32": (np.float64, lambda values: np.ascontiguousarray(values, dtype="<f4")),
-    "F16": (np.float32, lambda values: np.ascontiguousarray(values, dtype="<f2")),
-    "BF16": (np.float32, _encode_bf16),
+# Output dtype → (dtype the products are computed in, encoder, largest finite value).
+# Half-precision outputs are computed in float32: its round-off is 2¹⁶× below bf16's.
+ENCODERS: Dict[str, Tuple[Any, Callable[[np.ndarray], np.ndarray], float]] = {
+    "F64": (np.float64, lambda values: np.ascontiguousarray(values, dtype="<f8"), float(np.finfo(np.float64).max)),
+    "F32": (np.float64, lambda values: np.ascontiguousarray(values, dtype="<f4"), float(np.finfo(np.float32).max)),
+    "F16": (np.float32, lambda values: np.ascontiguousarray(values, dtype="<f2"), float(np.finfo(np.float16).max)),
+    "BF16": (np.float32, _encode_bf16, float(np.float32(3.3895314e38))),
 }
 
 
 def encode(values: np.ndarray, dtype_name: str) -> np.ndarray:
-    """Float values → the stored array of safetensors dtype ``dtype_name``; ValueError on overflow."""
-    with np.errstate(over="ignore"):
-        stored = ENCODERS[dtype_name][1](values)
-    if not np.isfinite(decode(stored, dtype_name, np.float32)).all():
-        raise ValueError(f"values overflow {dtype_name}")
-    return stored
+    """Float values → the stored array of safetensors dtype ``dtype_name``.
+
+    ValueError when a value is not finite or beyond the dtype's largest finite
+    value (rather than writing an Inf the input never had)."""
+    _, encoder, largest = ENCODERS[dtype_name]
+    values = np.asarray(values)
+    peak = float(np.max(np.abs(values))) if values.size else 0.0
+    if not peak <= largest:  # also catches NaN
+        raise ValueError(f"values overflow {dtype_name} (largest magnitude {peak:g})")
+    return encoder(values)
 
 
 class OutTensor(NamedTuple):
@@ -2876,10 +2880,13 @@ def write_safetensors(path: str | os.PathLike, tensors: Sequence[OutTensor],
     return 8 + len(blob) + offset
 
 
-def truncation_maps(factor_a: np.ndarray, factor_b: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def truncation_maps(factor_a: np.ndarray, factor_b: np.ndarray, k: int,
+                    core_svd: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
+                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(σ of B·A, M_B r×k, N_A k×r) from R_A, R_B (RᵀR = the Grams), so that
-    (B·M_B)·(N_A·A) is the best rank-k approximation of B·A."""
-    left, sigma, right_t = np.linalg.svd(factor_b @ factor_a.T)
+    (B·M_B)·(N_A·A) is the best rank-k approximation of B·A.  ``core_svd`` is
+    the SVD (U, σ, Vᵀ) of R_B·R_Aᵀ when already computed."""
+    left, sigma, right_t = core_svd if core_svd is not None else np.linalg.svd(factor_b @ factor_a.T)
     kept = sigma[:k]
     live = kept > sigma[0] * NULL_SINGULAR_VALUE if sigma.size and sigma[0] > 0 else np.zeros(kept.size, bool)
     inverse_root = np.where(live, 1.0 / np.sqrt(np.where(live, kept, 1.0)), 0.0)
@@ -2974,23 +2981,23 @@ def plan_resize(source: _TensorSource, modules: Sequence[LoraModule], setup: Aud
         prepared.append(item._replace(tall=None))
     plans: List[Optional[ResizedModule]] = [None] * len(prepared)
     for indices, factors in _module_core_factors(prepared, source):
+        factors_a, factors_b = factors[:len(indices)], factors[len(indices):]
+        lefts, sigmas, rights_t = np.linalg.svd(factors_b @ np.swapaxes(factors_a, 1, 2))  # one batched SVD
         for row, index in enumerate(indices):
-            item = prepared[index]
-            factor_a, factor_b = factors[row], factors[len(indices) + row]
-            sigma = np.linalg.svd(factor_b @ factor_a.T, compute_uv=False)
+            item, sigma = prepared[index], sigmas[row]
             k = _target_rank(sigma, item.r, rank, policy, min_rank, max_rank)
-            plans[index] = _module_plan(item, factor_a, factor_b, sigma, k, source)
+            plans[index] = _module_plan(item, factors_a[row], factors_b[row], (lefts[row], sigma, rights_t[row]), k, source)
     return [plan for plan in plans if plan is not None]
 
 
-def _module_plan(item: _PreparedModule, factor_a: np.ndarray, factor_b: np.ndarray, sigma: np.ndarray, k: int,
-                 source: _TensorSource) -> ResizedModule:
-    scale = item.scale.scale
+def _module_plan(item: _PreparedModule, factor_a: np.ndarray, factor_b: np.ndarray,
+                 core_svd: Tuple[np.ndarray, np.ndarray, np.ndarray], k: int, source: _TensorSource) -> ResizedModule:
+    scale, sigma = item.scale.scale, core_svd[1]
     common = dict(name=item.module.name, module_type=module_type(item.module.name), kind=item.layout.kind,
                   r=item.r, scale=scale, sigma=sigma, prepared=item._replace(gram_a=None, gram_b=None))
     if k >= item.r:
         return ResizedModule(k=item.r, map_a=None, map_b=None, alpha=item.scale.alpha, **common)
-    _, map_b, map_a = truncation_maps(factor_a, factor_b, k)
+    _, map_b, map_a = truncation_maps(factor_a, factor_b, k, core_svd)
     alpha = None
     if item.scale.scale_rule in ("alpha/r", "alpha/sqrt(r)"):
         alpha = scale * (math.sqrt(k) if item.scale.scale_rule == "alpha/sqrt(r)" else k)
@@ -3003,11 +3010,23 @@ def _module_plan(item: _PreparedModule, factor_a: np.ndarray, factor_b: np.ndarr
 
 
 def _product_tensor(source: _TensorSource, ref: FactorRef, linear_map: np.ndarray, out_dtype: str,
-                    out_shape: Tuple[int, ...]) -> np.ndarray:
-    """Pass 2 for one factor: decode it, multiply by its r×k map, encode."""
+                    out_shape: Tuple[int, ...], workspace: Workspace) -> np.ndarray:
+    """Pass 2 for one factor: B·M_B or N_A·A, decoded and multiplied chunk by chunk
+    along the long axis (cache-sized pieces of the reused workspace), then encoded."""
     compute = ENCODERS[out_dtype][0]
-    values = decode(_stored_matrix(source, ref), source.describe(ref.key)[0], compute)
-    product = values @ linear_map.astype(compute) if ref.rank_axis == 1 else linear_map.astype(compute) @ values
+    dtype_name = source.describe(ref.key)[0]
+    raw = _stored_matrix(source, ref)
+    linear_map = linear_map.astype(compute)
+    rank, length = ref.shape[ref.rank_axis], ref.shape[1 - ref.rank_axis]
+    step = max(1, CHUNK_ELEMENTS // max(rank, 1))
+    if ref.rank_axis == 1:  # B (m×r): rows of B' are rows of B times M_B
+        product = np.empty((length, linear_map.shape[1]), dtype=compute)
+        for first in range(0, length, step):
+            product[first:first + step] = decode(raw[first:first + step], dtype_name, compute, workspace) @ linear_map
+    else:  # A (r×n): columns of A' are N_A times columns of A
+        product = np.empty((linear_map.shape[0], length), dtype=compute)
+        for first in range(0, length, step):
+            product[:, first:first + step] = linear_map @ decode(raw[:, first:first + step], dtype_name, compute, workspace)
     source.release(ref.key)
     return encode(product.reshape(out_shape), out_dtype)
 
@@ -3021,6 +3040,7 @@ def _recoded_tensor(source: _TensorSource, key: str, out_dtype: str) -> np.ndarr
 def _output_tensors(sf: SafetensorsFile, plans: Sequence[ResizedModule], dtype: Optional[str]) -> List[OutTensor]:
     """Every input tensor in file order: resized factors and alphas replaced, the rest copied byte for byte."""
     source = _TensorSource.from_file(sf)
+    workspace = Workspace()
     replaced: Dict[str, OutTensor] = {}
     for plan in plans:
         layout, module = plan.prepared.layout, plan.prepared.module
@@ -3037,7 +3057,7 @@ def _output_tensors(sf: SafetensorsFile, plans: Sequence[ResizedModule], dtype: 
             is_a = ref is layout.a
             shape = (plan.k,) + tuple(info.shape[1:]) if is_a else (info.shape[0], plan.k) + tuple(info.shape[2:])
             replaced[ref.key] = OutTensor(ref.key, out_dtype, shape, functools.partial(
-                _product_tensor, source, ref, plan.map_a if is_a else plan.map_b, out_dtype, shape))
+                _product_tensor, source, ref, plan.map_a if is_a else plan.map_b, out_dtype, shape, workspace))
         alpha_key = module.part("alpha")
         if alpha_key is not None and plan.map_a is not None and plan.alpha is not None:
             info = sf.tensors[alpha_key]
