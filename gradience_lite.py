@@ -2808,6 +2808,7 @@ OUTPUT_DTYPES = {"same": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 # σᵢ at or below this fraction of σ₁ are round-off: the component is written as
 # zeros (ΔW_k is unchanged; dividing by √σᵢ would only amplify noise).
 NULL_SINGULAR_VALUE = 1e-13
+COPY_BYTES = 16 << 20  # tensors carried over are copied in slices of this size
 
 
 def _encode_bf16(values: np.ndarray) -> np.ndarray:
@@ -2847,7 +2848,7 @@ class OutTensor(NamedTuple):
     name: str
     dtype: str
     shape: Tuple[int, ...]
-    produce: Callable[[], Any]  # → an array (or buffer) of exactly shape × itemsize bytes
+    produce: Callable[[], Any]  # → an array or buffer, or an iterator of them: shape × itemsize bytes in all
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Sequence[OutTensor],
@@ -2872,11 +2873,12 @@ def write_safetensors(path: str | os.PathLike, tensors: Sequence[OutTensor],
     with open(path, "wb") as out:
         out.write(len(blob).to_bytes(8, "little") + blob)
         for tensor in tensors:
-            data = memoryview(tensor.produce()).cast("B")
+            produced = tensor.produce()
+            pieces = (produced,) if isinstance(produced, (np.ndarray, bytes, memoryview)) else produced
+            written = sum(out.write(memoryview(piece).cast("B")) for piece in pieces)
             start, end = header[tensor.name]["data_offsets"]
-            if data.nbytes != end - start:
-                raise ValueError(f"{tensor.name}: produced {data.nbytes} bytes, header says {end - start}")
-            out.write(data)
+            if written != end - start:
+                raise ValueError(f"{tensor.name}: produced {written} bytes, header says {end - start}")
     return 8 + len(blob) + offset
 
 
@@ -3065,10 +3067,12 @@ def _output_tensors(sf: SafetensorsFile, plans: Sequence[ResizedModule], dtype: 
             replaced[alpha_key] = OutTensor(alpha_key, info.dtype, info.shape,
                                             functools.partial(encode, value, info.dtype))
 
-    def copied(info: TensorInfo) -> Any:
-        data = sf.mapped[info.start:info.end] if info.end > info.start else b""
-        release_pages(sf, info)
-        return data
+    def copied(info: TensorInfo) -> Iterable[memoryview]:
+        # Slices of the mapping, released as they go: a large saved embedding never sits in memory whole.
+        view = memoryview(sf.mapped) if sf.mapped is not None else memoryview(b"")
+        for first in range(info.start, info.end, COPY_BYTES):
+            yield view[first:min(first + COPY_BYTES, info.end)]
+            release_pages(sf, info._replace(start=first, end=min(first + COPY_BYTES, info.end)))
 
     return [replaced.get(info.name) or OutTensor(info.name, info.dtype, info.shape, functools.partial(copied, info))
             for info in sorted(sf.tensors.values(), key=lambda info: info.start)]
