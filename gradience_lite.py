@@ -9,10 +9,11 @@ The module reads top to bottom in the order data flows:
 
     1. safetensors bytes  → tensor records and decoded float arrays
     2. adapter files      → which weights / config / named adapter to read
-    3. config             → r, alpha, rsLoRA, rank/alpha patterns; kohya and MLX scale rules
+    3. config             → r, alpha, rsLoRA, rank/alpha patterns; kohya and MLX scale rules;
+                            PEFT's tuners (LoHa, LoKr, AdaLoRA, VeRA) and the PEFT types refused
     4. keys               → module records for PEFT, diffusers, kohya, LyCORIS, MLX-LM
     5. low-rank spectra   → singular values of B·A from r×r problems
-    6. audit              → per-module records (LoRA, LoHa, LoKr), summaries, UDR
+    6. audit              → per-module records (LoRA, LoHa, LoKr, AdaLoRA, VeRA), summaries, UDR
    6b. rank advice        → per-module rank policies (energy@P, knee, erank, oht, stable), suggested config
     7. reports            → JSON contract, text report, HTML report
     8. compare            → two adapters side by side; drift over checkpoints
@@ -517,6 +518,8 @@ class AdapterConfig:
     target_modules: Any = None
     modules_to_save: Any = None
     layer_replication: Any = None
+    # AdaLoRA: module name → the boolean rank mask PEFT saved in rank_pattern (True = rank kept)
+    rank_masks: Tuple[Tuple[str, Tuple[bool, ...]], ...] = ()
 
 
 def _compile_pattern_key(key: str) -> Tuple["re.Pattern[str]", Optional[str]]:
@@ -579,17 +582,22 @@ def parse_adapter_config(raw: Optional[Mapping[str, Any]]) -> Tuple[AdapterConfi
         issues.append("config: adapter config is not a JSON object; auditing from the weights alone")
         return AdapterConfig(), issues
     peft_type = raw.get("peft_type")
-    if peft_type not in (None, "LORA"):
-        issues.append(f"config: peft_type is {peft_type!r}, not LORA; LoRA keys are audited as LoRA")
+    known = isinstance(peft_type, str) and peft_type in PEFT_VARIANTS
+    if peft_type is not None and not known:  # the entry points refuse such adapters before parsing
+        issues.append(f"config: peft_type is {peft_type!r}, not a type gradience_lite audits; read as LORA")
+    variant = PEFT_VARIANTS[peft_type] if known else PEFT_VARIANTS["LORA"]
     values: Dict[str, Any] = {}
-    for name, cast in (("r", _positive_int), ("lora_alpha", _finite_number)):
-        if name not in raw:
-            issues.append(f"config: {name} is missing")
+    # Each tuner names its rank and alpha fields its own way (LoHa/LoKr "alpha", AdaLoRA "init_r").
+    for name, field_name, cast in (("r", variant.rank_field, _positive_int), ("lora_alpha", variant.alpha_field, _finite_number)):
+        if field_name is None:
+            continue
+        if field_name not in raw:
+            issues.append(f"config: {field_name} is missing")
             continue
         try:
-            values[name] = cast(raw[name])
+            values[name] = cast(raw[field_name])
         except (TypeError, ValueError):
-            issues.append(f"config: {name} = {raw[name]!r} is not a valid value; ignored")
+            issues.append(f"config: {field_name} = {raw[field_name]!r} is not a valid value; ignored")
     flags = {}
     for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
         value = raw.get(name, False)
@@ -599,11 +607,13 @@ def parse_adapter_config(raw: Optional[Mapping[str, Any]]) -> Tuple[AdapterConfi
             issues.append(f"config: {name} = {value!r} is not true/false; taken as false")
             value = False
         flags[name] = value
+    masks = variant.family == "adalora"  # AdaLoRA's rank_pattern holds boolean masks, not ranks
     return AdapterConfig(
         present=True,
         r=values.get("r"),
         lora_alpha=values.get("lora_alpha"),
-        rank_pattern=_parse_patterns(raw.get("rank_pattern"), "rank_pattern", _positive_int, issues),
+        rank_pattern=() if masks else _parse_patterns(raw.get("rank_pattern"), "rank_pattern", _positive_int, issues),
+        rank_masks=_parse_rank_masks(raw.get("rank_pattern"), issues) if masks else (),
         alpha_pattern=_parse_patterns(raw.get("alpha_pattern"), "alpha_pattern", _finite_number, issues),
         peft_type=peft_type if isinstance(peft_type, str) else None,
         base_model_name_or_path=raw.get("base_model_name_or_path") if isinstance(raw.get("base_model_name_or_path"), str) else None,
@@ -612,6 +622,24 @@ def parse_adapter_config(raw: Optional[Mapping[str, Any]]) -> Tuple[AdapterConfi
         layer_replication=raw.get("layer_replication"),
         **flags,
     ), issues
+
+
+def _parse_rank_masks(raw: Any, issues: List[str]) -> Tuple[Tuple[str, Tuple[bool, ...]], ...]:
+    # PEFT AdaLoRA (adalora/model.py _get_adapter_state_dict) saves rank_pattern as
+    # {"<module path>.lora_E": [bool per initial rank]} and drops the masked ranks from the weights.
+    if raw in (None, {}):
+        return ()
+    if not isinstance(raw, dict):
+        issues.append("config: rank_pattern is not an object; AdaLoRA masks ignored")
+        return ()
+    masks = []
+    for key, mask in raw.items():
+        if not isinstance(mask, list) or not all(isinstance(bit, bool) for bit in mask):
+            issues.append(f"config: rank_pattern[{key!r}] is not a list of true/false; ignored")
+            continue
+        module = key[:-len(".lora_E")] if key.endswith(".lora_E") else key
+        masks.append((module_name_from_prefix(module), tuple(mask)))
+    return tuple(masks)
 
 
 MAX_CONFIG_BYTES = 10 * 1000 * 1000
@@ -646,6 +674,7 @@ class ModuleScale(NamedTuple):
     scale_rule: str  # "alpha/r", "alpha/sqrt(r)", or "implicit 1"
     rank_pattern_key: Optional[str]
     alpha_pattern_key: Optional[str]
+    problem: Optional[str] = None  # the config and the stored factors cannot be reconciled: not audited
 
 
 def module_scale(config: AdapterConfig, module_name: str, stored_r: int) -> ModuleScale:
@@ -693,6 +722,175 @@ def absolute_scale(scale: Optional[float]) -> Callable[["LoraModule", int, Optio
     return rule
 
 
+def lora_scale(config: AdapterConfig) -> ScaleRule:
+    """PEFT LoRA: :func:`module_scale` for every module."""
+    return lambda module, rank, alpha: module_scale(config, module.name, rank)
+
+
+def _unloadable(stored: int, config_r: Optional[int]) -> Optional[str]:
+    # PEFT builds each layer from the config's r and then loads the weights: another stored rank fails to load.
+    if config_r is None or stored == config_r:
+        return None
+    return f"stored rank {stored} disagrees with the config's r = {config_r}; PEFT cannot load this module"
+
+
+def lycoris_peft_scale(config: AdapterConfig) -> ScaleRule:
+    """PEFT LoHa / LoKr (tuners/loha|lokr/model.py ``_create_and_replace``, layer.py
+    ``update_layer``): scaling = alpha / r, r and alpha looked up in rank_pattern /
+    alpha_pattern.  r is the config's, not a stored shape: LoKr with both halves
+    full stores no rank at all, and PEFT still divides by r (LyCORIS would use 1).
+    LoHaConfig / LoKrConfig have no rsLoRA option."""
+    def rule(module: LoraModule, rank: int, alpha: Optional[float]) -> ModuleScale:
+        looked_up = module_scale(config, module.name, rank)
+        stores_rank = not (module.part("lokr_w1") and module.part("lokr_w2"))
+        problem = _unloadable(rank, looked_up.config_r) if stores_rank else None
+        if problem or looked_up.alpha is None or not looked_up.config_r:
+            return looked_up._replace(problem=problem)
+        return looked_up._replace(scale=looked_up.alpha / looked_up.config_r, scale_rule="alpha/r")
+    return rule
+
+
+ADALORA_RANKNUM_EPS = np.float32(1e-5)
+
+
+def adalora_scale(config: AdapterConfig) -> ScaleRule:
+    """PEFT AdaLoRA (tuners/adalora/layer.py ``SVDLinear.forward``): ΔW = B·(A ⊙ E)·scaling / (ranknum + 1e-5).
+
+    On load (adalora/model.py ``resize_modules_by_rank_pattern``) a module with a
+    mask is rebuilt with r = the kept ranks, so scaling = lora_alpha, or that r
+    when lora_alpha ≤ 0; ranknum is restored to init_r (it is not saved).  The
+    saved weights hold only the kept ranks; a mask that does not match them is
+    an adapter PEFT itself cannot load, so the module is refused.
+    """
+    masks = dict(config.rank_masks)
+
+    def rule(module: LoraModule, rank: int, alpha: Optional[float]) -> ModuleScale:
+        init_r, lora_alpha, mask = config.r, config.lora_alpha, masks.get(module.name)
+        if init_r is None or lora_alpha is None:
+            return ModuleScale(init_r, lora_alpha, 1.0, "implicit 1", None, None)
+        loaded_r, ranknum = init_r, init_r
+        if mask is None and rank != init_r:
+            return ModuleScale(init_r, lora_alpha, 1.0, "alpha/(ranknum+1e-5)", None, None,
+                               f"lora_A stores {rank} ranks, init_r is {init_r} and rank_pattern has no mask for it "
+                               "(PEFT cannot load this module)")
+        if mask is not None:
+            loaded_r = sum(mask)
+            ranknum = init_r if loaded_r > 0 else 0  # update_layer(r=0) sets ranknum 0 and nothing restores it
+            problem = (f"rank_pattern mask has {len(mask)} entries but init_r is {init_r}" if len(mask) != init_r else
+                       f"rank_pattern mask keeps {loaded_r} ranks but lora_A stores {rank}" if loaded_r != rank else None)
+            if problem:
+                return ModuleScale(loaded_r, lora_alpha, 1.0, "alpha/(ranknum+1e-5)", None, None,
+                                   problem + " (PEFT cannot load this module)")
+        scaling, rule_name = (lora_alpha, "alpha/(ranknum+1e-5)") if lora_alpha > 0 else (loaded_r, "r/(ranknum+1e-5)")
+        # ranknum is a float32 parameter: the 1e-5 is added in float32, as PEFT's forward does.
+        return ModuleScale(loaded_r, lora_alpha, scaling / float(np.float32(ranknum) + ADALORA_RANKNUM_EPS),
+                           rule_name, None, None)
+    return rule
+
+
+def vera_scale(config: AdapterConfig) -> ScaleRule:
+    """PEFT VeRA has no scalar scale: λ_b and λ_d carry it (tuners/vera/layer.py)."""
+    return lambda module, rank, alpha: ModuleScale(config.r, None, 1.0, "1 (vera: λ_b, λ_d)", None, None,
+                                                   _unloadable(rank, config.r))
+
+
+class PeftVariant(NamedTuple):
+    """One of PEFT's additive low-rank tuners: how its config and its saved keys name things."""
+
+    family: str  # the per-module ``family``
+    rank_field: str  # the config field with the default rank
+    alpha_field: Optional[str]  # the config field with alpha (None: the tuner has no scalar scale)
+    scale: Callable[[AdapterConfig], ScaleRule]
+    roles: Tuple[str, ...] = ()  # per-module tensors: the layer class's adapter_layer_names
+    shared_roles: Tuple[str, ...] = ()  # tensors saved once on the tuner and used by every module
+
+
+# PeftType (PEFT 0.21.2 peft/utils/peft_types.py) → the tuners audited exactly.
+PEFT_VARIANTS: Dict[str, PeftVariant] = {
+    "LORA": PeftVariant("lora", "r", "lora_alpha", lora_scale),
+    "LOHA": PeftVariant("loha", "r", "alpha", lycoris_peft_scale,
+                        ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")),
+    "LOKR": PeftVariant("lokr", "r", "alpha", lycoris_peft_scale,
+                        ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")),
+    "ADALORA": PeftVariant("adalora", "init_r", "lora_alpha", adalora_scale, ("lora_A", "lora_B", "lora_E")),
+    "VERA": PeftVariant("vera", "r", None, vera_scale, ("vera_lambda_b", "vera_lambda_d"), ("vera_A", "vera_B")),
+}
+
+# Every other PeftType, with what it learns: none is an update ΔW = B·A the
+# adapter file alone determines (prompts, rotations, scalings, sparse or
+# full-rank updates, updates built from the base weight, input-routed mixtures).
+NOT_LOW_RANK_ADDITIVE: Dict[str, str] = {
+    "PROMPT_TUNING": "learned virtual prompt tokens",
+    "MULTITASK_PROMPT_TUNING": "learned virtual prompt tokens",
+    "P_TUNING": "a prompt encoder producing virtual tokens",
+    "PREFIX_TUNING": "learned key/value prefixes",
+    "ADAPTION_PROMPT": "gated adaption prompts",
+    "CPT": "context-aware prompt tuning",
+    "CARTRIDGE": "a learned KV-cache prefix",
+    "IA3": "learned per-channel scaling vectors",
+    "OFT": "an orthogonal rotation of the weight",
+    "BOFT": "a butterfly-factorised orthogonal rotation of the weight",
+    "HRA": "Householder reflections multiplying the weight",
+    "ROAD": "2-D rotations of the outputs",
+    "OSF": "fine-tuning inside the weight's own SVD subspaces",
+    "GLORA": "W0 + W0·A + B, an update proportional to the base weight",
+    "HIRA": "a Hadamard product with the base weight",
+    "MISS": "shard-shared updates that depend on the base weight",
+    "BONE": "block-affine updates that depend on the base weight",
+    "DEFT": "a residual projection of the base weight",
+    "PEANUT": "a non-linear function of the base weight",
+    "DELORA": "a low-rank direction scaled by the base weight's column norms",
+    "TINYLORA": "projections through the base weight's SVD",
+    "ADAMSS": "updates inside subspaces of the base weight's SVD",
+    "FROD": "a re-parameterisation of the whole weight",
+    "FOURIERFT": "sparse Fourier coefficients, a full-rank update",
+    "WAVEFT": "sparse wavelet coefficients, a full-rank update",
+    "SHIRA": "a sparse high-rank update",
+    "SUPERTUNING": "a sparse update of selected weight entries",
+    "C3A": "circular convolutions, a full-rank update",
+    "RANDLORA": "a full-rank combination of random low-rank bases",
+    "LN_TUNING": "fine-tuned LayerNorm parameters",
+    "TRAINABLE_TOKENS": "replaced embedding rows",
+    "BEFT": "bias fine-tuning",
+    "SHADOW": "a parallel shadow network",
+    "POLY": "an input-routed mixture of LoRA modules",
+    "XLORA": "an input-routed mixture of LoRA adapters",
+}
+# Additive low-rank updates whose exact ΔW is not implemented: refused by name
+# rather than audited with LoRA's formula.
+LOW_RANK_NOT_IMPLEMENTED: Dict[str, str] = {
+    "GRALORA": "block-wise (granular) low-rank updates",
+    "VBLORA": "low-rank factors assembled from a shared vector bank",
+    "UNILORA": "low-rank factors drawn from one shared parameter vector",
+    "LILY": "low-rank updates with shared projectors",
+    "PVERA": "probabilistic VeRA",
+    "PSOFT": "B·(R − I)·A with an orthogonal core",
+}
+
+
+def peft_type_refusal(raw_config: Any) -> Optional[str]:
+    """Why the adapter a PEFT config describes cannot be audited, or None.
+
+    One line for the CLI's exit 2: the type named, and why.
+    """
+    if not isinstance(raw_config, Mapping):
+        return None
+    peft_type = raw_config.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type in PEFT_VARIANTS:
+        if peft_type == "VERA" and raw_config.get("save_projection") is False:
+            return ("peft_type VERA with save_projection false: the shared projections vera_A / vera_B are not in the "
+                    "file (PEFT regenerates them from projection_prng_key with torch's random generator), so ΔW "
+                    "cannot be computed; gradience_lite does not invent them")
+        return None
+    if peft_type in NOT_LOW_RANK_ADDITIVE:
+        return (f"peft_type {peft_type} ({NOT_LOW_RANK_ADDITIVE[peft_type]}) is not a low-rank additive update "
+                "ΔW = B·A; gradience_lite audits only LoRA, LoHa, LoKr, AdaLoRA and VeRA")
+    if peft_type in LOW_RANK_NOT_IMPLEMENTED:
+        return (f"peft_type {peft_type} ({LOW_RANK_NOT_IMPLEMENTED[peft_type]}) is a low-rank additive update whose "
+                "exact ΔW gradience_lite does not implement; refused rather than audited with LoRA's formula")
+    return f"peft_type {peft_type!r} is not a PEFT type gradience_lite knows; refused rather than audited as LoRA"
+
+
 # ══ 4. keys → LoRA modules ═══════════════════════════════════════════════════
 
 PEFT_WRAPPER = "base_model.model."
@@ -714,11 +912,12 @@ class LoraModule(NamedTuple):
     bias_key: Optional[str] = None
     magnitude_key: Optional[str] = None  # PEFT lora_magnitude_vector, kohya/LyCORIS dora_scale, MLX .m
     duplicate_keys: Tuple[str, ...] = ()  # a second key for a role already filled
-    family: str = "lora"  # "lora" | "loha" | "lokr"
+    family: str = "lora"  # "lora" | "loha" | "lokr" | "adalora" | "vera"
     layout: str = "peft"  # "peft": A r×in, B out×r;  "mlx": A in×r, B r×out (SwitchLinear: per expert, PEFT-like)
     expert: Optional[int] = None  # index along a leading experts axis (MLX SwitchLinear)
     parts: Tuple[Tuple[str, str], ...] = ()  # further tensors by role: "alpha", "mid", "hada_w1_a", "lokr_w1", …
     component: Optional[str] = None  # diffusers pipeline component ("unet", "text_encoder", …)
+    in_features: Optional[int] = None  # the base layer's input width where the format stores none (VeRA)
 
     def part(self, role: str) -> Optional[str]:
         return dict(self.parts).get(role)
@@ -788,7 +987,11 @@ def detect_format(keys: Sequence[str], metadata: Mapping[str, str], config: Opti
 
     LyCORIS files may mix LoCon keys (lora_down/lora_up) with LoHa/LoKr keys:
     any hada_/lokr_ key makes the file "lycoris".
+    PEFT's own LoHa / LoKr / AdaLoRA / VeRA are "peft": their config says so.
     """
+    peft_type = config.get("peft_type") if isinstance(config, Mapping) else None
+    if isinstance(peft_type, str) and peft_type in PEFT_VARIANTS and PEFT_VARIANTS[peft_type].roles:
+        return "peft"  # PEFT's LoHa / LoKr keys look like LyCORIS's; the config says whose they are
     if any(".hada_w1_a" in key or ".lokr_w1" in key or ".lokr_w2" in key for key in keys):
         return "lycoris"
     if any(key.endswith((".lora_down.weight", ".lora_up.weight")) for key in keys):
@@ -824,6 +1027,27 @@ def _group_kohya_keys(keys: Iterable[str]) -> Tuple[List[LoraModule], List[str]]
     return modules, others
 
 
+def _group_peft_tuner_keys(keys: Iterable[str], variant: PeftVariant) -> Tuple[List[LoraModule], List[str]]:
+    """PEFT LoHa / LoKr / AdaLoRA / VeRA save ``<prefix><module>.<role>`` with the
+    roles of the tuner's layer class; VeRA's shared ``base_model.vera_A`` /
+    ``vera_B`` join every module."""
+    parts: Dict[str, Dict[str, str]] = {}
+    shared: Dict[str, str] = {}
+    others: List[str] = []
+    for key in keys:
+        prefix, _, role = key.rpartition(".")
+        if role in variant.shared_roles and prefix == "base_model":
+            shared[role] = key
+        elif role in variant.roles and prefix:
+            parts.setdefault(module_name_from_prefix(prefix), {})[role] = key
+        else:
+            others.append(key)
+    modules = [LoraModule(name, "linear", None, None, family=variant.family,
+                          parts=tuple(sorted({**shared, **roles}.items())))
+               for name, roles in sorted(parts.items(), key=lambda item: _natural_key(item[0]))]
+    return modules, others
+
+
 def _group_mlx_keys(keys: Iterable[str], shape_of: Callable[[str], Tuple[int, ...]]
                     ) -> Tuple[List[LoraModule], List[str]]:
     parts: Dict[str, Dict[str, str]] = {}
@@ -846,9 +1070,12 @@ def _group_mlx_keys(keys: Iterable[str], shape_of: Callable[[str], Tuple[int, ..
     return modules, others
 
 
-def group_modules(adapter_format: str, keys: Sequence[str], shape_of: Callable[[str], Tuple[int, ...]]
-                  ) -> Tuple[List[LoraModule], List[str]]:
-    """Group a file's keys into modules by its format; return (modules, non-LoRA keys)."""
+def group_modules(adapter_format: str, keys: Sequence[str], shape_of: Callable[[str], Tuple[int, ...]],
+                  peft_type: Optional[str] = None) -> Tuple[List[LoraModule], List[str]]:
+    """Group a file's keys into modules by its format (and PEFT tuner); return (modules, non-LoRA keys)."""
+    variant = PEFT_VARIANTS.get(peft_type) if adapter_format == "peft" and isinstance(peft_type, str) else None
+    if variant is not None and variant.roles:
+        return _group_peft_tuner_keys(keys, variant)
     if adapter_format in ("kohya", "lycoris", "diffusers-old"):
         return _group_kohya_keys(keys)
     if adapter_format == "mlx":
@@ -918,6 +1145,7 @@ class AuditSetup(NamedTuple):
     scale_rule: ScaleRule
     issues: List[str]
     format_metadata: Dict[str, str]
+    in_features: Optional[Dict[str, int]] = None  # module → base input width, for formats that store none (VeRA)
 
 
 def _diffusers_configs(metadata: Mapping[str, str], issues: List[str]) -> Dict[Optional[str], AdapterConfig]:
@@ -982,8 +1210,8 @@ def configure(adapter_format: str, raw_config: Any, load_issues: List[str],
     issues.extend(config_issues)
     if not config.present:
         issues.append("config: no usable adapter config; r taken from the weights, scale = 1.0 for every module")
-    return AuditSetup(adapter_format, config, lambda module, rank, alpha: module_scale(config, module.name, rank),
-                      issues, format_metadata)
+    variant = PEFT_VARIANTS.get(config.peft_type or "LORA", PEFT_VARIANTS["LORA"])
+    return AuditSetup(adapter_format, config, variant.scale(config), issues, format_metadata)
 
 
 # ══ 5. low-rank spectra ══════════════════════════════════════════════════════
@@ -1169,8 +1397,9 @@ class ModuleAudit:
     udr: Optional[float] = None
     udr_f: Optional[float] = None
     sdi: Optional[float] = None
-    family: str = "lora"  # "lora" | "loha" | "lokr"
+    family: str = "lora"  # "lora" | "loha" | "lokr" | "adalora" | "vera"
     max_rank: Optional[int] = None  # upper bound on rank(ΔW) given the factorisation
+    lora_e: Optional[Tuple[float, ...]] = None  # AdaLoRA: the stored singular-value-like weights E, as saved
     issues: Tuple[str, ...] = ()
     rank_suggestions: Dict[str, int] = field(default_factory=dict)  # policy → k (see "rank advice")
     # The whole spectrum of B·A, kept so advice can be recomputed for other
@@ -1182,6 +1411,7 @@ class ModuleAudit:
         row["rank_suggestions"] = dict(self.rank_suggestions)
         row["a_shape"], row["b_shape"] = list(self.a_shape), list(self.b_shape)
         row["top_singular_values"] = list(self.top_singular_values) if self.top_singular_values is not None else None
+        row["lora_e"] = list(self.lora_e) if self.lora_e is not None else None
         row["issues"] = list(self.issues)
         return row
 
@@ -1197,10 +1427,18 @@ class _TensorSource:
     def __init__(self, describe: Callable[[str], Tuple[str, Tuple[int, ...], Optional[str]]],
                  raw: Callable[[str], np.ndarray], release: Callable[[str], None] = lambda key: None):
         self.describe, self.raw, self.release = describe, raw, release
+        self._shared: Dict[str, np.ndarray] = {}
 
     def load(self, key: str) -> np.ndarray:
         """The whole tensor as a new float64 array."""
         return decode(self.raw(key), self.describe(key)[0])
+
+    def load_shared(self, key: str) -> np.ndarray:
+        """A tensor every module uses (VeRA's projections): decoded once and kept; never modify it."""
+        if key not in self._shared:
+            self._shared[key] = self.load(key)
+            self.release(key)
+        return self._shared[key]
 
     @classmethod
     def from_file(cls, sf: SafetensorsFile) -> "_TensorSource":
@@ -1298,6 +1536,7 @@ class _PreparedModule(NamedTuple):
     magnitude: Optional[Dict[str, float]]
     tall: Optional[Tuple[np.ndarray, np.ndarray]] = None  # computed factors (Aᵀ, B), for the QR fallback
     sigma: Optional[np.ndarray] = None  # a spectrum computed directly (LoKr, dense fallback)
+    lora_e: Optional[Tuple[float, ...]] = None
 
 
 CHUNK_ELEMENTS = 1 << 18  # 2 MiB of float64: bounded memory, and large enough that per-chunk overhead is noise
@@ -1345,9 +1584,13 @@ def _check_tensors(module: LoraModule, source: _TensorSource, keys: Sequence[str
     return None
 
 
-def _load_finite(module: LoraModule, source: _TensorSource, key: str) -> Tuple[Optional[np.ndarray], Optional[str]]:
-    values = source.load(key)
-    source.release(key)
+def _load_finite(module: LoraModule, source: _TensorSource, key: str, shared: bool = False
+                 ) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    if shared:
+        values = source.load_shared(key)
+    else:
+        values = source.load(key)
+        source.release(key)
     bad = int(values.size - np.count_nonzero(np.isfinite(values)))
     if bad:
         return None, f"{module.name}: {key.rsplit('.', 1)[-1] if '.' in key else key} contains {bad} NaN/Inf values; not audited"
@@ -1414,14 +1657,21 @@ def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Option
                            layout.rank, layout.rank, grams[0], grams[1], bias_norm, magnitude), []
 
 
+def _is_number(dtype: str) -> bool:
+    return dtype != "BOOL" if dtype in DTYPES else dtype.startswith(("FLOAT", "INT", "UINT"))
+
+
 def _alpha_value(module: LoraModule, source: _TensorSource) -> Tuple[Optional[float], Optional[str]]:
-    """The scalar ``alpha`` tensor kohya / LyCORIS store per module (any float dtype)."""
+    """The scalar ``alpha`` tensor kohya / LyCORIS store per module: any numeric
+    dtype (diffusers' ``convert_state_dict_to_kohya`` writes an int64 0-d tensor), 0-d or one element."""
     key = module.part("alpha")
     if key is None:
         return None, None
-    problem = _check_tensors(module, source, (key,))
+    dtype, _, problem = source.describe(key)
     if problem:
-        return None, problem
+        return None, f"{module.name}: tensor {key!r}: {problem}; not audited"
+    if not _is_number(dtype):
+        return None, f"{module.name}: alpha tensor {key!r} has non-numeric dtype {dtype}; not audited"
     values = source.load(key)
     if values.size != 1 or not np.isfinite(values).all():
         return None, f"{module.name}: alpha tensor {key!r} is not one finite number; not audited"
@@ -1449,7 +1699,7 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
         return None, [problem]
     values: Dict[str, np.ndarray] = {}
     for role, key in factor_roles.items():
-        loaded, problem = _load_finite(module, source, key)
+        loaded, problem = _load_finite(module, source, key, shared=role in SHARED_ROLES)
         if problem:
             return None, [problem]
         values[role] = loaded
@@ -1457,22 +1707,28 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
     if problem:
         return None, [problem]
     try:
-        built = {"lora": _tucker_lora, "loha": _loha, "lokr": _lokr}[module.family](values)
+        built = FAMILY_BUILDERS[module.family](values, module)
+    except FactorsUnavailable as error:
+        return None, [f"{name}: {error}; not audited"]
     except (KeyError, ValueError) as error:
         return None, [f"{name}: {module.family} factors do not fit together ({error}); not audited"]
+    scale = scale_rule(module, built.rank if built.rank is not None else built.max_rank, alpha)
+    if scale.problem:
+        return None, [f"{name}: {scale.problem}; not audited"]
     bias_norm, magnitude = _extras(module, source)
     dtypes = sorted({source.describe(key)[0] for key in factor_roles.values()})
     shapes = {role: tuple(v.shape) for role, v in values.items()}
-    params = sum(v.size for v in values.values())
-    scale = scale_rule(module, built.rank, alpha)
+    params = sum(v.size for role, v in values.items() if role not in SHARED_ROLES)  # VeRA's frozen projections are not trained
     # The batched stage groups by the size of the r×r problem: r² for LoHa's Khatri–Rao route.
     inner = built.a.shape[0] if built.a is not None else built.rank
     layout = _Factors(built.kind, inner)
-    a_shape = shapes.get("lora_down.weight") or shapes.get("hada_w1_b") or shapes.get("lokr_w1") or shapes.get("lokr_w1_a") or ()
-    b_shape = shapes.get("lora_up.weight") or shapes.get("hada_w1_a") or shapes.get("lokr_w2") or shapes.get("lokr_w2_a") or ()
+    a_shape = next((shapes[role] for role in A_SHAPE_ROLES if role in shapes), ())
+    b_shape = next((shapes[role] for role in B_SHAPE_ROLES if role in shapes), ())
+    # LoKr with both halves full stores no rank: r is the config's (what PEFT divides alpha by), else the capacity.
+    rank = built.rank if built.rank is not None else (scale.config_r or built.max_rank)
     common = dict(module=module, layout=layout, a_shape=a_shape, b_shape=b_shape, dtype="/".join(dtypes),
-                  params=params, scale=scale, r=built.rank, max_rank=built.max_rank, bias_norm=bias_norm,
-                  magnitude=magnitude)
+                  params=params, scale=scale, r=rank, max_rank=built.max_rank, bias_norm=bias_norm,
+                  magnitude=magnitude, lora_e=built.lora_e)
     if built.sigma is not None:
         return _PreparedModule(gram_a=None, gram_b=None, sigma=built.sigma, **common), []
     tall_a, tall_b = built.a.T, built.b
@@ -1483,18 +1739,28 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
 
 class _Built(NamedTuple):
     kind: str
-    rank: int  # the stored dimension r (what alpha is divided by; LoKr with both halves full: its capacity)
+    rank: Optional[int]  # the stored dimension r; None when the factors store none (LoKr with both halves full)
     max_rank: int  # an upper bound on rank(ΔW); the low-rank route's inner size when a/b are given
     a: Optional[np.ndarray] = None  # r×n
     b: Optional[np.ndarray] = None  # m×r
     sigma: Optional[np.ndarray] = None
+    lora_e: Optional[Tuple[float, ...]] = None  # AdaLoRA's E, reported as stored
+
+
+class FactorsUnavailable(ValueError):
+    """The stored factors are fine, but something ΔW needs is not in the adapter."""
+
+
+# Which stored tensor is reported as a_shape / b_shape, by family (first present wins).
+A_SHAPE_ROLES = ("lora_down.weight", "hada_w1_b", "lokr_w1", "lokr_w1_a", "lora_A", "vera_A")
+B_SHAPE_ROLES = ("lora_up.weight", "hada_w1_a", "lokr_w2", "lokr_w2_a", "lora_B", "vera_B")
 
 
 def _matrix(values: np.ndarray) -> np.ndarray:
     return values.reshape(values.shape[0], -1)
 
 
-def _tucker_lora(values: Dict[str, np.ndarray]) -> _Built:
+def _tucker_lora(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
     # LoCon with Tucker: ΔW[o, i, h, w] = Σ_{a,b} up[o, a]·mid[a, b, h, w]·down[b, i]
     # (forward: down 1×1, then mid k×k, then up 1×1), i.e. B = up, A = mid ∘ down.
     up, down, mid = _matrix(values["lora_up.weight"]), _matrix(values["lora_down.weight"]), values["lora_mid.weight"]
@@ -1504,7 +1770,7 @@ def _tucker_lora(values: Dict[str, np.ndarray]) -> _Built:
     return _Built("conv", up.shape[1], min(up.shape[1], up.shape[0], a.shape[1]), a=a, b=up)
 
 
-def _loha(values: Dict[str, np.ndarray]) -> _Built:
+def _loha(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
     # ΔW = (w1a·w1b) ⊙ (w2a·w2b).  The Hadamard product of two rank-r products is
     # P·Q with P the row-wise Kronecker product of w1a and w2a (out×r₁r₂) and Q the
     # column-wise one of w1b and w2b (r₁r₂×in): the low-rank route with r² for r.
@@ -1529,7 +1795,7 @@ def _loha(values: Dict[str, np.ndarray]) -> _Built:
     return _Built(kind, w1a.shape[1], max_rank, a=q, b=p)
 
 
-def _lokr(values: Dict[str, np.ndarray]) -> _Built:
+def _lokr(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
     # ΔW = kron(W1, W2): its singular values are all products σᵢ(W1)·σⱼ(W2), with
     # W2 viewed as (c, d·∏kernel) — the same column order torch.kron gives a conv.
     if "lokr_w1" in values:
@@ -1555,8 +1821,47 @@ def _lokr(values: Dict[str, np.ndarray]) -> _Built:
         rank = w2a.shape[1]
         kernel = values["lokr_w2_b"].shape[2:]
     sigma = np.sort(np.outer(sigma1, sigma2).ravel())[::-1]
-    max_rank = cap1 * cap2
-    return _Built("conv" if kernel else "linear", rank if rank is not None else max_rank, max_rank, sigma=sigma)
+    return _Built("conv" if kernel else "linear", rank, cap1 * cap2, sigma=sigma)
+
+
+def _adalora(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
+    # PEFT AdaLoRA: ΔW ∝ B·(A ⊙ E) with E (r×1) weighting A's rows, i.e. B·diag(E)·A —
+    # the LoRA route with A' = E ⊙ A.  r = 0 (every rank masked away) is a zero update.
+    a, b, e = values["lora_A"], values["lora_B"], values["lora_E"]
+    if a.ndim != 2 or b.ndim != 2 or e.size != a.shape[0] or b.shape[1] != a.shape[0]:
+        raise ValueError(f"lora_A {list(a.shape)}, lora_E {list(e.shape)}, lora_B {list(b.shape)} are not r×in, r×1, out×r")
+    weights = tuple(float(v) for v in e.reshape(-1))
+    if a.shape[0] == 0:
+        return _Built("linear", 0, 0, sigma=np.zeros(1), lora_e=weights)
+    return _Built("linear", a.shape[0], a.shape[0], a=e.reshape(-1, 1) * a, b=b, lora_e=weights)
+
+
+def _vera(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
+    # PEFT VeRA (tuners/vera/layer.py Linear.forward): ΔW = diag(λ_b)·B[:out, :]·diag(λ_d)·A[:, :in],
+    # the shared projections sliced to this layer; out = len(λ_b), in is not stored.
+    if "vera_A" not in values or "vera_B" not in values:
+        raise FactorsUnavailable("the shared projections vera_A / vera_B are not in the file (saved with "
+                                 "save_projection false?); they are never invented")
+    a, b, lambda_b, lambda_d = (values[k] for k in ("vera_A", "vera_B", "vera_lambda_b", "vera_lambda_d"))
+    if module.in_features is None:
+        raise FactorsUnavailable(f"a VeRA adapter does not store in_features (vera_A has {a.shape[-1]} columns, the "
+                                 "widest targeted layer's); pass --base-model (or a --base-norms file) to read it "
+                                 "from the base weight's shape")
+    out_features, rank = lambda_b.size, lambda_d.size
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
+        raise ValueError(f"vera_A {list(a.shape)} / vera_B {list(b.shape)} do not have r = len(λ_d) = {rank}")
+    if module.in_features > a.shape[1] or out_features > b.shape[0]:
+        raise ValueError(f"layer {out_features}×{module.in_features} is larger than vera_B rows × vera_A columns")
+    sliced_a = lambda_d.reshape(-1, 1) * a[:, :module.in_features]
+    sliced_b = lambda_b.reshape(-1, 1) * b[:out_features]
+    return _Built("linear", rank, min(rank, out_features, module.in_features), a=sliced_a, b=sliced_b)
+
+
+# family → how its ΔW factors are built from the module's stored tensors
+FAMILY_BUILDERS: Dict[str, Callable[[Dict[str, np.ndarray], LoraModule], _Built]] = {
+    "lora": _tucker_lora, "loha": _loha, "lokr": _lokr, "adalora": _adalora, "vera": _vera,
+}
+SHARED_ROLES = frozenset(role for variant in PEFT_VARIANTS.values() for role in variant.shared_roles)
 
 
 BATCH_MODULES = 32
@@ -1610,7 +1915,8 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         issues.append(f"{name}: stored rank {rank} disagrees with config {source_of_r} = {scale.config_r}; "
                       f"the stored rank is used for the scale")
     if spectrum.sigma_max == 0.0:
-        issues.append(f"{name}: the update is zero (B·A = 0, e.g. a freshly initialised adapter)")
+        why = "rank 0: AdaLoRA masked every rank" if rank == 0 else "B·A = 0, e.g. a freshly initialised adapter"
+        issues.append(f"{name}: the update is zero ({why})")
     abs_scale = abs(scale.scale)
     if not all(math.isfinite(v) for v in (spectrum.frob_sq, abs_scale * spectrum.sigma_max,
                                           abs_scale * math.sqrt(spectrum.frob_sq))):
@@ -1631,7 +1937,7 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         delta_sigma_max=abs_scale * spectrum.sigma_max, delta_fro_norm=abs_scale * math.sqrt(spectrum.frob_sq),
         top_singular_values=tuple(float(s) for s in sigma[:top_k]) if top_k > 0 else None,
         lora_bias_key=item.module.bias_key, lora_bias_norm=item.bias_norm, dora_magnitude=item.magnitude,
-        family=item.module.family, max_rank=item.max_rank, issues=tuple(issues),
+        family=item.module.family, max_rank=item.max_rank, lora_e=item.lora_e, issues=tuple(issues),
         rank_suggestions=suggest_module_ranks(sigma, DEFAULT_RANK_POLICIES),
         singular_values=tuple(float(s) for s in sigma))
 
@@ -1792,7 +2098,10 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
     so only one block's Grams are ever held.  (Worker threads were measured
     and dropped: OpenBLAS serialises concurrent small BLAS calls, so they
     bought nothing on 2 cores.)"""
-    modules, non_lora = group_modules(setup.adapter_format, keys, lambda key: source.describe(key)[1])
+    modules, non_lora = group_modules(setup.adapter_format, keys, lambda key: source.describe(key)[1],
+                                      setup.config.peft_type)
+    if setup.in_features:
+        modules = [module._replace(in_features=setup.in_features.get(module.name)) for module in modules]
     if not modules:
         issues.append("no LoRA factors found (no lora_A/lora_B, lora_down/lora_up, hada_, lokr_ or lora_a/lora_b keys)")
     config = setup.config
@@ -1842,6 +2151,9 @@ def audit_lora_state_dict(tensors: Mapping[str, Any], config: Optional[Mapping[s
     ('q_proj', 2.0)
     """
     keys = list(tensors)
+    refusal = peft_type_refusal(config)
+    if refusal:
+        raise AdapterFormatError(f"adapter config: {refusal}")
     setup = configure(detect_format(keys, {}, config), config, [], {})
     issues = list(setup.issues)
     layers, non_lora, skipped = _audit(_TensorSource.from_arrays(tensors), keys, setup, issues,
@@ -1870,8 +2182,13 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
     files = find_adapter_files(path, adapter=adapter, weights=weights, config=adapter_config)
     sf = open_safetensors(files.weights_path)
     raw_config, load_issues = load_adapter_config(files.config_path)
+    refusal = peft_type_refusal(raw_config)
+    if refusal:
+        raise AdapterFormatError(f"{files.config_path}: {refusal}")
     keys = list(sf.tensors)
     setup = configure(detect_format(keys, sf.metadata, raw_config), raw_config, load_issues, sf.metadata)
+    if setup.config.peft_type == "VERA":
+        setup = _with_base_in_features(setup, keys, base_model, (base_norms, base_norms_cache))
     issues = list(setup.issues)
     layers, non_lora, skipped = _audit(_TensorSource.from_file(sf), keys, setup, issues, include_top_singular_values)
     result = AuditResult(tuple(layers), tuple(issues), adapter_name=files.adapter_name,
@@ -1883,6 +2200,55 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
         result = attach_udr(result, base_model=base_model, base_norms=base_norms,
                             base_norms_cache=base_norms_cache, progress=progress)
     return result
+
+
+def _base_shapes(base_model: Optional[str], norms_files: Sequence[Optional[str]]
+                 ) -> Tuple[Dict[str, Tuple[Tuple[int, ...], str]], Optional[str]]:
+    """Base parameter name → (shape, dtype): from the checkpoint's headers, else
+    from the records of a norms file or cache (which keep each weight's shape)."""
+    import base_norms
+
+    try:
+        if base_model:
+            parameters = base_norms.list_parameters(base_norms.resolve_base(base_model))
+            return {name: (shape, dtype) for name, (_, shape, dtype) in parameters.items()}, None
+        shapes: Dict[str, Tuple[Tuple[int, ...], str]] = {}
+        for path in norms_files:
+            if path and Path(path).exists():
+                for name, record in base_norms.load_norms(path)["norms"].items():
+                    shape = record.get("shape")
+                    if isinstance(shape, list) and all(type(d) is int for d in shape):
+                        shapes[name] = (tuple(shape), str(record.get("dtype", "F32")))
+        return shapes, None
+    except AdapterFormatError as error:  # base_norms.NormsFileError included
+        return {}, str(error)
+
+
+def _with_base_in_features(setup: AuditSetup, keys: Sequence[str], base_model: Optional[str],
+                           norms_files: Sequence[Optional[str]]) -> AuditSetup:
+    """VeRA stores no layer's input width: read it from the base weight's shape
+    (``(out, in)``; ``(in, out)`` with fan_in_fan_out, GPT-2's Conv1D)."""
+    if base_model == "auto":
+        base_model = setup.config.base_model_name_or_path
+    if not base_model and not any(norms_files):
+        return setup
+    issues = list(setup.issues)
+    shapes, problem = _base_shapes(base_model, norms_files)
+    if problem:
+        return setup._replace(issues=issues + [f"vera: in_features not read from the base: {problem}"])
+    names = [module.name for module in _group_peft_tuner_keys(keys, PEFT_VARIANTS["VERA"])[0]]
+    matches, match_issues = match_base_parameters(names, shapes)
+    issues.extend(issue.replace("udr:", "vera:", 1).replace("UDR not computed", "in_features unknown")
+                  for issue in match_issues)
+    in_features = {}
+    for name, parameter in matches.items():
+        shape, dtype = shapes[parameter]
+        if len(shape) == 2 and _is_float(dtype):  # a packed (quantized) weight's shape is not the layer's
+            in_features[name] = shape[0] if setup.config.fan_in_fan_out else shape[1]
+        else:
+            issues.append(f"vera: {name}: base weight {parameter} is {dtype} {list(shape)}, not a float matrix; "
+                          "in_features unknown")
+    return setup._replace(issues=issues, in_features=in_features)
 
 
 # ── UDR: base norms matched to modules ──────────────────────────────────────
