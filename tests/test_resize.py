@@ -205,7 +205,7 @@ def kohya_without_dora(folder):
             continue
         dtype = header[key]["dtype"]
         if key.endswith(".alpha") and dtype == "BF16":
-            tensors[key], overrides[key] = to_bf16_bits(values), "BF16"
+            tensors[key], overrides[key] = to_bf16_bits(np.atleast_1d(values)), "BF16"  # 1-d: NumPy 1.x casts 0-d uint64 >> int to float
         else:
             tensors[key] = values.astype(np.float16 if key.endswith(".alpha") and dtype == "F16" else np.float32)
     folder.mkdir()
