@@ -10,10 +10,13 @@ The module reads top to bottom in the order data flows:
     1. safetensors bytes  → tensor records and decoded float arrays
     2. adapter files      → which weights / config / named adapter to read
     3. config             → r, alpha, rsLoRA, rank/alpha patterns; kohya and MLX scale rules;
+                            every LoraConfig field and what it does to ΔW;
                             PEFT's tuners (LoHa, LoKr, AdaLoRA, VeRA) and the PEFT types refused
-    4. keys               → module records for PEFT, diffusers, kohya, LyCORIS, MLX-LM
+    4. keys               → module records for PEFT, diffusers, kohya, LyCORIS, MLX-LM; the LoraConfig
+                            fields that change how factors combine (KaSA, BD-LoRA, MoE experts)
     5. low-rank spectra   → singular values of B·A from r×r problems
-    6. audit              → per-module records (LoRA, LoHa, LoKr, AdaLoRA, VeRA), summaries, UDR
+    6. audit              → tensors from any framework; per-module records (LoRA, LoHa, LoKr, AdaLoRA, VeRA),
+                            summaries, UDR
    6b. rank advice        → per-module rank policies (energy@P, knee, erank, oht, stable), suggested config
     7. reports            → JSON contract, text report, HTML report
     8. compare            → two adapters side by side; drift over checkpoints
@@ -37,6 +40,7 @@ import math
 import mmap
 import os
 import re
+import shlex
 import stat
 import sys
 import time
@@ -50,11 +54,13 @@ __all__ = [
     "AdapterFormatError",
     "AuditResult",
     "ModuleAudit",
+    "append_metrics_event",
     "attach_udr",
     "audit_lora_peft_dir",
     "audit_lora_state_dict",
     "batch_audit_line",
     "compare_adapters",
+    "fail_on_reasons",
     "lowrank_singular_values",
     "main",
     "open_safetensors",
@@ -65,6 +71,7 @@ __all__ = [
     "training_drift",
 ]
 
+__version__ = "0.1.0"  # the one source of the version: pyproject.toml reads it (dynamic)
 SCHEMA_VERSION = "gradience_lite.audit/1"
 TELEMETRY_SCHEMA = "gradience.vnext.telemetry/v1"
 UDR_EPS = 1e-12
@@ -319,11 +326,22 @@ class Workspace:
     Decoding into fresh arrays costs a page fault per 4 KiB (more than the
     decoding itself); reusing two buffers makes a streamed audit touch the
     same few megabytes over and over.  Arrays handed out are views that the
-    next read overwrites.
+    next read overwrites.  It also remembers the last few results computed
+    for a whole fused tensor (see ``remember``).
     """
 
     def __init__(self) -> None:
         self._buffers: Dict[Any, np.ndarray] = {}
+        self._recent: Dict[Any, Any] = {}  # see remember()
+
+    def remember(self, key: Any, compute: Callable[[], Any], keep: int = 2) -> Any:
+        """``compute()`` once per ``key`` among the last ``keep`` keys asked for
+        (consecutive expert modules share one pass over their fused A and B)."""
+        if key not in self._recent:
+            if len(self._recent) >= keep:
+                del self._recent[next(iter(self._recent))]
+            self._recent[key] = compute()
+        return self._recent[key]
 
     def take(self, count: int, dtype: Any) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -338,14 +356,15 @@ def decode(raw: np.ndarray, dtype_name: str, dtype: Any = np.float64,
     """Decode raw stored values (any shape or strides) to ``dtype``.
 
     ``dtype_name`` is the safetensors dtype (``"BF16"``…); NumPy-native values
-    (including in-memory arrays) are simply cast.  With ``workspace`` the
-    result is a view into its buffer, valid until the workspace's next use.
+    (including in-memory arrays, and a bf16 tensor a framework already widened
+    to float32) are simply cast.  With ``workspace`` the result is a view into
+    its buffer, valid until the workspace's next use.
     """
     spec = DTYPES.get(dtype_name)
     dtype = np.dtype(dtype)
     count = raw.size
     target = (workspace.take(count, dtype) if workspace is not None else np.empty(count, dtype)).reshape(raw.shape)
-    if spec is None or spec.decode is None:
+    if spec is None or spec.decode is None or raw.dtype != spec.storage:
         np.copyto(target, raw, casting="unsafe")
     elif dtype == np.float32:
         spec.decode(raw, target)
@@ -520,6 +539,75 @@ class AdapterConfig:
     layer_replication: Any = None
     # AdaLoRA: module name → the boolean rank mask PEFT saved in rank_pattern (True = rank kept)
     rank_masks: Tuple[Tuple[str, Tuple[bool, ...]], ...] = ()
+    lora_bias: bool = False
+    kasa: bool = False  # kasa_config set: ΔW = s·B·diag(lora_diag)·A
+    bd_lora: Optional["BdLora"] = None  # use_bdlora: which factor is block-diagonal, in how many blocks
+    target_parameters: Tuple[str, ...] = ()  # nn.Parameters wrapped by PEFT's ParamWrapper (MoE experts)
+    refusals: Tuple[str, ...] = ()  # fields that change ΔW in a way the audit cannot compute: no module is audited
+
+
+class BdLora(NamedTuple):
+    """PEFT's BdLoraConfig: modules whose name contains an ``a_patterns`` entry
+    have a block-diagonal lora_A, ``b_patterns`` a block-diagonal lora_B."""
+
+    a_patterns: Tuple[str, ...]
+    b_patterns: Tuple[str, ...]
+    nblocks: int
+
+
+class FieldRule(NamedTuple):
+    """What one LoraConfig field does to ΔW, and what the audit does about it."""
+
+    effect: str  # "none": ΔW unchanged;  "read": the audit implements it;  "note": audited, with an issue;  "refuse"
+    harmless: Tuple[Any, ...] = (None, False, {}, [])  # values with no effect (the default among them)
+    text: str = ""  # the issue, for "note" and "refuse"
+
+
+# Every field of PEFT 0.21.2's LoraConfig (peft/tuners/lora/config.py, with PeftConfig's
+# own fields), field by field: does it change the ΔW a module applies?  A key not in
+# this table is reported (PEFT 0.21.2 drops unknown keys with a warning, so a newer
+# PEFT's field may change ΔW in ways these numbers do not include).
+_BASE_CHANGING_INITS = "the base weight was modified at init (W − s·B₀·A₀ or a quantized residual)"
+LORA_CONFIG_FIELDS: Dict[str, FieldRule] = {
+    # PeftConfig metadata
+    "task_type": FieldRule("none"), "peft_type": FieldRule("read"), "auto_mapping": FieldRule("none"),
+    "peft_version": FieldRule("none"), "base_model_name_or_path": FieldRule("read"), "revision": FieldRule("none"),
+    "inference_mode": FieldRule("none"),
+    # scale and rank
+    "r": FieldRule("read"), "lora_alpha": FieldRule("read"), "use_rslora": FieldRule("read"),
+    "rank_pattern": FieldRule("read"), "alpha_pattern": FieldRule("read"),
+    # which modules are adapted (the saved tensors say it again)
+    "target_modules": FieldRule("none"), "exclude_modules": FieldRule("none"),
+    "layers_to_transform": FieldRule("none"), "layers_pattern": FieldRule("none"),
+    "modules_to_save": FieldRule("none"),  # whole modules saved: listed under non_lora_tensors
+    # training-time only: the eval forward and the merge are s·B·A
+    "lora_dropout": FieldRule("none"), "velora_config": FieldRule("none"), "monteclora_config": FieldRule("none"),
+    "runtime_config": FieldRule("none"), "megatron_config": FieldRule("none"), "megatron_core": FieldRule("none"),
+    "ensure_weight_tying": FieldRule("none"),  # tied copies store the same factors, ΔW = s·B·A each
+    "eva_config": FieldRule("none"), "loftq_config": FieldRule("none"), "corda_config": FieldRule("none"),
+    "lora_ga_config": FieldRule("none"),  # their effect is read from init_lora_weights
+    # ΔW transposed (fan_in_fan_out) or mapped to other base layers (layer_replication): same spectrum
+    "fan_in_fan_out": FieldRule("read"), "layer_replication": FieldRule("read"),
+    # variants the audit implements
+    "kasa_config": FieldRule("read"), "use_bdlora": FieldRule("read"), "target_parameters": FieldRule("read"),
+    "lora_bias": FieldRule("read"), "trainable_token_indices": FieldRule("read"),
+    "use_dora": FieldRule("note", text="use_dora: DoRA rescales each column of the merged weight by the magnitude "
+                          "vector (needs the base weight); the numbers are of the low-rank part s·B·A"),
+    "init_lora_weights": FieldRule("note", (True, False, "gaussian", "orthogonal", "eva", "mica"),
+                                   f"init_lora_weights: {_BASE_CHANGING_INITS}; ΔW is the adapter's s·B·A on that "
+                                   "modified base, not the change from the original base (save with "
+                                   "path_initial_model_for_weight_conversion for that)"),
+    "bias": FieldRule("note", ("none", None), "bias: the adapter also trains base biases (full tensors, listed "
+                      "under non_lora_tensors); they are not part of ΔW"),
+    "alora_invocation_tokens": FieldRule("note", text="alora_invocation_tokens: aLoRA applies ΔW only to tokens "
+                                         "from the invocation sequence on"),
+    "use_qalora": FieldRule("refuse", text="use_qalora: on GPTQ layers QALoRA pools the input in groups "
+                            "(qalora_group_size) before lora_A, on other layers it does nothing, and the adapter "
+                            "does not say which the base is"),
+    "qalora_group_size": FieldRule("none"),  # read with use_qalora
+    "arrow_config": FieldRule("refuse", text="arrow_config: Arrow routes each token through a mixture of task "
+                              "adapters; there is no single ΔW"),
+}
 
 
 def _compile_pattern_key(key: str) -> Tuple["re.Pattern[str]", Optional[str]]:
@@ -599,7 +687,7 @@ def parse_adapter_config(raw: Optional[Mapping[str, Any]]) -> Tuple[AdapterConfi
         except (TypeError, ValueError):
             issues.append(f"config: {field_name} = {raw[field_name]!r} is not a valid value; ignored")
     flags = {}
-    for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
+    for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
         value = raw.get(name, False)
         if value is None:
             value = False
@@ -620,8 +708,66 @@ def parse_adapter_config(raw: Optional[Mapping[str, Any]]) -> Tuple[AdapterConfi
         target_modules=raw.get("target_modules"),
         modules_to_save=raw.get("modules_to_save"),
         layer_replication=raw.get("layer_replication"),
+        kasa=raw.get("kasa_config") is not None,
+        bd_lora=_parse_bd_lora(raw.get("use_bdlora"), issues),
+        target_parameters=_parse_target_parameters(raw.get("target_parameters"), issues),
+        refusals=_check_fields(raw, issues) if peft_type in (None, "LORA") else (),
         **flags,
     ), issues
+
+
+def _check_fields(raw: Mapping[str, Any], issues: List[str]) -> Tuple[str, ...]:
+    """Hold every key against LORA_CONFIG_FIELDS: unknown keys and noted fields
+    become issues; the texts of refusing fields are returned."""
+    refusals = []
+    unknown = sorted(str(key) for key in raw if key not in LORA_CONFIG_FIELDS)
+    if unknown:
+        issues.append(f"config: {_short_repr(', '.join(unknown))[1:-1]}: not LoraConfig field(s) of PEFT 0.21.2 "
+                      "(written by another version?); PEFT 0.21.2 ignores them on load and so does this audit — if "
+                      "they change ΔW in the version that wrote them, the numbers do not include it")
+    for name, rule in LORA_CONFIG_FIELDS.items():
+        value = raw.get(name)
+        # null or missing is the default; others are compared with their types (1 is not True).
+        if rule.effect not in ("note", "refuse") or value is None \
+                or any(type(value) is type(h) and value == h for h in rule.harmless):
+            continue
+        if rule.effect == "note":
+            issues.append(f"config: {rule.text} (value {_short_repr(value)})")
+        else:
+            refusals.append(f"{rule.text} (value {_short_repr(value)}); not audited")
+    return tuple(refusals)
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _parse_bd_lora(raw: Any, issues: List[str]) -> Optional[BdLora]:
+    if raw is None:
+        return None
+    patterns = {}
+    if isinstance(raw, Mapping):
+        for side in ("target_modules_bd_a", "target_modules_bd_b"):
+            value = raw.get(side) or []
+            names = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            patterns[side] = tuple(value) if names else None
+        nblocks = raw.get("nblocks", 1)
+    if not isinstance(raw, Mapping) or None in patterns.values() or isinstance(nblocks, bool) \
+            or not isinstance(nblocks, int) or nblocks < 1:
+        issues.append(f"config: use_bdlora = {_short_repr(raw)} is not a BdLoraConfig; block-diagonal modules "
+                      "cannot be told apart, no module is audited")
+        return BdLora((), (), 0)  # nblocks 0: refuse every module
+    return BdLora(patterns["target_modules_bd_a"], patterns["target_modules_bd_b"], nblocks)
+
+
+def _parse_target_parameters(raw: Any, issues: List[str]) -> Tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        issues.append(f"config: target_parameters = {_short_repr(raw)} is not a list of names; ignored")
+        return ()
+    return tuple(raw)
 
 
 def _parse_rank_masks(raw: Any, issues: List[str]) -> Tuple[Tuple[str, Tuple[bool, ...]], ...]:
@@ -658,6 +804,11 @@ def load_adapter_config(path: Optional[str]) -> Tuple[Optional[Dict[str, Any]], 
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
         return None, [f"config: {path} could not be read ({type(error).__name__}: {error}); "
                       "r inferred from shapes, scale taken as 1.0"]
+
+
+def pattern_name(module_name: str) -> str:
+    """The name PEFT matched patterns against: an expert module "<path>.<param>[e]" shares its parameter's."""
+    return re.sub(r"\[\d+\]$", "", module_name)
 
 
 def match_pattern(patterns: Sequence[PatternKey], module_name: str) -> Optional[PatternKey]:
@@ -723,8 +874,8 @@ def absolute_scale(scale: Optional[float]) -> Callable[["LoraModule", int, Optio
 
 
 def lora_scale(config: AdapterConfig) -> ScaleRule:
-    """PEFT LoRA: :func:`module_scale` for every module."""
-    return lambda module, rank, alpha: module_scale(config, module.name, rank)
+    """PEFT LoRA: :func:`module_scale` for every module (an expert: by its parameter's name)."""
+    return lambda module, rank, alpha: module_scale(config, pattern_name(module.name), rank)
 
 
 def _unloadable(stored: int, config_r: Optional[int]) -> Optional[str]:
@@ -901,6 +1052,7 @@ _LORA_KEY = re.compile(
     r"|(?P<embedding>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?"
     r"|lora_B(?:\.[^.]+)?\.(?P<bias>bias)"
     r"|(?P<magnitude>lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?"
+    r"|(?P<diag>lora_diag)(?:\.[^.]+)?"
     r")$")
 
 
@@ -915,8 +1067,10 @@ class LoraModule(NamedTuple):
     family: str = "lora"  # "lora" | "loha" | "lokr" | "adalora" | "vera"
     layout: str = "peft"  # "peft": A r×in, B out×r;  "mlx": A in×r, B r×out (SwitchLinear: per expert, PEFT-like)
     expert: Optional[int] = None  # index along a leading experts axis (MLX SwitchLinear)
-    parts: Tuple[Tuple[str, str], ...] = ()  # further tensors by role: "alpha", "mid", "hada_w1_a", "lokr_w1", …
+    parts: Tuple[Tuple[str, str], ...] = ()  # further tensors by role: "alpha", "mid", "hada_w1_a", "lora_diag", …
     component: Optional[str] = None  # diffusers pipeline component ("unet", "text_encoder", …)
+    experts: Optional[int] = None  # PEFT ParamWrapper: experts fused along the rank axis (layout "peft_experts")
+    blocks: Optional[Tuple[str, int]] = None  # BD-LoRA: ("lora_A" | "lora_B", number of diagonal blocks)
     in_features: Optional[int] = None  # the base layer's input width where the format stores none (VeRA)
 
     def part(self, role: str) -> Optional[str]:
@@ -947,6 +1101,8 @@ def group_lora_keys(keys: Iterable[str]) -> Tuple[List[LoraModule], List[str]]:
         elif match["embedding"]:
             slot["kind"] = "embedding"
             role = "a_key" if match["embedding"].endswith("A") else "b_key"
+        elif match["diag"]:
+            role = "lora_diag"
         else:
             role = "bias_key" if match["bias"] else "magnitude_key"
         if role in slot:  # e.g. lora_A.weight and lora_A.default.weight: which one is real is unknowable
@@ -954,7 +1110,8 @@ def group_lora_keys(keys: Iterable[str]) -> Tuple[List[LoraModule], List[str]]:
             continue
         slot[role] = key
     modules = [LoraModule(name, slot["kind"], slot.get("a_key"), slot.get("b_key"),
-                          slot.get("bias_key"), slot.get("magnitude_key"), tuple(slot.get("duplicates", ())))
+                          slot.get("bias_key"), slot.get("magnitude_key"), tuple(slot.get("duplicates", ())),
+                          parts=(("lora_diag", slot["lora_diag"]),) if "lora_diag" in slot else ())
                for name, slot in sorted(parts.items(), key=lambda item: _natural_key(item[0]))]
     return modules, others
 
@@ -1087,6 +1244,145 @@ def group_modules(adapter_format: str, keys: Sequence[str], shape_of: Callable[[
     return modules, others
 
 
+# ── LoraConfig fields that change how a PEFT module's factors combine ───────
+# PEFT 0.21.2, peft/tuners/lora/:
+#   KaSA (variants.py, KasaLinearVariant.forward): ΔW = s·B·diag(lora_diag)·A.
+#   BD-LoRA (variants.py, BlockDiagonalLinear / BdLoraLinearVariant): lora_A or
+#     lora_B is block-diagonal, its .weight holding the diagonal blocks stacked by rows.
+#   target_parameters (layer.py, ParamWrapper): E experts fused into one pair,
+#     lora_A (r·E, in) expert-major and lora_B (out, r·E) rank-major;
+#     ΔW_e = s·B[:, e::E]·A[e·r:(e+1)·r] (stored transposed when the experts are (E, in, out)).
+
+# PEFT wraps each targeted nn.Parameter of a module in its own ParamWrapper,
+# nested in the module's parameter-registration order (the first registered is
+# innermost); the saved keys only show the depth, one ".base_layer" per level.
+# transformers' expert modules register their input projection before down_proj.
+EXPERT_PARAMETER_ORDER = ("gate_up_proj", "up_proj", "down_proj")
+_WRAPPER_LEVEL = ".base_layer"
+
+
+def _targeted_parameters(path: str, by_module: Mapping[str, Dict[str, None]]) -> Tuple[str, ...]:
+    # PEFT (tuners_utils._inject_parameters): "<module>.<param>" is targeted when it equals
+    # a listed name or ends with "." + that name, i.e. when the listed name's module part
+    # is a dot-aligned tail of the module path (or empty).
+    parts = path.split(".")
+    found: Dict[str, None] = {}  # an ordered set
+    for head in [".".join(parts[i:]) for i in range(len(parts))] + [""]:
+        found.update(by_module.get(head, {}))
+    return tuple(found)
+
+
+def _parameter_wrappers(modules: Sequence[LoraModule], target_parameters: Sequence[str]
+                        ) -> Tuple[Dict[str, Tuple[str, str]], Dict[str, str]]:
+    """Saved module name → (module path, parameter name) for PEFT ParamWrappers,
+    and module name → why the parameter cannot be told."""
+    by_module: Dict[str, Dict[str, None]] = {}
+    for target in target_parameters:
+        head, _, parameter = target.rpartition(".")
+        by_module.setdefault(head, {})[parameter] = None
+    levels: Dict[str, Dict[int, str]] = {}
+    for module in modules if by_module else ():
+        path, depth = module.name, 0
+        while path.endswith(_WRAPPER_LEVEL):
+            path, depth = path[:-len(_WRAPPER_LEVEL)], depth + 1
+        if _targeted_parameters(path, by_module):
+            levels.setdefault(path, {})[depth] = module.name
+    owners, problems = {}, {}
+    for path, by_depth in levels.items():
+        targeted = _targeted_parameters(path, by_module)
+        if len(targeted) == 1 and set(by_depth) == {0}:
+            owners[by_depth[0]] = (path, targeted[0])
+        elif set(by_depth) == set(range(len(targeted))) and all(p in EXPERT_PARAMETER_ORDER for p in targeted):
+            innermost_first = sorted(targeted, key=EXPERT_PARAMETER_ORDER.index)
+            for depth, name in by_depth.items():
+                owners[name] = (path, innermost_first[len(targeted) - 1 - depth])
+        else:
+            for name in by_depth.values():
+                problems[name] = (f"{name}: target_parameters: {len(by_depth)} nested ParamWrapper(s) on {path} "
+                                  f"for parameters {_short_repr(list(targeted))}; which is which follows the "
+                                  "module's parameter registration order, unknown here; not audited")
+    return owners, problems
+
+
+def _expert_modules(module: LoraModule, path: str, parameter: str, config: AdapterConfig,
+                    shape_of: Callable[[str], Tuple[int, ...]]) -> Tuple[List[LoraModule], Optional[str]]:
+    """One module per expert, named "<module path>.<parameter name>[e]" (one, without [e], for a 2-D parameter)."""
+    key = f"{path}.{parameter}"  # PEFT matches rank_pattern / alpha_pattern against this name
+    if module.a_key is None or module.b_key is None:
+        return [module._replace(name=key)], None
+    rank_key = match_pattern(config.rank_pattern, key)
+    rank = rank_key.value if rank_key else config.r
+    a_shape, b_shape = shape_of(module.a_key), shape_of(module.b_key)
+    if rank is None:
+        return [], f"{key}: target_parameters: the config has no r to split the fused experts' factors by; not audited"
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] % rank or b_shape[1] != a_shape[0]:
+        return [], (f"{key}: target_parameters: factors A{list(a_shape)} / B{list(b_shape)} are not "
+                    f"(r·E, in) / (out, r·E) with r = {rank}; not audited")
+    experts = a_shape[0] // rank
+    if experts == 1:
+        return [module._replace(name=key)], None
+    return [module._replace(name=f"{key}[{expert}]", family="lora_expert", layout="peft_experts", expert=expert,
+                            experts=experts) for expert in range(experts)], None
+
+
+def _bd_lora_module(module: LoraModule, bd_lora: BdLora) -> Tuple[Optional[LoraModule], Optional[str]]:
+    # PEFT (BdLoraLinearVariant.init): "pattern in target_name", a plain substring test.
+    side_a = any(pattern in module.name for pattern in bd_lora.a_patterns)
+    side_b = any(pattern in module.name for pattern in bd_lora.b_patterns)
+    if bd_lora.nblocks < 1 or (side_a and side_b):
+        return None, f"{module.name}: use_bdlora: cannot tell which factor is block-diagonal; not audited"
+    if not (side_a or side_b):
+        return module, None  # match_strict=False: a plain LoRA module
+    return module._replace(family="bd_lora", blocks=("lora_A" if side_a else "lora_B", bd_lora.nblocks)), None
+
+
+def resolve_lora_fields(modules: Sequence[LoraModule], non_lora: Sequence[str], config: AdapterConfig,
+                        shape_of: Callable[[str], Tuple[int, ...]]) -> Tuple[List[LoraModule], List[str], List[str]]:
+    """Apply the LoraConfig fields that change how a PEFT module's factors combine
+    (KaSA, BD-LoRA, target_parameters) and the refusals.
+
+    Returns (modules to audit, one issue per refused module, config issues).
+    """
+    notes: List[str] = []
+    refused = [f"{module_name_from_prefix(key.rsplit('.token_adapter', 1)[0])}: trainable_token_indices: PEFT "
+               "replaces these embedding rows by the stored values (W[idx] := delta), a change that is not low-rank "
+               "and needs the base weight; not audited" for key in non_lora if key.endswith("trainable_tokens_delta")]
+    if config.refusals:
+        return [], refused + [f"{module.name}: {'; '.join(config.refusals)}" for module in modules], notes
+    stray_bias = [module.name for module in modules if module.bias_key and config.present and not config.lora_bias]
+    if stray_bias:
+        notes.append(f"config: lora_bias is false but {len(stray_bias)} module(s) saved lora_B.bias (e.g. "
+                     f"{stray_bias[0]}); PEFT does not load it, so delta_bias_norm is a shift PEFT would not apply")
+    if config.kasa:
+        notes.append("config: kasa_config: when the adapter loads, PEFT also truncates each adapted base weight to "
+                     "its top min(out, in) − r singular components; ΔW is the adapter's s·B·diag(d)·A on that "
+                     "truncated weight, and base norms are of the stored base (same σ_max)")
+    owners, problems = _parameter_wrappers(modules, config.target_parameters)
+    resolved = []
+    for module in modules:
+        problem = problems.get(module.name)  # already "<module>: …"
+        if module.name in owners:
+            experts, problem = _expert_modules(module, *owners[module.name], config, shape_of)
+            resolved.extend(experts)
+        elif module.part("lora_diag"):
+            if config.present and not config.kasa:
+                problem = (f"{module.name}: lora_diag is saved but the config has no kasa_config (PEFT would drop it "
+                           "on load); the adapter contradicts itself; not audited")
+            else:
+                resolved.append(module._replace(family="kasa"))
+        elif config.kasa and module.a_key:
+            problem = (f"{module.name}: kasa_config is set but no lora_diag is saved (PEFT would draw it at random "
+                       "on load); not audited")
+        elif config.bd_lora is not None and problem is None:
+            module, problem = _bd_lora_module(module, config.bd_lora)
+            resolved.extend([module] if module else [])
+        elif problem is None:
+            resolved.append(module)
+        if problem:
+            refused.append(problem)
+    return resolved, refused, notes
+
+
 _ATTN_TOKENS = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value", "attn", "self_attn",
                 "attention", "c_attn", "out_proj", "wqkv", "wq", "wk", "wv", "wo", "to_q", "to_k", "to_v",
                 "to_out", "q_lin", "k_lin", "v_lin", "out_lin", "query_key_value", "cross_attn", "attn1", "attn2"}
@@ -1107,7 +1403,7 @@ def module_type(name: str) -> str:
     an attention block).  kohya names flatten the path with underscores
     ("…_self_attn_q_proj"), so for them underscore-delimited markers are used.
     """
-    name = re.sub(r"\[\d+\]$", "", name).lower()  # an MLX expert index
+    name = pattern_name(name).lower()  # an expert index
     if "." not in name and "_" in name:
         flat = f"_{name}_"
         attn = max((flat.rfind(marker) for marker in _FLAT_ATTN), default=-1)
@@ -1391,6 +1687,7 @@ class ModuleAudit:
     top_singular_values: Optional[Tuple[float, ...]] = None
     lora_bias_key: Optional[str] = None
     lora_bias_norm: Optional[float] = None
+    delta_bias_norm: Optional[float] = None  # |s|·‖lora_B.bias‖: the shift PEFT adds to the output bias
     dora_magnitude: Optional[Dict[str, float]] = None
     base_sigma_max: Optional[float] = None
     base_fro_norm: Optional[float] = None
@@ -1401,6 +1698,11 @@ class ModuleAudit:
     max_rank: Optional[int] = None  # upper bound on rank(ΔW) given the factorisation
     lora_e: Optional[Tuple[float, ...]] = None  # AdaLoRA: the stored singular-value-like weights E, as saved
     issues: Tuple[str, ...] = ()
+    # ΔW as the matrix it is added to: (out, in·∏kernel); an embedding's (num_embeddings, dim).
+    delta_shape: Optional[Tuple[int, int]] = None
+    dora_effective_sigma_max: Optional[float] = None  # ‖m ⊙ V/‖V‖_row − W₀‖₂, V = W₀ + s·B·A
+    udr_dora_effective: Optional[float] = None
+    dora_magnitude_change: Optional[Dict[str, float]] = None  # m / ‖W₀‖_row − 1 across output rows
     rank_suggestions: Dict[str, int] = field(default_factory=dict)  # policy → k (see "rank advice")
     # The whole spectrum of B·A, kept so advice can be recomputed for other
     # policies without re-reading the file; not part of the JSON row.
@@ -1410,10 +1712,73 @@ class ModuleAudit:
         row = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "singular_values"}
         row["rank_suggestions"] = dict(self.rank_suggestions)
         row["a_shape"], row["b_shape"] = list(self.a_shape), list(self.b_shape)
+        row["delta_shape"] = list(self.delta_shape) if self.delta_shape is not None else None
         row["top_singular_values"] = list(self.top_singular_values) if self.top_singular_values is not None else None
         row["lora_e"] = list(self.lora_e) if self.lora_e is not None else None
         row["issues"] = list(self.issues)
         return row
+
+
+# ── in-memory tensors from any framework ────────────────────────────────────
+# A training loop hands over torch tensors (bf16, perhaps on a GPU, perhaps
+# requiring grad), JAX or MLX arrays.  None of those frameworks is imported
+# here: shapes and dtypes are read from attributes, and each tensor is asked,
+# through its own methods, for a NumPy array of a dtype NumPy has — only when
+# the audit reaches it, and only one at a time.
+
+# A framework's dtype name (``str(t.dtype)`` after its last dot: "torch.bfloat16",
+# "mlx.core.bfloat16", NumPy/JAX "bfloat16") → the safetensors name a file of
+# the same tensors reports, so both routes give the same JSON.
+FRAMEWORK_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+}
+# Floats NumPy has no dtype for.  torch hands over their bits through an integer
+# view of the same width (no copy; decoded here exactly as a file's bytes are);
+# frameworks without one widen them to float32 themselves (exact for bf16 and fp8).
+BIT_VIEWS = {"BF16": ("int16", np.uint16), "F8_E4M3": ("uint8", np.uint8), "F8_E5M2": ("uint8", np.uint8)}
+
+
+def _describe_tensor(tensor: Any) -> Tuple[str, Tuple[int, ...], Optional[str]]:
+    """(safetensors dtype name, shape, problem) of any array-like, without converting it."""
+    if not (hasattr(tensor, "dtype") and hasattr(tensor, "shape")):
+        tensor = np.asarray(tensor)  # lists, objects with only __array__
+    framework_name = tensor.dtype.name if isinstance(tensor, np.ndarray) else str(tensor.dtype).rsplit(".", 1)[-1]
+    shape = tuple(int(d) for d in tensor.shape)
+    dtype = FRAMEWORK_DTYPES.get(framework_name)
+    return (dtype, shape, None) if dtype else (framework_name, shape, f"unsupported dtype {framework_name}")
+
+
+def _framework_dtype(value: Any, name: str) -> Any:
+    """A dtype object of the framework that defines ``value``'s type (``torch.int16``,
+    ``mlx.core.float32``), from the already imported module; None if it has none."""
+    return getattr(sys.modules.get(type(value).__module__), name, None)
+
+
+def _as_numpy(tensor: Any, dtype: str) -> np.ndarray:
+    """The tensor's values as a NumPy array that :func:`decode` reads, converted by
+    the tensor's own methods.
+
+    torch: ``t.detach().to("cpu").numpy()`` — bf16 / fp8 through
+    ``.view(torch.int16 / torch.uint8)`` (their bits, no copy), else ``.float()``;
+    MLX: ``a.astype(mlx.core.float32)``; JAX, NumPy (ml_dtypes) and
+    ``__array__`` objects: ``numpy.asarray``, widened by NumPy.
+    """
+    narrow = dtype in BIT_VIEWS
+    value = tensor.detach() if callable(getattr(tensor, "detach", None)) else tensor
+    if callable(getattr(value, "numpy", None)) and callable(getattr(value, "float", None)):  # torch's API
+        value = value.to("cpu") if callable(getattr(value, "to", None)) else value
+        if not narrow:
+            return value.numpy()
+        integer_name, bits = BIT_VIEWS[dtype]
+        integer = _framework_dtype(value, integer_name)
+        return value.view(integer).numpy().view(bits) if integer is not None else value.float().numpy()
+    if narrow and not isinstance(value, np.ndarray) and callable(getattr(value, "astype", None)):
+        value = value.astype(_framework_dtype(value, "float32") or np.float32)
+    array = np.asarray(value)
+    return array.astype(np.float32) if narrow and array.dtype.kind != "f" else array
 
 
 class _TensorSource:
@@ -1421,7 +1786,8 @@ class _TensorSource:
 
     ``describe(key)`` → (dtype name, shape, problem); ``raw(key)`` → the stored
     values as an array view (decode with :func:`decode`); ``release(key)``
-    drops a file tensor's pages once it has been reduced.
+    drops a tensor once it has been reduced (a file tensor's pages, a
+    framework tensor's NumPy copy).
     """
 
     def __init__(self, describe: Callable[[str], Tuple[str, Tuple[int, ...], Optional[str]]],
@@ -1448,13 +1814,24 @@ class _TensorSource:
         return cls(describe, lambda key: raw_view(sf, sf.tensors[key]), lambda key: release_pages(sf, sf.tensors[key]))
 
     @classmethod
-    def from_arrays(cls, tensors: Mapping[str, Any]) -> "_TensorSource":
-        def describe(key):
-            array = np.asarray(tensors[key])
-            kind = array.dtype.kind
-            dtype = array.dtype.name.upper() if kind in "fiub" else array.dtype.name
-            return dtype, tuple(array.shape), None if kind in "fiub" else f"unsupported dtype {array.dtype.name}"
-        return cls(describe, lambda key: np.asarray(tensors[key]))
+    def from_tensors(cls, tensors: Mapping[str, Any]) -> "_TensorSource":
+        """Any mapping of array-likes.  At most one tensor is held converted at a
+        time (the audit reads a factor, reduces it and releases it), so a state
+        dict of GPU tensors costs one host copy of its largest factor."""
+        described = functools.lru_cache(maxsize=None)(lambda key: _describe_tensor(tensors[key]))
+        held: Dict[str, np.ndarray] = {}
+
+        def raw(key):
+            if key not in held:
+                held.clear()
+                try:
+                    held[key] = _as_numpy(tensors[key], described(key)[0])
+                except Exception as error:  # noqa: BLE001 — whatever the framework raises, name the tensor
+                    raise AdapterFormatError(f"tensor {key!r} ({type(tensors[key]).__name__}) could not be "
+                                             f"converted to NumPy: {type(error).__name__}: {error}") from None
+            return held[key]
+
+        return cls(described, raw, lambda key: held.pop(key, None))
 
 
 def _is_float(dtype: str) -> bool:
@@ -1469,6 +1846,9 @@ class FactorRef(NamedTuple):
     shape: Tuple[int, int]  # the stored tensor (or expert slice) viewed as a matrix
     rank_axis: int  # 0: stored as r×n (PEFT A, MLX B); 1: stored as n×r (PEFT B, MLX A)
     expert: Optional[int] = None
+    stacked: Optional[Tuple[int, ...]] = None  # view the tensor with this shape before taking the expert
+    expert_axis: int = 0  # the axis of the (stacked) tensor that indexes experts
+    blocks: int = 1  # BD-LoRA: the matrix is block-diagonal; these are its blocks, stacked by rows
 
 
 class _Factors(NamedTuple):
@@ -1496,6 +1876,34 @@ def _factor_layout(module: LoraModule, a_shape: Tuple[int, ...], b_shape: Tuple[
         rank = a_shape[1]
         return _Factors(module.kind, rank, FactorRef(module.a_key, (a_shape[0], rank), 1),
                         FactorRef(module.b_key, (rank, b_shape[1]), 0)), None
+    if module.layout == "peft_experts":
+        # PEFT ParamWrapper (layer.py get_delta_factors): A (r·E, in) viewed as (E, r, in),
+        # B (out, r·E) viewed as (out, r, E); expert e is A[e] and B[:, :, e].
+        experts = module.experts or 1
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] % experts or b_shape[1] != a_shape[0]:
+            return None, f"fused expert factors A{list(a_shape)} / B{list(b_shape)} are not (r·E, in) / (out, r·E)"
+        rank = a_shape[0] // experts
+        return _Factors(module.kind, rank,
+                        FactorRef(module.a_key, (rank, a_shape[1]), 0, module.expert, (experts, rank, a_shape[1]), 0),
+                        FactorRef(module.b_key, (b_shape[0], rank), 1, module.expert, (b_shape[0], rank, experts),
+                                  2)), None
+    if module.blocks is not None:
+        # BD-LoRA (variants.py BlockDiagonalLinear): the block-diagonal factor's weight is
+        # (rows, columns / nblocks), block i being its i-th chunk of rows.
+        side, nblocks = module.blocks
+        rank = a_shape[0] if a_shape else 0
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            fits = False
+        elif side == "lora_A":  # A (r, in/nb), B (out, r)
+            fits = b_shape[1] == rank and rank % nblocks == 0
+        else:  # A (r, in), B (out, r/nb)
+            fits = b_shape[1] * nblocks == rank and b_shape[0] % nblocks == 0
+        if not fits:
+            return None, (f"BD-LoRA factors A{list(a_shape)} / B{list(b_shape)} do not fit {nblocks} diagonal "
+                          f"blocks of {side}")
+        a_blocks, b_blocks = (nblocks, 1) if side == "lora_A" else (1, nblocks)
+        return _Factors(module.kind, rank, FactorRef(module.a_key, (rank, a_shape[1]), 0, blocks=a_blocks),
+                        FactorRef(module.b_key, (b_shape[0], b_shape[1]), 1, blocks=b_blocks)), None
     expert = module.expert
     if len(a_shape) == 2 and len(b_shape) == 2:
         if a_shape[0] != b_shape[1]:
@@ -1511,6 +1919,14 @@ def _factor_layout(module: LoraModule, a_shape: Tuple[int, ...], b_shape: Tuple[
         return _Factors("conv", rank, FactorRef(module.a_key, (rank, math.prod(a_shape[1:])), 0),
                         FactorRef(module.b_key, (b_shape[0], rank), 1)), None
     return None, f"factor shapes A{list(a_shape)} / B{list(b_shape)} are not a known LoRA layout"
+
+
+def _delta_shape(layout: _Factors) -> Tuple[int, int]:
+    """ΔW's matrix shape from the factor refs: in is A's long side, out is B's."""
+    columns = layout.a.shape[1 - layout.a.rank_axis]
+    rows = layout.b.shape[1 - layout.b.rank_axis]
+    # PEFT's embedding update is (B·A)ᵀ: (num_embeddings, dim), the embedding weight's own shape.
+    return (columns, rows) if layout.kind == "embedding" else (rows, columns)
 
 
 def _dora_stats(values: np.ndarray) -> Dict[str, float]:
@@ -1534,9 +1950,11 @@ class _PreparedModule(NamedTuple):
     gram_b: Optional[np.ndarray]  # Bᵀ·B (r×r)
     bias_norm: Optional[float]
     magnitude: Optional[Dict[str, float]]
+    delta_shape: Optional[Tuple[int, int]] = None  # computed families; stored factors: from the layout
     tall: Optional[Tuple[np.ndarray, np.ndarray]] = None  # computed factors (Aᵀ, B), for the QR fallback
     sigma: Optional[np.ndarray] = None  # a spectrum computed directly (LoKr, dense fallback)
     lora_e: Optional[Tuple[float, ...]] = None
+    diag: Optional[np.ndarray] = None  # KaSA: ΔW = s·B·diag(d)·A, folded into A's r×r factor
 
 
 CHUNK_ELEMENTS = 1 << 18  # 2 MiB of float64: bounded memory, and large enough that per-chunk overhead is noise
@@ -1544,34 +1962,75 @@ CHUNK_ELEMENTS = 1 << 18  # 2 MiB of float64: bounded memory, and large enough t
 
 def _stored_matrix(source: _TensorSource, ref: FactorRef) -> np.ndarray:
     raw = source.raw(ref.key)
-    return (raw[ref.expert] if ref.expert is not None else raw).reshape(ref.shape)
+    if ref.expert is not None:  # a view, never a copy: the expert's slice is read chunk by chunk later
+        stacked = raw.reshape(ref.stacked) if ref.stacked else raw
+        raw = stacked[ref.expert] if ref.expert_axis == 0 else np.moveaxis(stacked, ref.expert_axis, 0)[ref.expert]
+    return raw.reshape(ref.shape)
+
+
+def _block_diagonal(blocks: Sequence[np.ndarray]) -> np.ndarray:
+    out = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)))
+    row = column = 0
+    for block in blocks:
+        out[row:row + block.shape[0], column:column + block.shape[1]] = block
+        row, column = row + block.shape[0], column + block.shape[1]
+    return out
 
 
 def _streamed_gram(source: _TensorSource, ref: FactorRef, workspace: Optional[Workspace]) -> np.ndarray:
     """The r×r Gram of a factor (A·Aᵀ for A, Bᵀ·B for B), decoded chunk by chunk along its long axis.
 
-    Peak memory is one chunk, whatever the tensor's size.
+    Peak memory is one chunk, whatever the tensor's size.  A block-diagonal
+    factor's Gram is block-diagonal: one Gram per stored block.
     """
+    if ref.expert is not None and ref.stacked is not None:
+        def every_expert() -> np.ndarray:
+            return _fused_expert_grams(source, ref, workspace)
+        key = (ref.key, ref.stacked, ref.expert_axis)
+        return (workspace.remember(key, every_expert) if workspace is not None else every_expert())[ref.expert]
     dtype_name = source.describe(ref.key)[0]
-    raw = _stored_matrix(source, ref)
-    rank, length = ref.shape[ref.rank_axis], ref.shape[1 - ref.rank_axis]
-    step = max(1, CHUNK_ELEMENTS // max(rank, 1))
-    gram = np.zeros((rank, rank))
+    grams = []
+    stored = _stored_matrix(source, ref)
+    for raw in np.split(stored, ref.blocks, axis=0) if ref.blocks > 1 else (stored,):
+        rank, length = raw.shape[ref.rank_axis], raw.shape[1 - ref.rank_axis]
+        step = max(1, CHUNK_ELEMENTS // max(rank, 1))
+        gram = np.zeros((rank, rank))
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite Gram is handled by the caller
+            for start in range(0, length, step):
+                if ref.rank_axis == 0:
+                    chunk = decode(raw[:, start:start + step], dtype_name, workspace=workspace)
+                    gram += chunk @ chunk.T
+                else:
+                    chunk = decode(raw[start:start + step], dtype_name, workspace=workspace)
+                    gram += chunk.T @ chunk
+        grams.append(gram)
+    return grams[0] if ref.blocks == 1 else _block_diagonal(grams)
+
+
+def _fused_expert_grams(source: _TensorSource, ref: FactorRef, workspace: Optional[Workspace]) -> np.ndarray:
+    """The Gram of every expert (E×r×r) of a PEFT fused factor — A viewed (E, r, in),
+    B viewed (out, r, E) — in one pass over the tensor.  B's experts interleave, so
+    one expert's slice is strided: read one expert at a time, the whole tensor
+    would pass through memory once per expert."""
+    dtype_name = source.describe(ref.key)[0]
+    # experts first, rank last: A → (E, in, r), B → (E, out, r); the rank axis is 1 in both layouts
+    view = np.moveaxis(source.raw(ref.key).reshape(ref.stacked), (ref.expert_axis, 1), (0, 2))
+    experts, length, rank = view.shape
+    step = max(1, CHUNK_ELEMENTS // max(rank * experts, 1))
+    grams = np.zeros((experts, rank, rank))
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite Gram is handled by the caller
         for start in range(0, length, step):
-            if ref.rank_axis == 0:
-                chunk = decode(raw[:, start:start + step], dtype_name, workspace=workspace)
-                gram += chunk @ chunk.T
-            else:
-                chunk = decode(raw[start:start + step], dtype_name, workspace=workspace)
-                gram += chunk.T @ chunk
-    return gram
+            # decoded into a contiguous (E, rows, r): a batched product over strided operands is twice as slow
+            chunk = decode(view[:, start:start + step], dtype_name, workspace=workspace)
+            grams += np.swapaxes(chunk, 1, 2) @ chunk
+    return grams
 
 
 def _tall_factor(source: _TensorSource, ref: FactorRef) -> np.ndarray:
     """The whole factor as a tall float64 matrix (n×r), for the rare Householder-QR path."""
     values = decode(_stored_matrix(source, ref), source.describe(ref.key)[0])
-    return values.T if ref.rank_axis == 0 else values
+    talls = [block.T if ref.rank_axis == 0 else block for block in np.split(values, ref.blocks, axis=0)]
+    return talls[0] if ref.blocks == 1 else _block_diagonal(talls)
 
 
 def _check_tensors(module: LoraModule, source: _TensorSource, keys: Sequence[str]) -> Optional[str]:
@@ -1608,6 +2067,11 @@ def _extras(module: LoraModule, source: _TensorSource) -> Tuple[Optional[float],
     return bias_norm, magnitude
 
 
+# Families whose ΔW is s·B·A with stored factors (seen through a view: an expert's
+# slice, a block-diagonal layout, KaSA's diagonal on the r×r factor): streamed.
+STREAMED_FAMILIES = ("lora", "kasa", "bd_lora", "lora_expert")
+
+
 def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Optional[Workspace],
                     scale_rule: ScaleRule) -> Tuple[Optional[_PreparedModule], List[str]]:
     """Validate one module and reduce its factors to r×r Gram matrices.
@@ -1619,7 +2083,7 @@ def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Option
     name = module.name
     if module.duplicate_keys:
         return None, [f"{name}: more than one tensor for the same factor ({', '.join(module.duplicate_keys)}); not audited"]
-    if module.family != "lora" or module.part("lora_mid.weight"):
+    if module.family not in STREAMED_FAMILIES or module.part("lora_mid.weight"):
         return _prepare_computed(module, source, scale_rule)
     if module.a_key is None or module.b_key is None:
         if module.a_key is None and module.b_key is None:
@@ -1649,12 +2113,32 @@ def _prepare_module(module: LoraModule, source: _TensorSource, workspace: Option
     alpha, problem = _alpha_value(module, source)
     if problem:
         return None, [problem]
+    diag, problem = _kasa_diag(module, source, layout.rank)
+    if problem:
+        return None, [problem]
     bias_norm, magnitude = _extras(module, source)
     dtype = a_dtype if a_dtype == b_dtype else f"{a_dtype}/{b_dtype}"
     a_matrix, b_matrix = (layout.a.shape, layout.b.shape) if module.expert is not None else (a_shape, b_shape)
-    return _PreparedModule(module, layout, tuple(a_matrix), tuple(b_matrix), dtype,
-                           math.prod(a_matrix) + math.prod(b_matrix), scale_rule(module, layout.rank, alpha),
-                           layout.rank, layout.rank, grams[0], grams[1], bias_norm, magnitude), []
+    params = math.prod(a_matrix) + math.prod(b_matrix) + (diag.size if diag is not None else 0)
+    return _PreparedModule(module, layout, tuple(a_matrix), tuple(b_matrix), dtype, params,
+                           scale_rule(module, layout.rank, alpha), layout.rank, layout.rank, grams[0], grams[1],
+                           bias_norm, magnitude, diag=diag), []
+
+
+def _kasa_diag(module: LoraModule, source: _TensorSource, rank: int) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """KaSA's lora_diag (r values), or None for other families."""
+    key = module.part("lora_diag")
+    if module.family != "kasa" or key is None:
+        return None, None
+    problem = _check_tensors(module, source, (key,))
+    if problem:
+        return None, problem
+    values, problem = _load_finite(module, source, key)
+    if problem:
+        return None, problem
+    if values.shape != (rank,):
+        return None, f"{module.name}: lora_diag has shape {list(values.shape)}, not [{rank}] (the rank); not audited"
+    return values, None
 
 
 def _is_number(dtype: str) -> bool:
@@ -1707,7 +2191,7 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
     if problem:
         return None, [problem]
     try:
-        built = FAMILY_BUILDERS[module.family](values, module)
+        built = FAMILY_BUILDERS[module.family](values, module).with_shape()
     except FactorsUnavailable as error:
         return None, [f"{name}: {error}; not audited"]
     except (KeyError, ValueError) as error:
@@ -1728,7 +2212,7 @@ def _prepare_computed(module: LoraModule, source: _TensorSource, scale_rule: Sca
     rank = built.rank if built.rank is not None else (scale.config_r or built.max_rank)
     common = dict(module=module, layout=layout, a_shape=a_shape, b_shape=b_shape, dtype="/".join(dtypes),
                   params=params, scale=scale, r=rank, max_rank=built.max_rank, bias_norm=bias_norm,
-                  magnitude=magnitude, lora_e=built.lora_e)
+                  magnitude=magnitude, lora_e=built.lora_e, delta_shape=built.shape)
     if built.sigma is not None:
         return _PreparedModule(gram_a=None, gram_b=None, sigma=built.sigma, **common), []
     tall_a, tall_b = built.a.T, built.b
@@ -1745,6 +2229,12 @@ class _Built(NamedTuple):
     b: Optional[np.ndarray] = None  # m×r
     sigma: Optional[np.ndarray] = None
     lora_e: Optional[Tuple[float, ...]] = None  # AdaLoRA's E, reported as stored
+    shape: Optional[Tuple[int, int]] = None  # ΔW as a matrix
+
+    def with_shape(self) -> "_Built":
+        if self.shape is None and self.a is not None:
+            return self._replace(shape=(self.b.shape[0], self.a.shape[1]))
+        return self
 
 
 class FactorsUnavailable(ValueError):
@@ -1780,7 +2270,7 @@ def _loha(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
         half2 = np.einsum("ij...,jr,ip->pr...", values["hada_t2"], w2b, w2a)
         delta = _matrix(half1 * half2)
         return _Built("conv" if half1.ndim > 2 else "linear", w1b.shape[0], min(delta.shape),
-                      sigma=_dense_sigma(delta))
+                      sigma=_dense_sigma(delta), shape=delta.shape)
     w1b, w2b = _matrix(w1b), _matrix(w2b)
     if w1a.shape[0] != w2a.shape[0] or w1b.shape[1] != w2b.shape[1] or w1a.shape[1] != w1b.shape[0] \
             or w2a.shape[1] != w2b.shape[0]:
@@ -1789,7 +2279,8 @@ def _loha(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
     inner = w1a.shape[1] * w2a.shape[1]
     max_rank = min(inner, w1a.shape[0], w1b.shape[1])
     if inner >= min(w1a.shape[0], w1b.shape[1]):  # the r² route would be larger than ΔW itself
-        return _Built(kind, w1a.shape[1], max_rank, sigma=_dense_sigma((w1a @ w1b) * (w2a @ w2b)))
+        return _Built(kind, w1a.shape[1], max_rank, sigma=_dense_sigma((w1a @ w1b) * (w2a @ w2b)),
+                      shape=(w1a.shape[0], w1b.shape[1]))
     p = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], inner)
     q = (w1b[:, None, :] * w2b[None, :, :]).reshape(inner, w1b.shape[1])
     return _Built(kind, w1a.shape[1], max_rank, a=q, b=p)
@@ -1800,28 +2291,29 @@ def _lokr(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
     # W2 viewed as (c, d·∏kernel) — the same column order torch.kron gives a conv.
     if "lokr_w1" in values:
         sigma1, cap1 = _dense_sigma(_matrix(values["lokr_w1"])), min(values["lokr_w1"].shape[:2])
-        rank = None
+        rank, shape1 = None, _matrix(values["lokr_w1"]).shape
     else:
         w1a, w1b = values["lokr_w1_a"], values["lokr_w1_b"]
         sigma1, cap1 = lowrank_singular_values(w1b, w1a), min(w1a.shape[0], w1b.shape[1], w1a.shape[1])
-        rank = w1a.shape[1]
+        rank, shape1 = w1a.shape[1], (w1a.shape[0], w1b.shape[1])
     kernel = ()
     if "lokr_w2" in values:
         w2 = values["lokr_w2"]
-        kernel = w2.shape[2:]
+        kernel, shape2 = w2.shape[2:], _matrix(w2).shape
         sigma2, cap2 = _dense_sigma(_matrix(w2)), min(w2.shape[0], math.prod(w2.shape[1:]))
     elif "lokr_t2" in values:  # Tucker: W2 = t2 ×₁ w2_a ×₂ w2_b (LyCORIS rebuild_tucker)
         w2 = np.einsum("ij...,ip,jr->pr...", values["lokr_t2"], values["lokr_w2_a"], values["lokr_w2_b"])
-        kernel = w2.shape[2:]
+        kernel, shape2 = w2.shape[2:], _matrix(w2).shape
         sigma2, cap2 = _dense_sigma(_matrix(w2)), min(w2.shape[0], math.prod(w2.shape[1:]), values["lokr_w2_a"].shape[0])
         rank = values["lokr_w2_a"].shape[0]
     else:
         w2a, w2b = values["lokr_w2_a"], _matrix(values["lokr_w2_b"])
         sigma2, cap2 = lowrank_singular_values(w2b, w2a), min(w2a.shape[0], w2b.shape[1], w2a.shape[1])
         rank = w2a.shape[1]
-        kernel = values["lokr_w2_b"].shape[2:]
+        kernel, shape2 = values["lokr_w2_b"].shape[2:], (w2a.shape[0], w2b.shape[1])
     sigma = np.sort(np.outer(sigma1, sigma2).ravel())[::-1]
-    return _Built("conv" if kernel else "linear", rank, cap1 * cap2, sigma=sigma)
+    return _Built("conv" if kernel else "linear", rank, cap1 * cap2, sigma=sigma,
+                  shape=(shape1[0] * shape2[0], shape1[1] * shape2[1]))
 
 
 def _adalora(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
@@ -1832,7 +2324,7 @@ def _adalora(values: Dict[str, np.ndarray], module: LoraModule) -> _Built:
         raise ValueError(f"lora_A {list(a.shape)}, lora_E {list(e.shape)}, lora_B {list(b.shape)} are not r×in, r×1, out×r")
     weights = tuple(float(v) for v in e.reshape(-1))
     if a.shape[0] == 0:
-        return _Built("linear", 0, 0, sigma=np.zeros(1), lora_e=weights)
+        return _Built("linear", 0, 0, sigma=np.zeros(1), lora_e=weights, shape=(b.shape[0], a.shape[1]))
     return _Built("linear", a.shape[0], a.shape[0], a=e.reshape(-1, 1) * a, b=b, lora_e=weights)
 
 
@@ -1903,6 +2395,9 @@ def _module_core_factors(prepared: Sequence[_PreparedModule], source: _TensorSou
                 tall = _tall_factor(source, ref)
                 source.release(ref.key)
             factors[slot] = gram_factor(tall, item.gram_a if side == 0 else item.gram_b)
+        for slot, index in enumerate(indices):
+            if prepared[index].diag is not None:  # R_AᵀR_A = A·Aᵀ ⇒ (R_A·D)ᵀ(R_A·D) = (D·A)(D·A)ᵀ
+                factors[slot] = factors[slot] * prepared[index].diag[None, :]
         yield indices, factors
 
 
@@ -1929,6 +2424,7 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         r=rank, config_r=scale.config_r, alpha=scale.alpha, scale=scale.scale, scale_rule=scale.scale_rule,
         rank_pattern_key=scale.rank_pattern_key, alpha_pattern_key=scale.alpha_pattern_key,
         params=item.params, a_shape=item.a_shape, b_shape=item.b_shape,
+        delta_shape=item.delta_shape if item.delta_shape is not None or item.layout.a is None else _delta_shape(item.layout),
         dtype=item.dtype, lora_a_key=item.module.a_key, lora_b_key=item.module.b_key,
         stable_rank=spectrum.stable_rank, effective_rank=spectrum.effective_rank, utilization=utilization,
         sigma_max=spectrum.sigma_max, frob_sq=spectrum.frob_sq,
@@ -1937,18 +2433,28 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         delta_sigma_max=abs_scale * spectrum.sigma_max, delta_fro_norm=abs_scale * math.sqrt(spectrum.frob_sq),
         top_singular_values=tuple(float(s) for s in sigma[:top_k]) if top_k > 0 else None,
         lora_bias_key=item.module.bias_key, lora_bias_norm=item.bias_norm, dora_magnitude=item.magnitude,
+        delta_bias_norm=abs_scale * item.bias_norm if item.bias_norm is not None else None,
         family=item.module.family, max_rank=item.max_rank, lora_e=item.lora_e, issues=tuple(issues),
         rank_suggestions=suggest_module_ranks(sigma, DEFAULT_RANK_POLICIES),
         singular_values=tuple(float(s) for s in sigma))
 
 
-def _percentile(values: Sequence[float], q: float) -> Optional[float]:
-    """The q-th percentile with linear interpolation (numpy.percentile's default
-    rule), without numpy.percentile's first-call import cost."""
+# How a percentile is read between modules: "linear" interpolates (numpy.percentile's
+# default, the documented contract); "nearest" takes the element at round((n−1)·q)
+# with Python's round (halves to even) — upstream gradience 0.11.0's rule for its
+# UDR / SDI statistics, offered so a migrating user's dashboards stay continuous.
+PERCENTILE_RULES = ("linear", "nearest")
+
+
+def _percentile(values: Sequence[float], q: float, rule: str = "linear") -> Optional[float]:
+    """The q-th percentile by ``rule`` (see PERCENTILE_RULES), without
+    numpy.percentile's first-call import cost."""
     if not len(values):
         return None
     ordered = sorted(float(v) for v in values)
     position = (len(ordered) - 1) * q / 100.0
+    if rule == "nearest":
+        return ordered[int(round(position))]
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
@@ -1969,7 +2475,7 @@ def suggest_rank(k: Optional[float]) -> Optional[int]:
     return 1 << max(0, math.ceil(math.log2(max(k, 1.0))))
 
 
-def _by_type(layers: Sequence[ModuleAudit]) -> Dict[str, Dict[str, Any]]:
+def _by_type(layers: Sequence[ModuleAudit], udr_rule: str = "linear") -> Dict[str, Dict[str, Any]]:
     table = {}
     for kind in ("attn", "mlp", "other"):
         group = [layer for layer in layers if layer.module_type == kind]
@@ -1985,10 +2491,10 @@ def _by_type(layers: Sequence[ModuleAudit]) -> Dict[str, Dict[str, Any]]:
             "energy_rank_90_p50": _percentile(ranks90, 50),
             "energy_rank_90_p90": _percentile(ranks90, 90),
             "n_layers_with_udr": len(udr),
-            "udr_median": _median(udr),
-            "udr_p90": _percentile(udr, 90),
+            "udr_median": _percentile(udr, 50, udr_rule),
+            "udr_p90": _percentile(udr, 90, udr_rule),
             "udr_max": max(udr) if udr else None,
-            "sdi_median": math.log10(_median(udr) + UDR_EPS) if udr else None,
+            "sdi_median": math.log10(_percentile(udr, 50, udr_rule) + UDR_EPS) if udr else None,
         }
     return table
 
@@ -2012,9 +2518,14 @@ class AuditResult:
     config: AdapterConfig = field(default_factory=AdapterConfig)
     format_metadata: Dict[str, str] = field(default_factory=dict)  # kohya ss_* training metadata
     udr_requested: bool = False
+    base_norms_verified: Optional[bool] = None  # see attach_udr: True checked against the base, False on trust
     rank_policies: Tuple[str, ...] = ()  # () = DEFAULT_RANK_POLICIES; see with_rank_policies()
 
-    def summary(self) -> Dict[str, Any]:
+    def summary(self, percentile: str = "linear") -> Dict[str, Any]:
+        """The summary statistics; ``percentile`` is the rule for UDR / SDI
+        percentiles (rank percentiles are linear in both this tool and upstream)."""
+        if percentile not in PERCENTILE_RULES:
+            raise ValueError(f"percentile must be one of {', '.join(PERCENTILE_RULES)}, not {percentile!r}")
         layers = self.layers
         ranks90 = [layer.energy_rank_90 for layer in layers]
         params = np.array([layer.params for layer in layers], dtype=np.float64)
@@ -2035,30 +2546,32 @@ class AuditResult:
             "energy_rank_90_p90": p90,
             "suggested_r_global_median": suggest_rank(p50),
             "suggested_r_global_90": suggest_rank(p90),
-            "by_type": _by_type(layers),
+            "by_type": _by_type(layers, percentile),
             "n_layers_with_udr": len(udr),
             "udr_mean": _mean(udr),
-            "udr_median": _median(udr),
-            "udr_p90": _percentile(udr, 90),
+            "udr_median": _percentile(udr, 50, percentile),
+            "udr_p90": _percentile(udr, 90, percentile),
             "udr_max": max(udr) if udr else None,
             "sdi_mean": _mean(sdi),
-            "sdi_median": _median(sdi),
-            "sdi_p90": _percentile(sdi, 90),
+            "sdi_median": _percentile(sdi, 50, percentile),
+            "sdi_p90": _percentile(sdi, 90, percentile),
             "fraction_udr_gt_0_1": sum(u > 0.1 for u in udr) / len(udr) if udr else None,
             "fraction_udr_gt_0_3": sum(u > 0.3 for u in udr) / len(udr) if udr else None,
+            "base_norms_verified": self.base_norms_verified,
             **policy_summary(layers, self.rank_policies or DEFAULT_RANK_POLICIES),
         }
 
-    def to_summary_dict(self, include_layers: bool = False, topk_layers: Optional[int] = None,
-                        suggest_per_layer: bool = False) -> Dict[str, Any]:
+    def to_summary_dict(self, include_layers: bool = False, topk_layers: Optional[int] = None, *,
+                        percentile: str = "linear", suggest_per_layer: bool = False) -> Dict[str, Any]:
         """JSON-ready summary; ``include_layers`` adds per-module rows under ``layers``
-        (``topk_layers`` keeps the N lowest-utilisation modules); ``suggest_per_layer``
-        adds ``suggested_config`` and ``policy_disagreement`` (see "rank advice")."""
+        (``topk_layers`` keeps the N lowest-utilisation modules).  ``percentile="nearest"``
+        reads UDR / SDI percentiles as upstream gradience 0.11.0 did (see PERCENTILE_RULES).
+        ``suggest_per_layer`` adds ``suggested_config`` and ``policy_disagreement`` (see "rank advice")."""
         out: Dict[str, Any] = {"schema": SCHEMA_VERSION, "format": self.adapter_format,
                                "format_metadata": dict(self.format_metadata),
                                "adapter_name": self.adapter_name, "weights_path": self.weights_path,
                                "config_path": self.config_path, "other_adapters": list(self.other_adapters)}
-        out.update(self.summary())
+        out.update(self.summary(percentile))
         out["non_lora_tensors"] = list(self.non_lora_tensors)
         out["issues"] = list(self.issues)
         if suggest_per_layer:
@@ -2070,10 +2583,15 @@ class AuditResult:
             out["layers"] = [layer.to_dict() for layer in layers]
         return json_safe(out)
 
-    def to_metrics_event(self, run_id: str, step: Optional[int] = None, *, ts: Optional[float] = None) -> Dict[str, Any]:
-        """The summary wrapped as a gradience telemetry ``metrics`` event."""
+    def to_metrics_event(self, run_id: str, step: Optional[int] = None, *, ts: Optional[float] = None,
+                         include_layers: bool = False, topk_layers: Optional[int] = None,
+                         percentile: str = "linear") -> Dict[str, Any]:
+        """The summary wrapped as a gradience telemetry ``metrics`` event; the
+        keywords after ``ts`` go to :meth:`to_summary_dict` (``include_layers`` and
+        ``topk_layers`` are also upstream gradience's names there)."""
+        metrics = self.to_summary_dict(include_layers, topk_layers, percentile=percentile)
         return {"schema": TELEMETRY_SCHEMA, "ts": time.time() if ts is None else ts, "run_id": run_id,
-                "event": "metrics", "kind": "lora_audit", "step": step, "metrics": self.to_summary_dict()}
+                "event": "metrics", "kind": "lora_audit", "step": step, "metrics": metrics}
 
 
 def json_safe(value: Any) -> Any:
@@ -2098,13 +2616,17 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
     so only one block's Grams are ever held.  (Worker threads were measured
     and dropped: OpenBLAS serialises concurrent small BLAS calls, so they
     bought nothing on 2 cores.)"""
-    modules, non_lora = group_modules(setup.adapter_format, keys, lambda key: source.describe(key)[1],
-                                      setup.config.peft_type)
+    shape_of = lambda key: source.describe(key)[1]  # noqa: E731
+    modules, non_lora = group_modules(setup.adapter_format, keys, shape_of, setup.config.peft_type)
     if setup.in_features:
         modules = [module._replace(in_features=setup.in_features.get(module.name)) for module in modules]
     if not modules:
         issues.append("no LoRA factors found (no lora_A/lora_B, lora_down/lora_up, hada_, lokr_ or lora_a/lora_b keys)")
     config = setup.config
+    refused: List[str] = []
+    if setup.adapter_format in ("peft", "diffusers"):
+        modules, refused, notes = resolve_lora_fields(modules, non_lora, config, shape_of)
+        issues.extend(notes + refused)
     workspace = Workspace()
     prepared: List[_PreparedModule] = []
     spectra: List[np.ndarray] = []
@@ -2129,17 +2651,67 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
         record = _module_record(item, sigma, spectrum, config, top_k)
         issues.extend(record.issues)
         layers.append(record)
-    names = [layer.name for layer in layers]
+    names = {pattern_name(layer.name) for layer in layers}
     for patterns, label in ((config.rank_pattern, "rank_pattern"), (config.alpha_pattern, "alpha_pattern")):
         for pattern in patterns:
             if not any(match_pattern((pattern,), name) for name in names):
                 issues.append(f"config: {label} key {pattern.key!r} matches no audited module")
-    return layers, non_lora, len(modules) - len(prepared)
+    return layers, non_lora, len(modules) + len(refused) - len(prepared)
 
 
-def audit_lora_state_dict(tensors: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None, *,
-                          include_top_singular_values: int = 0) -> AuditResult:
-    """Audit LoRA factors already in memory (any float arrays keyed as PEFT saves them).
+def _config_document(config: Any) -> Any:
+    """A config as the dict ``adapter_config.json`` would hold: a mapping as it is, a
+    PEFT ``LoraConfig`` through its ``to_dict()``, upstream gradience's
+    ``LoRAAdapterConfig`` through its ``raw`` dict."""
+    if config is None or isinstance(config, Mapping):
+        return config
+    if callable(getattr(config, "to_dict", None)):
+        return config.to_dict()
+    raw = getattr(config, "raw", None)
+    return raw if isinstance(raw, Mapping) else config  # anything else: parse_adapter_config says why it is unusable
+
+
+def _alias(ours: Any, theirs: Any, our_name: str, their_name: str) -> Any:
+    """One argument under its gradience_lite name or upstream gradience's (an alias, same behaviour)."""
+    if theirs is None:
+        return ours
+    if ours is not None and ours != theirs:
+        raise TypeError(f"{our_name}= and its alias {their_name}= were both given, with different values")
+    return theirs
+
+
+def _tensor_source(tensors: Any) -> Tuple[_TensorSource, List[str], Dict[str, str], Optional[str]]:
+    """(source, keys, header metadata, weights path) for a mapping of tensors, an
+    :func:`open_safetensors` result, or a path to a ``.safetensors`` file."""
+    if isinstance(tensors, (str, os.PathLike)):
+        path = Path(tensors)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise _pickle_refusal(path)
+        if path.is_dir():
+            raise AdapterFormatError(f"{path}: is a directory; audit_lora_peft_dir(path) reads a directory "
+                                     "with its adapter_config.json, audit_lora_state_dict takes a weights file")
+        tensors = open_safetensors(path)
+    if isinstance(tensors, SafetensorsFile):
+        return _TensorSource.from_file(tensors), list(tensors.tensors), dict(tensors.metadata), tensors.path
+    if not isinstance(tensors, Mapping):
+        raise AdapterFormatError(f"audit_lora_state_dict takes a mapping of tensors, an open_safetensors() result "
+                                 f"or a .safetensors path, not {type(tensors).__name__}")
+    return _TensorSource.from_tensors(tensors), list(tensors), {}, None
+
+
+def audit_lora_state_dict(tensors: Any, config: Any = None, *, include_top_singular_values: int = 0,
+                          adapter_config: Any = None) -> AuditResult:
+    """Audit LoRA factors keyed as PEFT saves them, wherever they live.
+
+    ``tensors`` is a mapping of name → array-like — NumPy arrays, objects with
+    ``__array__``, or torch / JAX / MLX tensors in any dtype and on any device,
+    converted through their own methods (no framework is imported here; see
+    :func:`_as_numpy`) — or what :func:`open_safetensors` returns, or a path to
+    a ``.safetensors`` file.  Every route gives the same numbers, and tensors are
+    converted one at a time as the audit reaches them.  ``config`` is the
+    ``adapter_config.json`` dict, a PEFT ``LoraConfig`` (e.g.
+    ``model.peft_config["default"]``), or ``None`` (scale 1, with an issue);
+    ``adapter_config=`` is upstream gradience's name for it (an alias).
 
     A pure function of its inputs: suitable as a map task over many adapters.
 
@@ -2150,23 +2722,26 @@ def audit_lora_state_dict(tensors: Mapping[str, Any], config: Optional[Mapping[s
     >>> result.layers[0].name, result.layers[0].scale
     ('q_proj', 2.0)
     """
-    keys = list(tensors)
+    config = _config_document(_alias(config, adapter_config, "config", "adapter_config"))
     refusal = peft_type_refusal(config)
     if refusal:
         raise AdapterFormatError(f"adapter config: {refusal}")
-    setup = configure(detect_format(keys, {}, config), config, [], {})
+    source, keys, metadata, weights_path = _tensor_source(tensors)
+    setup = configure(detect_format(keys, metadata, config), config, [], metadata)
     issues = list(setup.issues)
-    layers, non_lora, skipped = _audit(_TensorSource.from_arrays(tensors), keys, setup, issues,
-                                       include_top_singular_values)
-    return AuditResult(tuple(layers), tuple(issues), non_lora_tensors=tuple(non_lora),
-                       n_modules_skipped=skipped, adapter_format=setup.adapter_format, config=setup.config)
+    layers, non_lora, skipped = _audit(source, keys, setup, issues, include_top_singular_values)
+    return AuditResult(tuple(layers), tuple(issues), weights_path=weights_path, non_lora_tensors=tuple(non_lora),
+                       n_modules_skipped=skipped, adapter_format=setup.adapter_format, config=setup.config,
+                       format_metadata=setup.format_metadata)
 
 
 def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values: int = 0,
                         adapter: Optional[str] = None, weights: Optional[str] = None,
                         adapter_config: Optional[str] = None, base_model: Optional[str] = None,
                         base_norms: Optional[str] = None, base_norms_cache: Optional[str] = None,
-                        progress: Optional[Callable[[str], None]] = None) -> AuditResult:
+                        progress: Optional[Callable[[str], None]] = None, base_model_id: Optional[str] = None,
+                        adapter_config_path: Optional[str] = None,
+                        adapter_weights_path: Optional[str] = None) -> AuditResult:
     """Audit a PEFT adapter directory (or a weights file).
 
     Raises :class:`AdapterFormatError` when nothing can be audited (no weights,
@@ -2174,11 +2749,16 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
     in the result's ``issues``.  With ``base_model`` (a path or an offline hub
     id; ``"auto"`` reads the config's ``base_model_name_or_path``) or
     ``base_norms`` / ``base_norms_cache`` the UDR fields are filled.
+    Upstream gradience's names are aliases: ``base_model_id`` = ``base_model``,
+    ``adapter_config_path`` = ``adapter_config``, ``adapter_weights_path`` = ``weights``.
 
     >>> result = audit_lora_peft_dir("tests/fixtures/peft/llama_fp32_qv")   # doctest: +SKIP
     >>> result.to_summary_dict()["n_layers"]                                  # doctest: +SKIP
     4
     """
+    base_model = _alias(base_model, base_model_id, "base_model", "base_model_id")
+    adapter_config = _alias(adapter_config, adapter_config_path, "adapter_config", "adapter_config_path")
+    weights = _alias(weights, adapter_weights_path, "weights", "adapter_weights_path")
     files = find_adapter_files(path, adapter=adapter, weights=weights, config=adapter_config)
     sf = open_safetensors(files.weights_path)
     raw_config, load_issues = load_adapter_config(files.config_path)
@@ -2279,6 +2859,82 @@ def base_module_name(module_name: str, replication: Mapping[int, int]) -> str:
     return module_name[:match.start(1)] + str(replication[int(match.group(1))]) + module_name[match.end(1):]
 
 
+# The base side names one expert of a fused experts tensor "<parameter>[e]"
+# (slice e along axis 0); the audit names one expert's update "<module>[e]"
+# (MLX SwitchLinear, PEFT target_parameters).
+_EXPERT_SUFFIX = re.compile(r"^(?P<path>.+)\[(?P<index>\d+)\]$")
+
+# mlx-lm stacks a Hugging Face checkpoint's experts.<e>.<proj> into
+# switch_mlp.<proj> (its models' sanitize()); against a per-expert base, an MLX
+# expert update looks for the weight under the Hugging Face name.
+_EXPERT_CONTAINERS = {"switch_mlp": "experts"}
+
+# kohya-ss/sd-scripts and LyCORIS flatten a module path with underscores under
+# a prefix that names the sub-model.  The base keeps each sub-model under a
+# container: a diffusers pipeline folder, or a prefix of a single-file
+# checkpoint, possibly followed by the model's own wrapper (…transformer.text_model);
+# "" is a base that is that sub-model alone (a unet/ folder, a Flux
+# transformer file).  sd-scripts: lora_te1/te2 = CLIP-L / CLIP-G (SDXL, SD3),
+# lora_te3 = T5 (SD3; Flux, whose diffusers pipeline keeps T5 in text_encoder_2).
+# None: LyCORIS on an arbitrary model, any container.
+_KOHYA_CONTAINERS: Tuple[Tuple[str, Optional[Tuple[str, ...]]], ...] = (
+    ("lora_unet_", ("unet", "transformer", "model.diffusion_model", "")),
+    ("lora_te1_", ("text_encoder", "conditioner.embedders.0.transformer", "text_encoders.clip_l.transformer")),
+    ("lora_te2_", ("text_encoder_2", "conditioner.embedders.1.model", "text_encoders.clip_g.transformer")),
+    ("lora_te3_", ("text_encoder_3", "text_encoder_2", "text_encoders.t5xxl.transformer")),
+    ("lora_te_", ("text_encoder", "cond_stage_model.transformer", "")),
+    ("lycoris_", None),
+)
+
+
+def _parameter_path(parameter: str) -> str:
+    """``a.b.weight`` → ``a.b``; ``a.b.weight[3]`` → ``a.b[3]`` (an expert slice keeps its index)."""
+    expert = _EXPERT_SUFFIX.match(parameter)
+    path, suffix = (expert["path"], f"[{expert['index']}]") if expert else (parameter, "")
+    return (path[:-len(".weight")] if path.endswith(".weight") else path) + suffix
+
+
+def _dotted_candidates(module: str, by_last: Mapping[str, List[Tuple[str, str]]]) -> List[str]:
+    """``<module>.weight`` exactly, else the candidates sharing the longest dot-aligned tail with it."""
+    candidates = [(path, parameter) for path, parameter in by_last.get(module.rsplit(".", 1)[-1], [])
+                  if path == module or path.endswith("." + module) or module.endswith("." + path)]
+    exact = [parameter for path, parameter in candidates if path == module]
+    if exact or not candidates:
+        return exact[:1]
+    longest = max(min(len(path), len(module)) for path, _ in candidates)
+    return [parameter for path, parameter in candidates if min(len(path), len(module)) == longest]
+
+
+def _per_expert_name(path: str, index: str) -> str:
+    """``….experts.w1`` + 3 → ``….experts.3.w1`` (Mixtral-style per-expert weights)."""
+    head, _, leaf = path.rpartition(".")
+    parent, _, container = head.rpartition(".")
+    return ".".join(part for part in (parent, _EXPERT_CONTAINERS.get(container, container), index, leaf) if part)
+
+
+def _flat_index(paths: Iterable[Tuple[str, str]]) -> Dict[str, List[Tuple[str, str]]]:
+    """underscore-joined dot-aligned tail → [(container before it, parameter)]."""
+    index: Dict[str, List[Tuple[str, str]]] = {}
+    for path, parameter in paths:
+        if _EXPERT_SUFFIX.match(path):
+            continue
+        parts = path.split(".")
+        for cut in range(len(parts)):
+            index.setdefault("_".join(parts[cut:]), []).append((".".join(parts[:cut]), parameter))
+    return index
+
+
+def _flat_candidates(module: str, prefix: str, containers: Optional[Tuple[str, ...]],
+                     flat: Mapping[str, List[Tuple[str, str]]]) -> List[str]:
+    hits = flat.get(module[len(prefix):], [])
+    if containers is not None:
+        return [parameter for container, parameter in hits
+                if any(container == allowed or (allowed and container.startswith(allowed + "."))
+                       for allowed in containers)]
+    top_level = [parameter for container, parameter in hits if not container]
+    return top_level or [parameter for _, parameter in hits]
+
+
 def match_base_parameters(module_names: Iterable[str], parameter_names: Iterable[str]
                           ) -> Tuple[Dict[str, str], List[str]]:
     """Map each module to its base weight's parameter name.
@@ -2287,37 +2943,167 @@ def match_base_parameters(module_names: Iterable[str], parameter_names: Iterable
     exactly, or else the candidates whose names share a dot-aligned tail with
     it (one name is the other plus wrapper prefixes such as ``model.``,
     ``transformer.``, ``bert.``); the longest shared tail must be unique.
+    An expert ``<module>[e]`` matches ``<parameter>[e]`` (a slice of a fused
+    experts tensor) or else the per-expert weight ``….experts.<e>.<leaf>``.
+    kohya / LyCORIS names (``lora_unet_down_blocks_0_…``) are compared in
+    underscore space with every dot-aligned tail of every parameter path, under
+    the containers their prefix allows (see ``_KOHYA_CONTAINERS``); ambiguity
+    is reported, never guessed.
     """
     by_last: Dict[str, List[Tuple[str, str]]] = {}
+    paths: List[Tuple[str, str]] = []
     for parameter in parameter_names:
         if parameter.endswith(".bias"):
             continue
-        path = parameter[:-len(".weight")] if parameter.endswith(".weight") else parameter
+        path = _parameter_path(parameter)
+        paths.append((path, parameter))
         by_last.setdefault(path.rsplit(".", 1)[-1], []).append((path, parameter))
+    flat: Optional[Dict[str, List[Tuple[str, str]]]] = None  # built for the first kohya name only
     matches: Dict[str, str] = {}
     issues: List[str] = []
+    ldm_unet_refused = 0
     for module in module_names:
-        candidates = [(path, parameter) for path, parameter in by_last.get(module.rsplit(".", 1)[-1], [])
-                      if path == module or path.endswith("." + module) or module.endswith("." + path)]
-        exact = [parameter for path, parameter in candidates if path == module]
-        if exact:
-            matches[module] = exact[0]
-            continue
-        if not candidates:
-            issues.append(f"udr: {module}: no base weight named like it; UDR not computed")
-            continue
-        longest = max(min(len(path), len(module)) for path, _ in candidates)
-        best = [parameter for path, parameter in candidates if min(len(path), len(module)) == longest]
+        kohya = next(((prefix, containers) for prefix, containers in _KOHYA_CONTAINERS
+                      if "." not in module and module.startswith(prefix)), None)
+        where = ""
+        if kohya is not None:
+            flat = _flat_index(paths) if flat is None else flat
+            best = _flat_candidates(module, kohya[0], kohya[1], flat)
+            if not best:
+                within = "any container" if kohya[1] is None else \
+                    ", ".join(container or "<top level>" for container in kohya[1])
+                where = f" ({module[len(kohya[0]):]!r} looked for under {within})"
+                ldm_unet_refused += kohya[0] == "lora_unet_" and module[len(kohya[0]):].startswith(
+                    ("down_blocks_", "up_blocks_", "mid_block_"))
+        else:
+            best = _dotted_candidates(module, by_last)
+            expert = _EXPERT_SUFFIX.match(module)
+            if not best and expert:
+                best = _dotted_candidates(_per_expert_name(expert["path"], expert["index"]), by_last)
         if len(best) == 1:
             matches[module] = best[0]
+        elif not best:
+            issues.append(f"udr: {module}: no base weight named like it{where}; UDR not computed")
         else:
             issues.append(f"udr: {module}: ambiguous base weight ({', '.join(sorted(best)[:4])}); UDR not computed")
+    if ldm_unet_refused and any(path.startswith("model.diffusion_model.input_blocks.") for path, _ in paths):
+        issues.append(f"udr: {ldm_unet_refused} kohya unet modules use diffusers names (down_blocks_…) while the "
+                      "base is an original-layout single file (model.diffusion_model.input_blocks…); sd-scripts "
+                      "names SD 1.x/2.x LoRAs after the diffusers UNet: pass the diffusers unet folder as the base")
     return matches, issues
 
+
+# ── UDR: the shape and storage guard ────────────────────────────────────────
+# A base weight of another model size, a GQA base with another number of KV
+# heads, or quantized bytes read as numbers would all give a UDR that looks
+# plausible.  A base weight is used only when it is stored as floating-point
+# numbers (or by a quantization base_norms decodes) and its matrix shape equals
+# ΔW's.
+
+# Tensors that travel with a quantized weight (bitsandbytes, FP8 block scales,
+# compressed-tensors, GPTQ/AWQ, gpt-oss MXFP4).  While the base side lists them,
+# it does not decode the weight: the listed bytes are not the weight's values.
+_QUANTIZATION_COMPANIONS = (".weight.absmax", ".weight.quant_map", ".weight.nested_absmax", ".weight.nested_quant_map",
+                            ".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4", ".SCB",
+                            ".weight_format", ".weight_scale", ".weight_scale_inv", ".weight_scale_2",
+                            ".weight_zero_point", ".weight_global_scale", ".weight_packed", ".weight_shape",
+                            ".qweight", ".qzeros", ".scales", ".g_idx", "_blocks", "_scales")
+
+
+class BaseWeight(NamedTuple):
+    """A base weight as the base's headers (or a norms record) describe it."""
+
+    shape: Optional[Tuple[int, ...]]  # the logical shape; for "<parameter>[e]" the expert's slice
+    storage: Optional[str]  # safetensors dtype, or the quantization the base side decodes
+    file: Optional[str] = None
+    expert: Optional[int] = None
+    stored_name: Optional[str] = None  # the tensor's name in ``file`` (without a pipeline component prefix)
+
+
+def _listed_weight(value: Any) -> Tuple[str, Tuple[int, ...], str]:
+    """(file, shape, storage) from a ``base_norms.list_parameters`` value: a (file, shape, dtype)
+    tuple, or a record with ``file`` / ``shape`` / ``storage`` attributes."""
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return value[0], tuple(value[1]), value[2]
+    storage = getattr(value, "storage", None) or getattr(value, "dtype", None)
+    return getattr(value, "file", None), tuple(getattr(value, "shape")), storage
+
+
+def _expert_slices(catalogue: Dict[str, BaseWeight]) -> Dict[str, BaseWeight]:
+    """``<parameter>[e]`` for every 3-D parameter: one expert of a fused experts tensor."""
+    slices = {}
+    for name, weight in catalogue.items():
+        if weight.shape is not None and len(weight.shape) == 3 and weight.expert is None:
+            for index in range(weight.shape[0]):
+                slices[f"{name}[{index}]"] = weight._replace(shape=weight.shape[1:], expert=index)
+    return slices
+
+
+def _is_plain_float(storage: Optional[str]) -> bool:
+    return storage is not None and storage in DTYPES and DTYPES[storage].is_float
+
+
+def storage_problem(module: str, parameter: str, weight: BaseWeight, companions: Sequence[str] = ()) -> Optional[str]:
+    """Why the stored values of this base weight are not its values, or None."""
+    if companions:
+        return (f"udr: {module}: base weight {parameter} is quantized ({', '.join(sorted(companions)[:4])} "
+                f"present) and is not decoded here; UDR not computed")
+    if weight.storage is not None and weight.storage in DTYPES and not DTYPES[weight.storage].is_float:
+        return (f"udr: {module}: base weight {parameter} is stored as {weight.storage} (integer / packed, "
+                f"not the weight's values); UDR not computed")
+    return None
+
+
+def base_weight_problem(module: str, parameter: str, delta_shape: Optional[Sequence[int]], weight: BaseWeight,
+                        *, transposed_storage: bool, companions: Sequence[str] = ()) -> Optional[str]:
+    """Why this base weight cannot be the one ΔW is added to, or None.
+
+    ``transposed_storage``: the base keeps the weight as (in, out) — PEFT's
+    ``fan_in_fan_out`` (GPT-2 Conv1D) — or, for one expert of a fused experts
+    tensor, in either orientation (gpt-oss stores (E, in, out), others
+    (E, out, in); PEFT's ParamWrapper follows the storage).  σ is the same
+    for W and Wᵀ, so only the sizes are at stake.
+    """
+    problem = storage_problem(module, parameter, weight, companions)
+    if problem:
+        return problem
+    if delta_shape is None:
+        return f"udr: {module}: the update's matrix shape is unknown, so the base weight cannot be checked; UDR not computed"
+    if weight.shape is None:
+        return None  # a norms record without a shape: counted and reported once by the caller
+    if len(weight.shape) < 2:
+        return f"udr: {module}: base weight {parameter} is {list(weight.shape)}, not a matrix; UDR not computed"
+    matrix = (weight.shape[0], math.prod(weight.shape[1:]))
+    delta = tuple(delta_shape)
+    if matrix == delta or (transposed_storage and matrix == delta[::-1]):
+        return None
+    shown = list(weight.shape) if len(weight.shape) == 2 else f"{list(weight.shape)} (as a matrix {list(matrix)})"
+    return (f"udr: {module}: base weight {parameter} has shape {shown} but the update ΔW is {list(delta)}; "
+            "UDR not computed (a base of another size or layout?)")
+
+
+def quantization_companions(names: Iterable[str]) -> Dict[str, List[str]]:
+    """module path → the quantization companions listed for its weight."""
+    owners: Dict[str, List[str]] = {}
+    for name in names:
+        suffix = next((suffix for suffix in _QUANTIZATION_COMPANIONS if name.endswith(suffix)), None)
+        if suffix is not None and len(name) > len(suffix):
+            owners.setdefault(name[:-len(suffix)], []).append(name)
+    return owners
+
+
+def _owner_path(parameter: str) -> str:
+    path = _EXPERT_SUFFIX.sub(r"\g<path>", parameter)
+    return path[:-len(".weight")] if path.endswith(".weight") else path
+
+
+# ── UDR: the base checkpoint, its components and its norms ──────────────────
 
 class BaseNorms(NamedTuple):
     norms: Dict[str, Tuple[float, float]]  # module name → (σ_max, ‖W‖_F)
     issues: List[str]
+    verified: Optional[bool] = None  # norms computed from / checked against the base; False: taken on trust
+    sources: Optional[Dict[str, BaseWeight]] = None  # module → the base weight its norms came from
 
 
 def _load_norms_file(path: str, role: str, issues: List[str]) -> Optional[Dict[str, Any]]:
@@ -2330,13 +3116,147 @@ def _load_norms_file(path: str, role: str, issues: List[str]) -> Optional[Dict[s
         return None
 
 
+def base_components(base_model: str) -> List[Tuple[str, Any]]:
+    """(component, checkpoint) pairs: one unnamed checkpoint, or the component
+    folders of a diffusers pipeline (``unet/``, ``text_encoder/``…), whose
+    parameters are then named ``<component>.<parameter>`` — the names a
+    diffusers LoRA gives its modules."""
+    import base_norms
+
+    try:
+        return [("", base_norms.resolve_base(base_model))]
+    except AdapterFormatError:
+        root = Path(base_model).expanduser()
+        folders = [name for name in DIFFUSERS_COMPONENTS if (root / name).is_dir()] if root.is_dir() else []
+        components = []
+        for name in folders:
+            try:
+                components.append((name, base_norms.resolve_base(root / name)))
+            except AdapterFormatError:
+                continue  # a component without safetensors weights (e.g. only pickles): nothing to match
+        if not components:
+            raise
+        return components
+
+
+def _named(component: str, name: str) -> str:
+    return f"{component}.{name}" if component else name
+
+
+def _component_view(document: Optional[Dict[str, Any]], component: str) -> Optional[Dict[str, Any]]:
+    """A combined norms document seen from one component (names without its prefix)."""
+    if document is None or not component:
+        return document
+    head = component + "/"
+    files = {key[len(head):]: value for key, value in document.get("files", {}).items() if key.startswith(head)}
+    norms = {name[len(component) + 1:]: dict(record, file=str(record.get("file", ""))[len(head):])
+             for name, record in document.get("norms", {}).items()
+             if name.startswith(component + ".") and str(record.get("file", "")).startswith(head)}
+    return dict(document, files=files, norms=norms)
+
+
+def _fingerprints(components: Sequence[Tuple[str, Any]]) -> Dict[str, Optional[Dict[str, Any]]]:
+    """file key → its fingerprint (None for a file that is not safetensors: then nothing matches it)."""
+    import base_norms
+
+    def fingerprint(file: str) -> Optional[Dict[str, Any]]:
+        try:
+            return base_norms.fingerprint(open_safetensors(file))
+        except AdapterFormatError:
+            return None
+
+    return {(f"{component}/" if component else "") + os.path.basename(file): fingerprint(file)
+            for component, checkpoint in components for file in checkpoint.files}
+
+
+def _expert_slice_norms(file: str, parameter: str, index: int) -> Dict[str, Any]:
+    """σ_max and ‖W‖_F of one expert of a fused experts tensor: only that slice is decoded."""
+    import base_norms
+
+    sf = open_safetensors(file)
+    info = sf.tensors[parameter]
+    if info.problem is not None:
+        raise AdapterFormatError(f"{file}: tensor {parameter!r}: {info.problem}")
+    values = decode(raw_view(sf, info)[index], info.dtype, np.float32)
+    release_pages(sf, info)
+    matrix = base_norms.as_matrix(values)
+    fro_norm = base_norms.frobenius_norm(matrix)
+    if not math.isfinite(fro_norm):
+        raise AdapterFormatError(f"{file}: tensor {parameter!r} expert {index} contains NaN/Inf")
+    result = base_norms.spectral_norm(matrix)
+    return {"sigma_max": result.sigma_max, "fro_norm": fro_norm, "shape": list(values.shape), "dtype": info.dtype,
+            "iterations": result.iterations, "converged": result.converged, "file": os.path.basename(file)}
+
+
+def _compute_component(component: str, checkpoint: Any, names: Sequence[str], catalogue: Mapping[str, BaseWeight],
+                       cache: Optional[Dict[str, Any]], progress: Optional[Callable[[str], None]]) -> Dict[str, Any]:
+    """base_norms.compute_base_norms over one component, names and files namespaced by it.
+
+    Expert slices the base side does not compute itself (it names them
+    ``<parameter>[e]`` too) are computed here from the slice alone.
+    """
+    import base_norms
+
+    local = [name[len(component) + 1:] if component else name for name in names]
+    document = base_norms.compute_base_norms(checkpoint, local, existing=_component_view(cache, component),
+                                             progress=progress)
+    for name in list(document["errors"]):
+        expert = _EXPERT_SUFFIX.match(name)
+        weight = catalogue.get(_named(component, name))
+        if expert and weight is not None and weight.file is not None and "not found" in document["errors"][name]:
+            try:
+                document["norms"][name] = _expert_slice_norms(weight.file, expert["path"], int(expert["index"]))
+                del document["errors"][name]
+            except AdapterFormatError as error:
+                document["errors"][name] = str(error)
+    if not component:
+        return document
+    head = component + "/"
+    return dict(document,
+                files={head + key: value for key, value in document["files"].items()},
+                norms={_named(component, name): dict(record, file=head + str(record.get("file", "")))
+                       for name, record in document["norms"].items()},
+                errors={_named(component, name): error for name, error in document["errors"].items()},
+                stale_files=[head + key for key in document.get("stale_files", [])])
+
+
+def _merged_documents(documents: Sequence[Dict[str, Any]], base: str) -> Dict[str, Any]:
+    if len(documents) == 1:
+        return documents[0]
+    merged = dict(documents[0], base=base, files={}, norms={}, errors={}, stale_files=[])
+    for document in documents:
+        for key in ("files", "norms", "errors"):
+            merged[key].update(document[key])
+        merged["stale_files"].extend(document.get("stale_files", []))
+    return merged
+
+
+def _trusted_norms_file(document: Dict[str, Any], current: Mapping[str, Any], path: str, base_model: str,
+                        issues: List[str]) -> bool:
+    """A norms file is used with a base only when it was computed from that base's very files."""
+    listed = document.get("files") or {}
+    differing = sorted(key for key, value in listed.items() if current.get(key) is None or current[key] != value)
+    if listed and not differing:
+        return True
+    reason = f"its fingerprints differ for {', '.join(differing[:4])}" if listed else "it carries no file fingerprints"
+    issues.append(f"udr: --base-norms {path} was not computed from --base-model {base_model} ({reason}); "
+                  "not used, the norms were recomputed from the base")
+    return False
+
+
 def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str] = None,
                        norms_file: Optional[str] = None, cache_file: Optional[str] = None,
-                       layer_replication: Any = None, progress: Optional[Callable[[str], None]] = None) -> BaseNorms:
+                       layer_replication: Any = None, progress: Optional[Callable[[str], None]] = None,
+                       delta_shapes: Optional[Mapping[str, Optional[Sequence[int]]]] = None,
+                       fan_in_fan_out: bool = False) -> BaseNorms:
     """Base σ_max and ‖W‖_F for each module, from a norms file, a cache, or the checkpoint.
 
-    Only the base tensors of adapted modules are read.  Never raises for a
-    missing/damaged base or cache: those become issues and null UDR fields.
+    Only the base tensors of adapted modules are read.  With ``delta_shapes``
+    (module → ΔW's matrix shape) every match passes the shape and storage guard
+    (:func:`base_weight_problem`).  A norms file is used next to a base only if
+    its fingerprints are that base's; without a base its norms are used
+    unverified (``verified`` False).  Never raises for a missing/damaged base
+    or cache: those become issues and null UDR fields.
     """
     import base_norms  # only audits that ask for UDR pay for it
 
@@ -2344,28 +3264,79 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
     replication = _layer_replication_map(layer_replication)
     wanted = {module: base_module_name(module, replication) for module in module_names}
     records: Dict[str, Dict[str, Any]] = {}
-    if norms_file:
-        document = _load_norms_file(norms_file, "--base-norms", issues)
-        records.update(document["norms"] if document else {})
-    checkpoint = None
+    components: List[Tuple[str, Any]] = []
+    catalogue: Dict[str, BaseWeight] = {}
     if base_model:
         try:
-            checkpoint = base_norms.resolve_base(base_model)
-            parameters = list(base_norms.list_parameters(checkpoint))
+            components = base_components(base_model)
+            for component, checkpoint in components:
+                for name, value in base_norms.list_parameters(checkpoint).items():
+                    file, shape, storage = _listed_weight(value)
+                    catalogue[_named(component, name)] = BaseWeight(shape, storage, file, stored_name=name)
         except AdapterFormatError as error:
             issues.append(f"udr: {error}")
-            checkpoint = None
+            components, catalogue = [], {}
+    if norms_file:
+        document = _load_norms_file(norms_file, "--base-norms", issues)
+        if document is not None and (not components or _trusted_norms_file(
+                document, _fingerprints(components), norms_file, base_model, issues)):
+            records.update(document["norms"])
     cache = None
     if cache_file and Path(cache_file).exists():
         cache = _load_norms_file(cache_file, "--base-norms-cache", issues)
-        if cache is not None and checkpoint is None:
+        if cache is not None and not components:
             records.update(cache["norms"])
-    if checkpoint is None and cache_file and not base_model and cache is None:
+    if not components and cache_file and not base_model and cache is None:
         issues.append(f"udr: --base-norms-cache {cache_file} does not exist and no --base-model to compute it from")
-    if checkpoint is not None:
-        matches, match_issues = match_base_parameters(sorted(set(wanted.values())), parameters)
-        needed = sorted(set(matches.values()) - set(records))
-        computed = base_norms.compute_base_norms(checkpoint, needed, existing=cache, progress=progress)
+    companions = quantization_companions(catalogue)
+    if components:
+        if any(_EXPERT_SUFFIX.match(name) for name in wanted.values()):
+            catalogue.update(_expert_slices(catalogue))
+        # A weight stored only as packed blocks (weight_packed, qweight, gpt-oss *_blocks) is still named
+        # after its module: matched, then refused by its storage instead of "no base weight named like it".
+        packed = {owner: BaseWeight(None, "quantized") for owner in companions
+                  if owner not in catalogue and owner + ".weight" not in catalogue}
+        # … and so is one expert of packed fused experts (gpt-oss MXFP4 gate_up_proj_blocks / _scales).
+        packed.update({target: BaseWeight(None, "quantized") for target in wanted.values()
+                       if _EXPERT_SUFFIX.match(target) and _owner_path(target) in packed})
+        candidates = {**catalogue, **packed}
+    else:
+        candidates = {name: BaseWeight(tuple(record["shape"]) if isinstance(record.get("shape"), list) else None,
+                                       record.get("storage") or record.get("dtype")) for name, record in records.items()}
+    matches, match_issues = match_base_parameters(sorted(set(wanted.values())), candidates)
+    issues.extend(match_issues)
+
+    refused: set = set()
+    unchecked: List[str] = []
+    for module, base_name in sorted(wanted.items()):
+        parameter = matches.get(base_name)
+        if parameter is None:
+            continue
+        weight = candidates[parameter]
+        listed = companions.get(_owner_path(parameter), ())
+        if delta_shapes is None:  # the API called with names only: the storage is still checked
+            problem = storage_problem(module, parameter, weight, listed)
+        else:
+            problem = base_weight_problem(module, parameter, delta_shapes.get(module), weight, companions=listed,
+                                          transposed_storage=fan_in_fan_out or _EXPERT_SUFFIX.match(parameter) is not None)
+        if problem:
+            issues.append(problem)
+            refused.add(module)
+        elif weight.shape is None and delta_shapes is not None:
+            unchecked.append(module)
+    if unchecked:
+        issues.append(f"udr: {len(unchecked)} base norms records carry no shape (e.g. for {unchecked[0]}); "
+                      "their shapes could not be checked against ΔW")
+
+    if components:
+        by_component: Dict[str, List[str]] = {}
+        used = {matches[base_name] for module, base_name in wanted.items() if base_name in matches and module not in refused}
+        for parameter in sorted(used - set(records)):
+            component = next((c for c, _ in components if c and parameter.startswith(c + ".")), "")
+            by_component.setdefault(component, []).append(parameter)
+        computed = _merged_documents([_compute_component(component, checkpoint, by_component.get(component, []),
+                                                         catalogue, cache, progress)
+                                      for component, checkpoint in components], base_model)
         if computed["stale_files"] or (cache is not None and cache["norms"] and not cache.get("files")):
             issues.append(f"udr: --base-norms-cache {cache_file} does not match this base's files "
                           f"({', '.join(computed['stale_files']) or 'no fingerprints'}); its norms were recomputed")
@@ -2374,32 +3345,217 @@ def collect_base_norms(module_names: Sequence[str], *, base_model: Optional[str]
             issues.append(f"udr: base weight {name}: {error}")
         if cache_file:
             base_norms.update_cache(cache_file, computed)
-    else:
-        matches, match_issues = match_base_parameters(sorted(set(wanted.values())), records)
-    issues.extend(match_issues)
 
     norms: Dict[str, Tuple[float, float]] = {}
+    sources: Dict[str, BaseWeight] = {}
     for module, base_name in wanted.items():
         record = records.get(matches.get(base_name, ""))
-        if record is None:
+        if record is None or module in refused:
             continue
         if not record.get("converged", True):
             issues.append(f"udr: {module}: base σ_max did not converge in {record.get('iterations')} iterations; "
                           "UDR not computed")
             continue
         norms[module] = (float(record["sigma_max"]), float(record["fro_norm"]))
+        weight = catalogue.get(matches[base_name])
+        if weight is not None and weight.file is not None:
+            sources[module] = weight
     if not base_model and not norms_file and not cache_file:
         issues.append("udr: no base model or norms file given")
-    return BaseNorms(norms, issues)
+    # With a base, every norm used was computed from it or fingerprint-checked against it.
+    return BaseNorms(norms, issues, bool(components) if norms else None, sources)
+
+
+# ── UDR: DoRA's effective update ────────────────────────────────────────────
+# DoRA (PEFT tuners/lora/dora.py, MLX DoRALinear, LyCORIS weight_decompose)
+# adds to W₀'s output
+#   ΔW_eff = diag(c)·(W₀ + s·B·A) − W₀,   c = m / (‖W₀ + s·B·A‖_row + ε),
+# the norm over the input axis for each output row (PEFT calls it "column-wise"
+# of the (in, out) view: torch.linalg.norm(weight, dim=1) on the (out, in)
+# weight).  LyCORIS adds ε = float32 eps to the norm, and with wd_on_output
+# false normalises each input column instead: ΔW_eff = (W₀ + s·B·A)·diag(c) − W₀.
+# σ_max(ΔW_eff) comes from Lanczos over mat-vecs through W₀ and the factors;
+# ΔW_eff is never formed.  W₀ is read once per module, in float32.
+
+
+class DoraUpdate:
+    """ΔW_eff as an operator (``shape``, ``matvec``, ``rmatvec``, and ``@`` / ``.T``
+    so a matrix-only ``spectral_norm`` takes it too); ``per`` is "row" or "column".
+
+    Written as diag(c − 1)·W₀ + diag(c)·s·B·A (row; the mirror image for
+    columns): c ≈ 1, so the two W₀ terms of the definition would cancel in
+    float32; c − 1 is formed in float64 and multiplies W₀'s float32 mat-vec,
+    whose rounding then stays relative to ΔW_eff.
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, base: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, magnitude: np.ndarray,
+                 per: str = "row", epsilon: float = 0.0):
+        self.base, self.a, self.b, self.scale, self.per = base, a, b, scale, per
+        rows = per == "row"
+        base_sq = np.zeros(base.shape[0] if rows else base.shape[1])
+        cross = np.zeros((base_sq.size, a.shape[0]))  # W₀·Aᵀ (row) or W₀ᵀ·B (column), in float64
+        step = max(1, CHUNK_ELEMENTS // max(base.shape[1], 1))
+        for start in range(0, base.shape[0], step):  # float64 row blocks: no full-size float64 copy of W₀
+            block = base[start:start + step].astype(np.float64)
+            if rows:
+                base_sq[start:start + step] = np.einsum("ij,ij->i", block, block)
+                cross[start:start + step] = block @ a.T
+            else:
+                base_sq += np.einsum("ij,ij->j", block, block)
+                cross += block.T @ b[start:start + step]
+        # ‖W₀ᵢ + s·Bᵢ·A‖² = ‖W₀ᵢ‖² + 2s·Bᵢ·(A·W₀ᵢᵀ) + s²·Bᵢ·(A·Aᵀ)·Bᵢᵀ, and for column j
+        # ‖W₀ⱼ + s·B·Aⱼ‖² = ‖W₀ⱼ‖² + 2s·(W₀ᵀ·B)ⱼ·Aⱼ + s²·Aⱼᵀ·(Bᵀ·B)·Aⱼ.
+        if rows:
+            adapted_sq = base_sq + 2 * scale * np.einsum("ir,ir->i", b, cross) \
+                + scale * scale * np.einsum("ir,rs,is->i", b, a @ a.T, b)
+        else:
+            adapted_sq = base_sq + 2 * scale * np.einsum("jr,rj->j", cross, a) \
+                + scale * scale * np.einsum("rj,rs,sj->j", a, b.T @ b, a)
+        self.base_norms = np.sqrt(base_sq)
+        norms = np.sqrt(np.maximum(adapted_sq, 0.0)) + epsilon
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.gain = magnitude / norms
+            self.gain_minus_one = (magnitude - norms) / norms
+        self.shape = base.shape
+
+    def _through_base(self, matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+        return (matrix @ vector.astype(np.float32)).astype(np.float64)
+
+    def matvec(self, vector: np.ndarray) -> np.ndarray:
+        vector = np.asarray(vector, dtype=np.float64)
+        if self.per == "row":
+            return self.gain_minus_one * self._through_base(self.base, vector) \
+                + self.gain * (self.scale * (self.b @ (self.a @ vector)))
+        return self._through_base(self.base, self.gain_minus_one * vector) \
+            + self.scale * (self.b @ (self.a @ (self.gain * vector)))
+
+    def rmatvec(self, vector: np.ndarray) -> np.ndarray:
+        vector = np.asarray(vector, dtype=np.float64)
+        if self.per == "row":
+            return self._through_base(self.base.T, self.gain_minus_one * vector) \
+                + self.scale * (self.a.T @ (self.b.T @ (self.gain * vector)))
+        return self.gain_minus_one * self._through_base(self.base.T, vector) \
+            + self.gain * (self.scale * (self.a.T @ (self.b.T @ vector)))
+
+    def __matmul__(self, vector: np.ndarray) -> np.ndarray:
+        return self.matvec(vector)
+
+    @property
+    def T(self) -> "_Transposed":
+        return _Transposed(self)
+
+
+class _Transposed(NamedTuple):
+    operator: DoraUpdate
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return self.operator.shape[::-1]
+
+    def __matmul__(self, vector: np.ndarray) -> np.ndarray:
+        return self.operator.rmatvec(vector)
+
+
+def _dora_factors(result: AuditResult) -> Dict[str, Tuple[LoraModule, _Factors, _TensorSource]]:
+    """name → (module, factor layout, tensor source) for the DoRA modules of a file audit."""
+    if result.weights_path is None or not any(layer.dora_magnitude is not None for layer in result.layers):
+        return {}
+    sf = open_safetensors(result.weights_path)
+    source = _TensorSource.from_file(sf)
+    modules, _ = group_modules(result.adapter_format, list(sf.tensors), lambda key: source.describe(key)[1])
+    found = {}
+    for module in modules:
+        if module.magnitude_key is None or module.a_key is None or module.b_key is None or module.family != "lora":
+            continue
+        layout, problem = _factor_layout(module, source.describe(module.a_key)[1], source.describe(module.b_key)[1])
+        if layout is not None:
+            found[module.name] = (module, layout, source)
+    return found
+
+
+def _dora_convention(magnitude_shape: Tuple[int, ...], layer: ModuleAudit, kind: str,
+                     module: LoraModule) -> Tuple[Optional[str], float]:
+    """("row" | "column" | None, ε) from the magnitude's stored shape.
+
+    PEFT's lora_magnitude_vector ((out,); a conv's (1, out, 1, 1)) and MLX's m:
+    per output row, no ε.
+    LyCORIS's dora_scale (out, 1[, 1, 1]) per output row, (1, in) per input
+    column (wd_on_output false), both with ε = float32 eps added to the norm
+    (lycoris/functional/general.py _weight_decompose).  A conv normalised per
+    input channel, (1, in, 1, 1), spans several columns of the flattened ΔW.
+    """
+    rows, columns = layer.delta_shape
+    size = math.prod(magnitude_shape)
+    if not module.magnitude_key.endswith(".dora_scale"):  # PEFT (out,) or conv (1, out, 1, 1); MLX (out,)
+        return ("row" if size == rows else None), 0.0
+    epsilon = float(np.finfo(np.float32).eps)
+    if size == rows and magnitude_shape[0] == rows:
+        return "row", epsilon
+    if kind == "linear" and tuple(magnitude_shape) == (1, columns):
+        return "column", epsilon
+    return None, epsilon
+
+
+def _oriented(source: _TensorSource, ref: FactorRef, rank_first: bool) -> np.ndarray:
+    values = decode(_stored_matrix(source, ref), source.describe(ref.key)[0])
+    return values if (ref.rank_axis == 0) == rank_first else values.T
+
+
+def dora_effective(layer: ModuleAudit, module: LoraModule, layout: _Factors, source: _TensorSource,
+                   base: BaseWeight) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """σ_max of DoRA's effective update and the magnitude change m / ‖W₀‖_row − 1, or an issue."""
+    import base_norms
+
+    if layout.kind not in ("linear", "conv") or layer.delta_shape is None:
+        return None, (f"udr: {layer.name}: the effective DoRA update is computed for linear and conv layers; "
+                      f"{layout.kind} reports the plain s·B·A UDR only")
+    if base.expert is not None or not _is_plain_float(base.storage) or not base.file.endswith(".safetensors"):
+        return None, (f"udr: {layer.name}: the effective DoRA update needs W₀ as stored floats "
+                      f"({base.stored_name} is {base.storage}); the plain s·B·A UDR is reported")
+    per, epsilon = _dora_convention(source.describe(module.magnitude_key)[1], layer, layout.kind, module)
+    if per is None:
+        return None, (f"udr: {layer.name}: DoRA magnitude of shape {list(source.describe(module.magnitude_key)[1])} "
+                      f"fits neither a norm per output row nor per input column of ΔW {list(layer.delta_shape)}; "
+                      "the plain s·B·A UDR is reported")
+    magnitude = source.load(module.magnitude_key).reshape(-1)
+    rows, columns = layer.delta_shape
+    try:
+        sf = open_safetensors(base.file)
+    except AdapterFormatError as error:
+        return None, f"udr: {layer.name}: W₀ cannot be read ({error}); the plain s·B·A UDR is reported"
+    info = sf.tensors[base.stored_name]
+    w0 = read_tensor(sf, base.stored_name, np.float32)
+    release_pages(sf, info)
+    w0 = w0.reshape(w0.shape[0], -1)
+    if w0.shape != (rows, columns):
+        w0 = np.ascontiguousarray(w0.T)  # fan_in_fan_out storage (the shape guard allowed only this)
+    a, b = _oriented(source, layout.a, True), _oriented(source, layout.b, False)
+    operator = DoraUpdate(w0, a, b, layer.scale, magnitude, per, epsilon)
+    if not (np.isfinite(operator.gain).all() and np.isfinite(w0).all()):
+        return None, f"udr: {layer.name}: a row of W₀ + s·B·A has zero norm or W₀ is not finite; effective DoRA UDR not computed"
+    sigma = base_norms.spectral_norm(operator)
+    change = magnitude / operator.base_norms - 1.0
+    return {"dora_effective_sigma_max": sigma.sigma_max, "dora_magnitude_change": _dora_stats(change),
+            "converged": sigma.converged}, None
 
 
 def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_norms: Optional[str] = None,
-               base_norms_cache: Optional[str] = None, progress: Optional[Callable[[str], None]] = None) -> AuditResult:
-    """Fill ``base_sigma_max``, ``base_fro_norm``, ``udr``, ``udr_f``, ``sdi`` per module.
+               base_norms_cache: Optional[str] = None, progress: Optional[Callable[[str], None]] = None,
+               base_model_id: Optional[str] = None) -> AuditResult:
+    """Fill ``base_sigma_max``, ``base_fro_norm``, ``udr``, ``udr_f``, ``sdi`` per module,
+    and for DoRA modules the effective update's ``dora_effective_sigma_max`` /
+    ``udr_dora_effective`` / ``dora_magnitude_change``.
 
-    The audit always completes: a missing base, an unmatched module or a failed
-    convergence leaves that module's UDR fields null with a specific issue.
+    The audit always completes: a missing base, an unmatched module, a base
+    weight of another shape or a failed convergence leaves that module's UDR
+    fields null with a specific issue.
+    Works on any result, e.g. one from :func:`audit_lora_state_dict` in a
+    training loop (the base's norms are cached with ``base_norms_cache``).
+    ``base_model_id`` is upstream gradience's name for ``base_model`` (an alias).
     """
+    base_model = _alias(base_model, base_model_id, "base_model", "base_model_id")
     issues = list(result.issues)
     if base_model == "auto":
         base_model = result.config.base_model_name_or_path
@@ -2407,8 +3563,11 @@ def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_no
             issues.append("udr: --base-model auto, but the adapter config has no base_model_name_or_path")
     lookup = collect_base_norms([layer.name for layer in result.layers], base_model=base_model,
                                 norms_file=base_norms, cache_file=base_norms_cache,
-                                layer_replication=result.config.layer_replication, progress=progress)
+                                layer_replication=result.config.layer_replication, progress=progress,
+                                delta_shapes={layer.name: layer.delta_shape for layer in result.layers},
+                                fan_in_fan_out=result.config.fan_in_fan_out)
     issues.extend(lookup.issues)
+    dora = _dora_factors(result) if lookup.norms else {}
     layers = []
     for layer in result.layers:
         if layer.name not in lookup.norms:
@@ -2416,9 +3575,28 @@ def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_no
             continue
         sigma, fro = lookup.norms[layer.name]
         udr = layer.delta_sigma_max / (sigma + UDR_EPS)
-        layers.append(replace(layer, base_sigma_max=sigma, base_fro_norm=fro, udr=udr,
-                              udr_f=layer.delta_fro_norm / (fro + UDR_EPS), sdi=math.log10(udr + UDR_EPS)))
-    return replace(result, layers=tuple(layers), issues=tuple(issues), udr_requested=True)
+        layer = replace(layer, base_sigma_max=sigma, base_fro_norm=fro, udr=udr,
+                        udr_f=layer.delta_fro_norm / (fro + UDR_EPS), sdi=math.log10(udr + UDR_EPS))
+        if layer.dora_magnitude is not None:
+            effective, problem = None, None
+            if layer.name not in dora:
+                problem = f"udr: {layer.name}: DoRA factors could not be re-read; the plain s·B·A UDR is reported"
+            elif layer.name not in (lookup.sources or {}):
+                problem = (f"udr: {layer.name}: the effective DoRA update needs W₀ from --base-model "
+                           "(norms alone are not enough); the plain s·B·A UDR is reported")
+            else:
+                effective, problem = dora_effective(layer, *dora[layer.name], lookup.sources[layer.name])
+            if problem:
+                issues.append(problem)
+            elif not effective["converged"]:
+                issues.append(f"udr: {layer.name}: the effective DoRA σ_max did not converge; not reported")
+            else:
+                sigma_eff = effective["dora_effective_sigma_max"]
+                layer = replace(layer, dora_effective_sigma_max=sigma_eff, udr_dora_effective=sigma_eff / (sigma + UDR_EPS),
+                                dora_magnitude_change=effective["dora_magnitude_change"])
+        layers.append(layer)
+    return replace(result, layers=tuple(layers), issues=tuple(issues), udr_requested=True,
+                   base_norms_verified=lookup.verified)
 
 
 # ══ 6b. rank advice ══════════════════════════════════════════════════════════
@@ -2662,9 +3840,13 @@ CHEAT_SHEET = (
     "  UDR < 0.1  (SDI < -1)   small perturbation of the base weight",
     "  UDR ~ 1    (SDI ~ 0)    the update is as strong as the base weight",
     "  UDR > 3    (SDI > 0.5)  the update dominates the base weight",
+)
+UTILIZATION_NOTE = (
     "Utilization = stable rank / r: low values mean most of the rank budget is unused;",
     "  suggested_r_* round the 90%-energy rank up to a power of two.",
 )
+UDR_HINT = ("UDR not computed: add --base-model PATH_OR_ID (or --base-norms FILE) to see how large each update "
+            "is next to the weight it modifies.")
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -2675,9 +3857,28 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _aligned(rows: Sequence[Sequence[str]], align: str, indent: str = "  ") -> List[str]:
+    """Rows of cells as text columns, each as wide as its widest cell (long module
+    names included), aligned per column: '<' left, '>' right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(align))]
+    return [indent + " ".join(f"{cell:{a}{w}}" for cell, a, w in zip(row, align, widths)).rstrip() for row in rows]
+
+
+def _headline(result: AuditResult, summary: Mapping[str, Any]) -> str:
+    zero = sum(layer.sigma_max == 0 for layer in result.layers)
+    if result.layers and zero == len(result.layers):
+        return ("  the update is ZERO in every module (B·A = 0: a freshly initialised adapter, or training never "
+                "updated it); rank figures do not apply")
+    line = (f"  energy rank k@90%: p50 {_fmt(summary['energy_rank_90_p50'])}, p90 {_fmt(summary['energy_rank_90_p90'])}"
+            f"  → suggested r: {_fmt(summary['suggested_r_global_median'])} (median), "
+            f"{_fmt(summary['suggested_r_global_90'])} (p90)")
+    return line + (f"   ({zero} of {len(result.layers)} modules have a zero update)" if zero else "")
+
+
 def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wasteful: int = 5,
-                       suggest_per_layer: bool = False) -> str:
-    """A human-readable report: summary, by-type table, suggestions, issues, cheat sheet."""
+                       singular_values: Optional[int] = None, suggest_per_layer: bool = False) -> str:
+    """A human-readable report: summary, by-type table, suggestions, issues, cheat sheet;
+    the first ``singular_values`` σ of each module (None: as many as the audit kept)."""
     summary = result.to_summary_dict()
     lines = [f"LoRA audit: {result.weights_path or '(in-memory state dict)'} [format {result.adapter_format}, "
              f"adapter {result.adapter_name!r}]"]
@@ -2691,8 +3892,7 @@ def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wa
         f"  stable rank: mean {_fmt(summary['stable_rank_mean'])}, median {_fmt(summary['stable_rank_median'])}, "
         f"param-weighted {_fmt(summary['stable_rank_weighted_mean'])}",
         f"  effective rank mean {_fmt(summary['effective_rank_mean'])}   utilization mean {_fmt(summary['utilization_mean'])}",
-        f"  energy rank k@90%: p50 {_fmt(summary['energy_rank_90_p50'])}, p90 {_fmt(summary['energy_rank_90_p90'])}"
-        f"  → suggested r: {_fmt(summary['suggested_r_global_median'])} (median), {_fmt(summary['suggested_r_global_90'])} (p90)",
+        _headline(result, summary),
         "",
         f"  {'type':<6} {'modules':>7} {'params':>12} {'stable_rank':>11} {'utilization':>11} {'k90 p50':>8} {'k90 p90':>8}",
     ]
@@ -2708,30 +3908,70 @@ def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wa
             if row["n_layers_with_udr"]:
                 lines.append(f"    {kind:<6} UDR p50 {_fmt(row['udr_median'])}  p90 {_fmt(row['udr_p90'])}  "
                              f"max {_fmt(row['udr_max'])}  (SDI p50 {_fmt(row['sdi_median'])})")
-    if top_wasteful > 0 and result.layers:
+        lines += _udr_notes(result)
+    nonzero = [layer for layer in result.layers if layer.sigma_max > 0]
+    if top_wasteful > 0 and nonzero:
         lines += ["", f"  most wasteful modules (lowest utilization, top {top_wasteful}):"]
-        for layer in sorted(result.layers, key=lambda layer: layer.utilization)[:top_wasteful]:
-            lines.append(f"    {layer.name:<50} r={layer.r:<4} util={_fmt(layer.utilization):<8} "
-                         f"stable_rank={_fmt(layer.stable_rank):<8} k90={layer.energy_rank_90}")
-    if show_layers:
-        lines += ["", f"  {'module':<50} {'type':<5} {'r':>4} {'scale':>8} {'σ_max(ΔW)':>10} {'stable':>7} {'util':>6} {'k90':>4} {'UDR':>8}"]
-        for layer in result.layers:
-            lines.append(f"  {layer.name:<50} {layer.module_type:<5} {layer.r:>4} {_fmt(layer.scale):>8} "
-                         f"{_fmt(layer.delta_sigma_max):>10} {_fmt(layer.stable_rank):>7} {_fmt(layer.utilization):>6} "
-                         f"{layer.energy_rank_90:>4} {_fmt(layer.udr):>8}")
+        lines += _aligned([(layer.name, f"r={layer.r}", f"util={_fmt(layer.utilization)}",
+                            f"stable_rank={_fmt(layer.stable_rank)}", f"k90={layer.energy_rank_90}")
+                           for layer in sorted(nonzero, key=lambda layer: layer.utilization)[:top_wasteful]],
+                          "<<<<<", indent="    ")
+    if show_layers and result.layers:
+        header = ("module", "type", "r", "scale", "σ_max(ΔW)", "stable", "util", "k90", "UDR")
+        lines += [""] + _aligned([header] + [
+            (layer.name, layer.module_type, str(layer.r), _fmt(layer.scale), _fmt(layer.delta_sigma_max),
+             _fmt(layer.stable_rank), _fmt(layer.utilization), str(layer.energy_rank_90), _fmt(layer.udr))
+            for layer in result.layers], "<<>>>>>>>")
+    with_values = [(layer.name, layer.top_singular_values[:singular_values]) for layer in result.layers
+                   if layer.top_singular_values and singular_values != 0]
+    if with_values:
+        count = max(len(values) for _, values in with_values)
+        lines += ["", f"  top {count} singular values of B·A (unscaled; ‖ΔW‖₂ = |scale|·σ₁):"]
+        lines += _aligned([(name, *(_fmt(value) for value in values), *[""] * (count - len(values)))
+                           for name, values in with_values], "<" + ">" * count, indent="    ")
     if result.non_lora_tensors:
         lines += ["", f"  non-LoRA tensors saved with the adapter ({len(result.non_lora_tensors)}): "
                       + ", ".join(module_name_from_prefix(k) for k in result.non_lora_tensors[:8])
                       + (" …" if len(result.non_lora_tensors) > 8 else "")]
     if result.issues:
         lines += ["", f"  issues ({len(result.issues)}):"] + [f"    - {issue}" for issue in result.issues]
-    lines += [""] + ["  " + line for line in CHEAT_SHEET]
+    lines += [""] + ["  " + line for line in UTILIZATION_NOTE]
+    if any(layer.udr is not None for layer in result.layers):
+        lines += ["  " + line for line in CHEAT_SHEET]
+    elif not result.udr_requested:
+        lines.append("  " + UDR_HINT)
     return "\n".join(lines)
 
 
+def _udr_notes(result: AuditResult) -> List[str]:
+    """What the UDR lines above do not say: DoRA's effective update, and norms taken on trust."""
+    notes = []
+    dora = [layer.udr_dora_effective for layer in result.layers if layer.udr_dora_effective is not None]
+    if dora:
+        notes.append(f"    DoRA: the update DoRA applies, m ⊙ (W₀ + s·B·A)/‖W₀ + s·B·A‖ − W₀, has UDR median "
+                     f"{_fmt(_median(dora))}, max {_fmt(max(dora))} over {len(dora)} modules "
+                     "(the UDR above is the plain s·B·A; per module: udr_dora_effective)")
+    if result.base_norms_verified is False:
+        notes.append("    base norms taken from a norms file without a base to check them against (not verified)")
+    return notes
+
+
 # ── HTML report ──────────────────────────────────────────────────────────────
-# One self-contained file: inline CSS and SVG, no scripts, fonts or network.
-# Cells carry an SVG <title>, so hovering shows the module without JavaScript.
+# One self-contained file: inline CSS and SVG, no fonts or network, and a few
+# lines of JavaScript that only sort the module table (the page is complete
+# without them).  Charts are drawn for a 660-px column, so the page fits a
+# 700-px window.  Every colour has a colour bar whose range comes from the
+# data.  SVG text is 10-px monospace so label widths can be computed; a label
+# that does not fit is abbreviated from the middle, lengthened until no two
+# labels read the same, and the full name is in its hover title and in the
+# module table.
+
+CHART_WIDTH = 660
+CHAR_WIDTH = 6.2  # px per character of 10-px monospace (DejaVu Sans Mono is 0.602 em), with a margin
+UDR_BANDS = ((0.1, "0.1"), (1.0, "1"), (3.0, "3"))  # the specification's reading bands (cheat sheet)
+SERIES_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
+MISSING_COLOUR = "#d9d9d9"
+NO_LAYER = "(no layer)"
 
 _PALETTE = ((0.267, 0.005, 0.329), (0.283, 0.141, 0.458), (0.254, 0.265, 0.530), (0.207, 0.372, 0.553),
             (0.164, 0.471, 0.558), (0.128, 0.567, 0.551), (0.135, 0.659, 0.518), (0.267, 0.749, 0.441),
@@ -2740,7 +3980,7 @@ _PALETTE = ((0.267, 0.005, 0.329), (0.283, 0.141, 0.458), (0.254, 0.265, 0.530),
 
 def _colour(fraction: Optional[float]) -> str:
     if fraction is None or not math.isfinite(fraction):
-        return "#dddddd"
+        return MISSING_COLOUR
     position = min(max(fraction, 0.0), 1.0) * (len(_PALETTE) - 1)
     low = int(position)
     high = min(low + 1, len(_PALETTE) - 1)
@@ -2748,144 +3988,596 @@ def _colour(fraction: Optional[float]) -> str:
     return "#" + "".join(f"{int(round(c * 255)):02x}" for c in mix)
 
 
+def _nice_ticks(low: float, high: float, count: int = 6) -> List[float]:
+    """Round-numbered ticks (steps of 1, 2, 2.5 or 5 × 10^k) inside [low, high]."""
+    if not high > low:
+        return [low]
+    raw = (high - low) / count
+    magnitude = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+    first = math.ceil(low / step - 1e-9)
+    return [round(i * step, 12) for i in range(first, int(math.floor(high / step + 1e-9)) + 1)]
+
+
+def _log_ticks(low: float, high: float) -> List[float]:
+    """Decades inside [low, high] (thinned to at most 7); 1-2-5 steps when fewer than two decades fit."""
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    decades = [10.0 ** e for e in range(first, last + 1) if low <= 10.0 ** e <= high * (1 + 1e-12)]
+    if len(decades) >= 2:
+        return decades[::max(1, math.ceil(len(decades) / 7))]
+    steps = sorted(m * 10.0 ** e for e in range(first, last + 1) for m in (1, 2, 5))
+    return [value for value in steps if low <= value <= high]
+
+
+def _tick_label(value: float) -> str:
+    return f"{value:.3g}"
+
+
+class ValueScale(NamedTuple):
+    """A data range mapped onto [0, 1], linear or logarithmic."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    def fraction(self, value: float) -> float:
+        low, high = self.low, self.high
+        if self.log:
+            value, low, high = math.log10(max(value, low)), math.log10(low), math.log10(high)
+        return min(max((value - low) / (high - low), 0.0), 1.0) if high > low else 0.5
+
+    def ticks(self) -> List[float]:
+        return _log_ticks(self.low, self.high) if self.log else _nice_ticks(self.low, self.high)
+
+
+def _round_outward(value: float, down: bool) -> float:
+    """To 3 significant digits, away from the data: the labelled ends then contain it."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    unit = 10.0 ** (math.floor(math.log10(abs(value))) - 2)
+    steps = math.floor(value / unit + 1e-9) if down else math.ceil(value / unit - 1e-9)
+    return float(f"{steps * unit:.3g}")
+
+
+def value_scale(values: Iterable[Optional[float]], *, log: bool = False, from_zero: bool = False) -> Optional[ValueScale]:
+    """The range of the finite values (positive ones on a log scale), its ends rounded
+    outward to 3 significant digits; None if there are none.  A single value is
+    widened so it sits inside a readable range."""
+    finite = [v for v in values if v is not None and math.isfinite(v) and (v > 0 or not log)]
+    if not finite:
+        return None
+    low, high = (0.0 if from_zero else _round_outward(min(finite), down=True)), _round_outward(max(finite), down=False)
+    if high <= low:
+        low, high = (low / 2, high * 2) if log else (low, low + 1.0)
+    return ValueScale(low, high, log)
+
+
+def _abbreviate(text: str, limit: int) -> str:
+    """Cut from the middle (the start names the block, the end the index and module)."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) * 2 // 5
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head):]
+
+
+def distinct_labels(names: Sequence[str], limit: int) -> Dict[str, str]:
+    """Labels of at most ``limit`` characters, abbreviated from the middle — longer
+    where two would otherwise read the same, up to the full names."""
+    longest = max((len(name) for name in names), default=0)
+    for width in range(min(limit, longest), longest + 1):
+        labels = {name: _abbreviate(name, width) for name in names}
+        if len(set(labels.values())) == len(labels):
+            return labels
+    return {name: name for name in names}
+
+
+def _shared_prefix(names: Sequence[str]) -> str:
+    """The prefix all names share, cut after a path separator ('.' or '_')."""
+    if len(names) < 2:
+        return ""
+    shared = os.path.commonprefix(list(names))
+    cut = max(shared.rfind("."), shared.rfind("_"))
+    return shared[:cut + 1]
+
+
+def _human_key(text: str) -> List[Any]:
+    # "blocks_10" after "blocks_9", in dotted and in kohya's flattened names alike.  Only
+    # ASCII digits, at most 9 at a time: int() of a hostile 5,000-digit run would raise.
+    return [(0, int(part), "") if index % 2 else (1, 0, part)
+            for index, part in enumerate(re.split(r"([0-9]{1,9})", text))]
+
+
 def _heatmap_coordinates(name: str) -> Tuple[str, str]:
-    """(row, column): layer index × the module's path with that index wildcarded;
-    without a layer index, the enclosing block × the last two path components."""
-    match = _LAYER_INDEX.search(name) or ("." not in name and _FLAT_LAYER_INDEX.search(name))
-    if match:
-        return str(int(match.group(1))), name[:match.start(1)] + "*" + name[match.end(1):]
-    parts = name.split(".")
-    if len(parts) > 2:
-        return ".".join(parts[:-2]), ".".join(parts[-2:])
-    return "—", name
+    """(row, column) of a module in the layer × module grid: the name through its
+    layer index (``layers.N``), or else through its last numbered block — a number
+    after a plural container (``transformer_blocks.0`` in a UNet or Flux,
+    ``layers_3`` in kohya's flattened names), not a Sequential index such as
+    ``ff.net.0.proj`` — with more path after it; the column is the rest."""
+    match = _LAYER_INDEX.search(name)
+    if match and match.end(1) < len(name):
+        return name[:match.end(1)], name[match.end(1) + 1:]
+    separator = "." if "." in name else "_"
+    parts = name.split(separator)
+    numbered = [i for i in range(1, len(parts) - 1) if parts[i].isdigit()]
+    blocks = [i for i in numbered if parts[i - 1].endswith("s")] or numbered
+    if blocks:
+        return separator.join(parts[:blocks[-1] + 1]), separator.join(parts[blocks[-1] + 1:])
+    return NO_LAYER, name
+
+
+def _text(x: float, y: float, content: str, css_class: str, *, anchor: str = "start", title: str = "",
+          extra: str = "") -> str:
+    hover = f"<title>{html.escape(title)}</title>" if title else ""
+    return (f'<text class="{css_class}" x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{extra}>'
+            f'{html.escape(content)}{hover}</text>')
+
+
+def _svg_colour_bar(scale: ValueScale, x: float, y: float, width: float, title: str,
+                    marks: Sequence[Tuple[float, str]] = (), missing: bool = False) -> Tuple[str, float]:
+    """A horizontal colour bar: the data's own minimum and maximum labelled at
+    its ends, round ticks between, optional marks above; returns (svg, height)."""
+    top = y + (14 if marks else 0)
+    steps = 64
+    parts = [f'<g class="colour-bar" data-low="{scale.low!r}" data-high="{scale.high!r}" '
+             f'data-log="{int(scale.log)}">']
+    parts += [f'<rect x="{x + width * i / steps:.2f}" y="{top:.1f}" width="{width / steps + 0.4:.2f}" height="12" '
+              f'fill="{_colour((i + 0.5) / steps)}"/>' for i in range(steps)]
+    parts.append(f'<rect x="{x:.1f}" y="{top:.1f}" width="{width:.1f}" height="12" class="frame"/>')
+    placed: List[Tuple[float, float]] = []
+    candidates = [(scale.low, "start"), (scale.high, "end")] + [(t, "middle") for t in scale.ticks()]
+    for value, anchor in candidates:
+        label = _tick_label(value)
+        px = x + width * scale.fraction(value)
+        span = len(label) * CHAR_WIDTH
+        box = {"start": (px, px + span), "end": (px - span, px), "middle": (px - span / 2, px + span / 2)}[anchor]
+        if any(box[0] < right + 6 and left < box[1] + 6 for left, right in placed):
+            continue  # a round tick that would overlap a label already placed (the data's ends come first)
+        placed.append(box)
+        parts.append(f'<line x1="{px:.1f}" y1="{top + 12:.1f}" x2="{px:.1f}" y2="{top + 16:.1f}" class="tickmark"/>')
+        parts.append(_text(px, top + 26, label, "cbar-tick", anchor=anchor))
+    for value, label in marks:
+        if scale.low <= value <= scale.high:
+            px = x + width * scale.fraction(value)
+            parts.append(f'<line x1="{px:.1f}" y1="{top - 3:.1f}" x2="{px:.1f}" y2="{top + 12:.1f}" class="band"/>')
+            parts.append(_text(px, top - 5, label, "band-label", anchor="middle"))
+    caption = title + ("   (grey: no value)" if missing else "")
+    parts.append(_text(x, top + 40, caption, "axis-title"))
+    parts.append("</g>")
+    return "".join(parts), top - y + 46
 
 
 def _svg_heatmap(layers: Sequence[ModuleAudit], value: Callable[[ModuleAudit], Optional[float]],
-                 scale: Callable[[float], float], label: str, caption: str) -> str:
+                 scale: ValueScale, label: str, caption: str, marks: Sequence[Tuple[float, str]] = ()) -> str:
+    """Layer × module grid coloured by ``value``, with its colour bar underneath."""
     cells = {_heatmap_coordinates(layer.name): layer for layer in layers}
-    rows = sorted({row for row, _ in cells}, key=lambda row: (row == "—", int(row) if row.isdigit() else 0, row))
-    columns = sorted({column for _, column in cells}, key=_natural_key)
-    shared = os.path.commonprefix(columns) if len(columns) > 1 else ""
-    shared = shared[:shared.rfind(".") + 1] if "." in shared else ""
-    size, top = 16, 150
-    left = 12 + 6 * min(max(len(row[-36:]) for row in rows), 36)
-    # Room on the right for the last column labels, which lean right as they rise.
-    width, height = left + size * len(columns) + 90, top + size * len(rows) + 10
-    parts = [f'<svg class="heatmap" role="img" aria-label="{html.escape(caption)}" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">']
+    rows = sorted({row for row, _ in cells}, key=lambda row: (row == NO_LAYER, _human_key(row)))
+    columns = sorted({column for _, column in cells}, key=_human_key)
+    layered = [row for row in rows if row != NO_LAYER]
+    row_prefix, column_prefix = _shared_prefix(layered), _shared_prefix(columns)
+    row_text = {row: row[len(row_prefix):] if row != NO_LAYER else row for row in rows}
+    column_text = {column: column[len(column_prefix):] or column for column in columns}
+    row_labels, column_labels = distinct_labels(list(row_text.values()), 40), distinct_labels(list(column_text.values()), 28)
+    numbered = all(text.isdigit() for text in row_text.values() if text != NO_LAYER)
+    left = 10 + CHAR_WIDTH * max(len(text) for text in row_labels.values()) + 6
+    top = (24 if row_prefix else 10) + CHAR_WIDTH * max(len(text) for text in column_labels.values()) + 6
+    cell_w = max(12, min(48, int((CHART_WIDTH - left - 10) // len(columns))))
+    cell_h = max(8 if numbered else 12, min(22, 520 // len(rows)))
+    every = 1 if cell_h >= 11 else math.ceil(11 / cell_h)  # numbered rows only: label every k-th
+    grid_w, grid_h = cell_w * len(columns), cell_h * len(rows)
+    width = max(CHART_WIDTH, left + grid_w + 10)
+    missing = any(value(layer) is None for layer in layers)
+    bar, bar_height = _svg_colour_bar(scale, 16, top + grid_h + 16, min(400, width - 32), label, marks, missing)
+    height = top + grid_h + 16 + bar_height + 4
+    parts = [f'<svg class="heatmap{" wide" if width > CHART_WIDTH else ""}" role="img" '
+             f'aria-label="{html.escape(caption)}" width="{width:.0f}" height="{height:.0f}" '
+             f'viewBox="0 0 {width:.0f} {height:.0f}" xmlns="http://www.w3.org/2000/svg">']
+    if row_prefix:
+        parts.append(_text(10, 14, f"rows: {row_prefix}{'N' if numbered else '…'}", "axis-title"))
     for j, column in enumerate(columns):
-        x = left + j * size + size / 2
-        parts.append(f'<text class="col" x="{x:.1f}" y="{top - 6}" transform="rotate(-60 {x:.1f} {top - 6})">'
-                     f'{html.escape(column[len(shared):][-28:])}</text>')
+        x = left + j * cell_w + cell_w / 2 + 3.5
+        parts.append(f'<text class="col" x="{x:.1f}" y="{top - 6:.1f}" transform="rotate(-90 {x:.1f} {top - 6:.1f})">'
+                     f'{html.escape(column_labels[column_text[column]])}<title>{html.escape(column)}</title></text>')
     for i, row in enumerate(rows):
-        parts.append(f'<text class="row" x="{left - 6}" y="{top + i * size + size * 0.75:.1f}">'
-                     f'{html.escape(row[-36:])}<title>{html.escape(row)}</title></text>')
+        if numbered and row != NO_LAYER and i % every:
+            continue
+        parts.append(_text(left - 6, top + i * cell_h + cell_h / 2 + 3.5, row_labels[row_text[row]], "row",
+                           anchor="end", title=row))
     for (row, column), layer in cells.items():
         i, j = rows.index(row), columns.index(column)
         raw = value(layer)
-        parts.append(f'<rect class="cell" x="{left + j * size}" y="{top + i * size}" width="{size - 1}" '
-                     f'height="{size - 1}" fill="{_colour(scale(raw) if raw is not None else None)}">'
+        parts.append(f'<rect class="cell" x="{left + j * cell_w}" y="{top + i * cell_h}" width="{cell_w - 1}" '
+                     f'height="{cell_h - 1}" fill="{_colour(scale.fraction(raw) if raw is not None else None)}">'
                      f'<title>{html.escape(layer.name)}: {label} {_fmt(raw)}</title></rect>')
+    parts.append(bar)
     parts.append("</svg>")
     return "".join(parts)
+
+
+class _Frame(NamedTuple):
+    """A plot area in SVG coordinates and the scales of its two axes."""
+
+    left: float
+    top: float
+    width: float
+    height: float
+    x: ValueScale
+    y: ValueScale
+
+    def px(self, value: float) -> float:
+        return self.left + self.width * self.x.fraction(value)
+
+    def py(self, value: float) -> float:
+        return self.top + self.height * (1 - self.y.fraction(value))
+
+
+def _svg_axes(frame: _Frame, x_ticks: Sequence[float], y_ticks: Sequence[float], x_label: str, y_label: str) -> List[str]:
+    """Light gridlines at every tick, tick labels, both axes and their titles."""
+    parts = []
+    bottom, right = frame.top + frame.height, frame.left + frame.width
+    for tick in y_ticks:
+        y = frame.py(tick)
+        parts.append(f'<line x1="{frame.left:.1f}" y1="{y:.1f}" x2="{right:.1f}" y2="{y:.1f}" class="grid"/>')
+        parts.append(_text(frame.left - 5, y + 3.5, _tick_label(tick), "tick", anchor="end"))
+    for tick in x_ticks:
+        x = frame.px(tick)
+        parts.append(f'<line x1="{x:.1f}" y1="{frame.top:.1f}" x2="{x:.1f}" y2="{bottom:.1f}" class="grid"/>')
+        parts.append(_text(x, bottom + 14, _tick_label(tick), "tick", anchor="middle"))
+    parts.append(f'<polyline points="{frame.left:.1f},{frame.top:.1f} {frame.left:.1f},{bottom:.1f} '
+                 f'{right:.1f},{bottom:.1f}" class="axis"/>')
+    parts.append(_text(frame.left + frame.width / 2, bottom + 30, x_label, "axis-title", anchor="middle"))
+    middle = frame.top + frame.height / 2
+    parts.append(f'<text class="axis-title" x="12" y="{middle:.1f}" text-anchor="middle" '
+                 f'transform="rotate(-90 12 {middle:.1f})">{html.escape(y_label)}</text>')
+    return parts
 
 
 def _svg_lines(series: Sequence[Tuple[str, Sequence[Tuple[float, float]]]], x_label: str, y_label: str,
                caption: str) -> str:
-    width, height, pad, legend = 900, 260, 44, 300  # the legend sits right of the plot
-    points = [p for _, line in series for p in line]
+    """Line chart with a legend underneath, each entry written in its line's colour."""
+    points = [point for _, line in series for point in line]
     if not points:
-        return "<p>(no data)</p>"
-    x_max = max(max(x for x, _ in points), 1.0)
-    y_max = max(max(y for _, y in points), 1e-12)
-    colours = ("#3b528b", "#21918c", "#5ec962", "#fde725", "#440154", "#e35932", "#9c179e", "#0d0887")
-    parts = [f'<svg class="chart" role="img" aria-label="{html.escape(caption)}" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
-             f'<line x1="{pad}" y1="{height - pad}" x2="{width - legend}" y2="{height - pad}" class="axis"/>',
-             f'<line x1="{pad}" y1="10" x2="{pad}" y2="{height - pad}" class="axis"/>',
-             f'<text x="{(width - legend) / 2:.0f}" y="{height - 8}" class="label">{html.escape(x_label)}</text>',
-             f'<text x="12" y="{height / 2:.0f}" class="label" transform="rotate(-90 12 {height / 2:.0f})">'
-             f'{html.escape(y_label)}</text>',
-             f'<text x="{pad - 4}" y="16" class="tick">{_fmt(y_max)}</text>',
-             f'<text x="{width - legend}" y="{height - pad + 14}" class="tick">{_fmt(x_max)}</text>']
+        return '<p class="muted">(no data)</p>'
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    x_scale = ValueScale(min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1)
+    y_ticks = _nice_ticks(0.0, max(max(ys), 1e-12) * 1.05)
+    frame = _Frame(58, 10, CHART_WIDTH - 58 - 28, 190, x_scale, ValueScale(0.0, max(y_ticks[-1], max(ys))))
+    x_ticks = [t for t in _nice_ticks(x_scale.low, x_scale.high, 8) if t == int(t)] or [x_scale.low]
+    columns, column_width = 2, (CHART_WIDTH - 32) / 2
+    legend_top = frame.top + frame.height + 46
+    height = legend_top + 16 * math.ceil(len(series) / columns) + 6
+    parts = [f'<svg class="chart" role="img" aria-label="{html.escape(caption)}" width="{CHART_WIDTH}" '
+             f'height="{height:.0f}" viewBox="0 0 {CHART_WIDTH} {height:.0f}" xmlns="http://www.w3.org/2000/svg">']
+    parts += _svg_axes(frame, x_ticks, y_ticks, x_label, y_label)
+    limit = int((column_width - 34) // CHAR_WIDTH)
+    labels = distinct_labels([name for name, _ in series], limit)
     for index, (name, line) in enumerate(series):
-        coords = " ".join(f"{pad + (width - legend - pad) * x / x_max:.1f},"
-                          f"{height - pad - (height - pad - 10) * y / y_max:.1f}" for x, y in line)
-        colour = colours[index % len(colours)]
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}">'
-                     f'<title>{html.escape(name)}</title></polyline>')
-        parts.append(f'<text x="{width - legend + 12}" y="{24 + 14 * index}" class="legend" fill="{colour}">'
-                     f'{html.escape(name[-46:])}</text>')
+        colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
+        coords = " ".join(f"{frame.px(x):.1f},{frame.py(y):.1f}" for x, y in line)
+        parts.append(f'<polyline class="series" data-series="{index}" fill="none" stroke="{colour}" stroke-width="2" '
+                     f'points="{coords}"><title>{html.escape(name)}</title></polyline>')
+        if len(line) <= 64:
+            parts += [f'<circle cx="{frame.px(x):.1f}" cy="{frame.py(y):.1f}" r="2.5" fill="{colour}"/>' for x, y in line]
+        lx, ly = 16 + column_width * (index % columns), legend_top + 16 * (index // columns)
+        parts.append(f'<line x1="{lx:.1f}" y1="{ly - 4:.1f}" x2="{lx + 22:.1f}" y2="{ly - 4:.1f}" stroke="{colour}" '
+                     'stroke-width="3"/>')
+        parts.append(_text(lx + 28, ly, labels[name], "legend", title=name,
+                           extra=f' data-series="{index}" fill="{colour}" style="fill:{colour}"'))
     parts.append("</svg>")
     return "".join(parts)
 
 
-_HTML_STYLE = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
-h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #ddd}
-table{border-collapse:collapse}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
-td:first-child,th:first-child{text-align:left}.muted{color:#666}.issues li{font-family:monospace;font-size:12px}
-svg text{font:10px monospace;fill:#333}svg text.row{text-anchor:end}svg text.tick{text-anchor:end}
-svg .axis{stroke:#999}svg text.label{font:11px sans-serif;text-anchor:middle}.legendbar{display:flex;gap:2px}
-.scroll{overflow-x:auto}
+def _svg_udr_histogram(values: Sequence[float], scale: ValueScale) -> str:
+    """How many modules have each UDR: log-spaced bins over the data's range,
+    bars in the heatmap's colours, the 0.1 / 1 / 3 reading bands marked."""
+    positive = [v for v in values if v > 0]
+    low, high = math.log10(scale.low), math.log10(scale.high)
+    bins = max(6, min(40, math.ceil(2 * math.sqrt(len(positive)))))
+    counts, edges = np.histogram(np.log10(positive), bins=bins, range=(low, high))
+    y_ticks = [t for t in _nice_ticks(0.0, float(counts.max()), 4) if t == int(t)]
+    frame = _Frame(58, 22, CHART_WIDTH - 58 - 28, 170, scale, ValueScale(0.0, max(float(counts.max()), y_ticks[-1])))
+    height = frame.top + frame.height + 40
+    parts = [f'<svg class="chart histogram" role="img" aria-label="UDR distribution" width="{CHART_WIDTH}" '
+             f'height="{height:.0f}" viewBox="0 0 {CHART_WIDTH} {height:.0f}" xmlns="http://www.w3.org/2000/svg">']
+    parts += _svg_axes(frame, scale.ticks(), y_ticks, "UDR = ‖ΔW‖₂ / ‖W‖₂ (log scale)", "modules")
+    for count, start, end in zip(counts, edges[:-1], edges[1:]):
+        if count:
+            x0, x1 = frame.px(10 ** start), frame.px(10 ** end)
+            parts.append(f'<rect class="bar" x="{x0 + 0.5:.1f}" y="{frame.py(count):.1f}" width="{max(x1 - x0 - 1, 1):.1f}" '
+                         f'height="{frame.py(0) - frame.py(count):.1f}" fill="{_colour(scale.fraction(10 ** ((start + end) / 2)))}">'
+                         f'<title>{int(count)} modules with UDR {_tick_label(10 ** start)}–{_tick_label(10 ** end)}</title></rect>')
+    for band, label in UDR_BANDS:
+        if scale.low <= band <= scale.high:
+            x = frame.px(band)
+            parts.append(f'<line x1="{x:.1f}" y1="{frame.top - 4:.1f}" x2="{x:.1f}" y2="{frame.top + frame.height:.1f}" '
+                         'class="band"/>')
+            half = len(f"UDR {label}") * CHAR_WIDTH / 2  # keep the label inside the chart at either end
+            anchor = "end" if x + half > CHART_WIDTH - 2 else "start" if x - half < 2 else "middle"
+            parts.append(_text(x, frame.top - 7, f"UDR {label}", "band-label", anchor=anchor))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+MODULE_TABLE_COLUMNS = (
+    # (header, hover text, numeric?)
+    ("module", "module path in the base model", False),
+    ("type", "attn / mlp / other", False),
+    ("r", "stored rank", True),
+    ("utilization", "stable rank / r: the share of the rank budget used", True),
+    ("stable rank", "‖ΔW‖_F² / ‖ΔW‖₂²", True),
+    ("k@90", "smallest k holding 90 % of the update's energy", True),
+    ("suggested r", "k@90 rounded up to a power of two (or the rank advice, when present)", True),
+    ("σ_max(ΔW)", "‖ΔW‖₂ = |scale|·σ₁(B·A)", True),
+    ("UDR", "‖ΔW‖₂ / ‖W_base‖₂", True),
+)
+
+
+def _suggested_rank(layer: ModuleAudit) -> Tuple[Optional[float], str, str]:
+    """(sort value, text, hover) of a module's suggested r: the first policy of the
+    rank advice when the audit carries one (``rank_suggestions``: policy → k, all
+    of them on hover), else k@90 rounded up to a power of two."""
+    advice = getattr(layer, "rank_suggestions", None)
+    if layer.sigma_max == 0:
+        return None, "zero update", "B·A = 0"
+    if isinstance(advice, Mapping) and advice:
+        ranks = [(str(policy), v) for policy, v in advice.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if ranks:
+            return float(ranks[0][1]), _fmt(ranks[0][1]), ", ".join(f"{policy}: {_fmt(v)}" for policy, v in ranks)
+    suggested = suggest_rank(layer.energy_rank_90)
+    return float(suggested), str(suggested), "k@90 rounded up to a power of two"
+
+
+def _name_html(name: str) -> str:
+    """A module path that wraps only after its separators ('.', or '_' in kohya's flattened names)."""
+    return re.sub(r"(\.)" if "." in name else r"(_)", r"\1<wbr>", html.escape(name))
+
+
+def _cell(value: Optional[float], text: Optional[str] = None, hover: str = "") -> str:
+    shown = _fmt(value) if text is None else text
+    sort_value = "" if value is None or not math.isfinite(value) else repr(float(value))
+    title = f' title="{html.escape(hover)}"' if hover else ""
+    return f'<td data-v="{sort_value}"{title}>{html.escape(shown)}</td>'
+
+
+def _module_table(layers: Sequence[ModuleAudit]) -> str:
+    head = "".join(f'<th data-type="{"number" if numeric else "text"}" title="{html.escape(hover)}">'
+                   f'<button type="button">{html.escape(header)}</button></th>'
+                   for header, hover, numeric in MODULE_TABLE_COLUMNS)
+    body = []
+    for layer in layers:
+        suggested, suggested_text, suggested_hover = _suggested_rank(layer)
+        body.append("<tr>" + f'<td class="name" data-v="{html.escape(layer.name)}">{_name_html(layer.name)}</td>'
+                    f'<td data-v="{layer.module_type}">{layer.module_type}</td>'
+                    + _cell(layer.r) + _cell(layer.utilization) + _cell(layer.stable_rank) + _cell(layer.energy_rank_90)
+                    + _cell(suggested, suggested_text, suggested_hover) + _cell(layer.delta_sigma_max) + _cell(layer.udr) + "</tr>")
+    return (f'<div class="scroll"><table class="sortable modules"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+_SORT_SCRIPT = """
+document.querySelectorAll("table.sortable th button").forEach(function (button) {
+  button.addEventListener("click", function () {
+    var th = button.parentNode, table = th.closest("table"), body = table.tBodies[0];
+    var column = Array.prototype.indexOf.call(th.parentNode.children, th);
+    var ascending = th.getAttribute("aria-sort") !== "ascending";
+    table.querySelectorAll("th").forEach(function (other) { other.removeAttribute("aria-sort"); });
+    th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+    var numeric = th.getAttribute("data-type") === "number";
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = a.cells[column].getAttribute("data-v"), y = b.cells[column].getAttribute("data-v");
+      if (x === "" || y === "") { return (x === "") - (y === ""); }  // blanks last, either way
+      var order = numeric ? Number(x) - Number(y) : x.localeCompare(y, undefined, {numeric: true});
+      return ascending ? order : -order;
+    });
+    rows.forEach(function (row) { body.appendChild(row); });
+  });
+});
 """
 
 
-def render_html_report(result: AuditResult) -> str:
-    """A self-contained HTML page: summary, heatmaps (utilization, and UDR when
-    known) of layer × module, spectra of the strongest updates, energy
-    concentration over depth, and the issues.  No JavaScript."""
+def issue_groups(issues: Sequence[str], module_names: Iterable[str]) -> List[Tuple[str, List[str]]]:
+    """Issues grouped by what they say — module names and numbers taken out — the
+    group that covers the most issues first; each group is titled by its first
+    issue with the module name replaced by ``<module>``."""
+    names = set(module_names)
+    groups: Dict[str, Tuple[str, List[str]]] = {}
+    for issue in issues:
+        title = ": ".join("<module>" if part in names else part for part in issue.split(": "))
+        key = re.sub(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?", "N", title)
+        groups.setdefault(key, (title, []))[1].append(issue)
+    return sorted(groups.values(), key=lambda group: (-len(group[1]), group[0]))
+
+
+_HTML_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:16px auto;padding:0 16px;color:#222;
+max-width:1100px}
+h1{font-size:20px;margin:0 0 4px;overflow-wrap:anywhere}h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+h3{font-size:14px;margin:16px 0 6px}
+table{border-collapse:collapse;font-size:13px}td,th{padding:3px 6px;border-bottom:1px solid #eee;text-align:right}
+td:first-child,th:first-child{text-align:left}.muted{color:#666}.note{background:#fff4d6;padding:8px 12px;border-radius:4px}
+dl.meta{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:8px 0;font-size:13px}
+dl.meta dt{color:#666}dl.meta dd{margin:0;overflow-wrap:anywhere}code{font-size:12px}
+.figures{display:flex;flex-wrap:wrap;gap:8px}.figure{border:1px solid #ddd;border-radius:4px;padding:6px 10px;min-width:120px}
+.figure b{display:block;font-size:18px}.figure span{color:#666;font-size:12px}
+.scroll{overflow-x:auto;max-width:100%}td.name{text-align:left;font-family:monospace;font-size:12px}
+td{white-space:nowrap}td.name{white-space:normal;min-width:12em}table.modules{width:100%}
+table.modules td{width:1%}table.modules td.name{width:auto}table.modules th{vertical-align:bottom}table.modules th button{font:inherit;font-weight:bold;border:0;background:none;
+cursor:pointer;padding:0;white-space:normal;text-align:inherit}
+th[aria-sort=ascending] button::after{content:" ▲"}th[aria-sort=descending] button::after{content:" ▼"}
+.issues li{font-family:monospace;font-size:12px;overflow-wrap:anywhere}pre{white-space:pre-wrap}details summary{cursor:pointer}
+svg{display:block;max-width:100%;height:auto}svg.wide{max-width:none}
+svg text{font:10px monospace;fill:#333}svg text.axis-title{font:11px sans-serif;fill:#444}
+svg text.band-label{fill:#000;font-weight:bold}svg .grid{stroke:#e6e6e6}svg .axis{stroke:#888;fill:none}
+svg .tickmark{stroke:#666}svg .band{stroke:#000;stroke-dasharray:3 2}svg .frame{fill:none;stroke:#888}
+"""
+
+
+def _figure(value: str, label: str, hover: str = "") -> str:
+    return f'<div class="figure" title="{html.escape(hover)}"><b>{html.escape(value)}</b><span>{html.escape(label)}</span></div>'
+
+
+def _small_table(layers: Sequence[ModuleAudit], columns: Sequence[Tuple[str, Callable[[ModuleAudit], Any]]]) -> str:
+    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
+    rows = "".join("<tr>" + "".join(f'<td class="name">{_name_html(_fmt(get(layer)))}</td>' if index == 0 else
+                                    f"<td>{html.escape(_fmt(get(layer)))}</td>" for index, (_, get) in enumerate(columns))
+                   + "</tr>" for layer in layers)
+    return f'<div class="scroll"><table><tr>{head}</tr>{rows}</table></div>'
+
+
+def _generic_table(mapping: Mapping[str, Any]) -> str:
+    """A record whose shape this report does not fix (the rank advice): one row per
+    key; when every value is itself a record, one column per field."""
+    def shown(value):
+        return _fmt(value) if not isinstance(value, (dict, list)) else json.dumps(json_safe(value))
+    if all(isinstance(value, Mapping) for value in mapping.values()):
+        fields = list(dict.fromkeys(field for value in mapping.values() for field in value))
+        head = "<tr><th></th>" + "".join(f"<th>{html.escape(str(f))}</th>" for f in fields) + "</tr>"
+        rows = "".join(f"<tr><td>{html.escape(str(key))}</td>"
+                       + "".join(f"<td>{html.escape(shown(value.get(f)))}</td>" for f in fields) + "</tr>"
+                       for key, value in mapping.items())
+        return f'<div class="scroll"><table>{head}{rows}</table></div>'
+    rows = "".join(f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(shown(value))}</td></tr>"
+                   for key, value in mapping.items())
+    return f'<div class="scroll"><table>{rows}</table></div>'
+
+
+def render_html_report(result: AuditResult, *, command: Optional[str] = None, generated: Optional[str] = None) -> str:
+    """A self-contained HTML page that reads top to bottom: what was audited and
+    how, the key figures, the modules that waste their rank and the updates that
+    dominate their base, layer × module heatmaps with colour bars, the UDR
+    distribution, spectra, energy over depth, a sortable table of every module,
+    and the issues grouped by cause."""
     summary = result.to_summary_dict()
     layers = list(result.layers)
-    rows = "".join(f"<tr><td>{html.escape(key)}</td><td>{html.escape(_fmt(summary.get(key)))}</td></tr>"
-                   for key in ("format", "n_layers", "n_modules_skipped", "total_lora_params", "stable_rank_mean",
-                               "stable_rank_median", "effective_rank_mean", "utilization_mean", "energy_rank_90_p50",
-                               "energy_rank_90_p90", "suggested_r_global_median", "suggested_r_global_90",
-                               "n_layers_with_udr", "udr_median", "udr_p90", "udr_max", "sdi_median"))
+    nonzero = [layer for layer in layers if layer.sigma_max > 0]
+    with_udr = [layer for layer in layers if layer.udr is not None]
+    name = Path(result.weights_path).name if result.weights_path else "in-memory state dict"
+    meta = [("file", str(result.weights_path or "(in-memory state dict)")),
+            ("format", f"{result.adapter_format}, adapter {result.adapter_name!r}"),
+            ("tool", f"gradience-lite {__version__}"),
+            ("date", generated or time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))]
+    if command:
+        meta.append(("command", command))
+    if result.format_metadata:
+        meta.append(("training metadata", ", ".join(f"{k}={v}" for k, v in result.format_metadata.items())))
+    sections = [f"<h1>LoRA audit: {html.escape(name)}</h1><dl class=\"meta\">"
+                + "".join(f"<dt>{html.escape(k)}</dt><dd>{'<code>' + html.escape(v) + '</code>' if k == 'command' else html.escape(v)}</dd>"
+                          for k, v in meta) + "</dl>"]
+    if layers and not nonzero:
+        sections.append('<p class="note"><b>The update is zero</b>: B·A = 0 in every module (a freshly initialised '
+                        'adapter, or training never updated it). Rank and UDR figures do not apply.</p>')
+    elif len(nonzero) < len(layers):
+        sections.append(f'<p class="note">{len(layers) - len(nonzero)} of {len(layers)} modules have a zero update '
+                        "(B·A = 0); they are left out of the rank advice below.</p>")
+    figures = [_figure(f"{summary['n_layers']}", "modules audited"),
+               _figure(f"{summary['n_modules_skipped']}", "modules skipped", "LoRA modules that could not be audited (see issues)"),
+               _figure(f"{summary['total_lora_params']:,}", "LoRA parameters"),
+               _figure(_fmt(summary["utilization_mean"]), "utilization, mean", "stable rank / r, averaged over modules"),
+               _figure(_fmt(summary["stable_rank_median"]), "stable rank, median"),
+               _figure(f"{_fmt(summary['energy_rank_90_p50'])} / {_fmt(summary['energy_rank_90_p90'])}", "k@90 %, p50 / p90",
+                       "smallest k holding 90 % of the energy")]
+    if nonzero:
+        figures.append(_figure(f"{_fmt(summary['suggested_r_global_median'])} / {_fmt(summary['suggested_r_global_90'])}",
+                               "suggested r (p50 / p90)", "k@90 rounded up to a power of two"))
+    if with_udr:
+        figures.append(_figure(f"{_fmt(summary['udr_median'])} / {_fmt(summary['udr_max'])}", "UDR, median / max",
+                               "‖ΔW‖₂ / ‖W_base‖₂"))
+    figures.append(_figure(f"{len(result.issues)}", "issues"))
+    sections.append('<h2>Key figures</h2><div class="figures">' + "".join(figures) + "</div>")
+
+    by_type_head = "<tr><th>type</th><th>modules</th><th>params</th><th>stable rank</th><th>utilization</th>" \
+                   "<th>k@90 p50</th><th>k@90 p90</th>" + ("<th>UDR p50</th><th>UDR p90</th><th>UDR max</th>" if with_udr else "") + "</tr>"
     by_type = "".join(f"<tr><td>{kind}</td><td>{row['n_layers']}</td><td>{row['params']:,}</td>"
                       f"<td>{_fmt(row['stable_rank_mean'])}</td><td>{_fmt(row['utilization_mean'])}</td>"
-                      f"<td>{_fmt(row['energy_rank_90_p50'])}</td><td>{_fmt(row['energy_rank_90_p90'])}</td></tr>"
+                      f"<td>{_fmt(row['energy_rank_90_p50'])}</td><td>{_fmt(row['energy_rank_90_p90'])}</td>"
+                      + (f"<td>{_fmt(row.get('udr_median'))}</td><td>{_fmt(row.get('udr_p90'))}</td>"
+                         f"<td>{_fmt(row.get('udr_max'))}</td>" if with_udr else "") + "</tr>"
                       for kind, row in summary["by_type"].items())
-    sections = [
-        f"<h1>LoRA audit</h1><p class=\"muted\">{html.escape(str(result.weights_path or 'in-memory state dict'))}"
-        f" — format {html.escape(result.adapter_format)}, adapter {html.escape(result.adapter_name)}</p>",
-        f"<h2>Summary</h2><table>{rows}</table>",
-        "<h2>By module type</h2><table><tr><th>type</th><th>modules</th><th>params</th><th>stable rank</th>"
-        f"<th>utilization</th><th>k@90 p50</th><th>k@90 p90</th></tr>{by_type}</table>",
-        "<h2>Utilization by layer and module</h2><p class=\"muted\">stable rank / r; dark = little of the rank "
-        "budget used, yellow = all of it.</p><div class=\"scroll\">"
-        + _svg_heatmap(layers, lambda layer: layer.utilization, lambda u: u, "utilization", "utilization heatmap")
-        + "</div>",
-    ]
-    if any(layer.udr is not None for layer in layers):
+    sections.append(f'<h2>By module type</h2><div class="scroll"><table>{by_type_head}{by_type}</table></div>')
+
+    if nonzero:
+        wasteful = sorted(nonzero, key=lambda layer: layer.utilization)[:8]
+        sections.append("<h2>Modules that waste their rank</h2><p class=\"muted\">lowest utilization (stable rank / r); "
+                        "a rank near k@90 would keep 90 % of the update's energy.</p>"
+                        + _small_table(wasteful, [("module", lambda l: l.name), ("r", lambda l: l.r),
+                                                  ("utilization", lambda l: l.utilization),
+                                                  ("k@90", lambda l: l.energy_rank_90),
+                                                  ("suggested r", lambda l: _suggested_rank(l)[1])]))
+    advice = summary.get("policy_global_suggestions")
+    if isinstance(advice, Mapping) and advice:
+        sections.append("<h2>Rank advice</h2><p class=\"muted\">per policy, over modules (the module table's "
+                        "suggested r is the first policy; hover it for all).</p>" + _generic_table(advice))
+    if with_udr:
+        dominant = sorted(with_udr, key=lambda layer: layer.udr, reverse=True)[:8]
+        sections.append("<h2>Updates that dominate their base</h2><p class=\"muted\">highest UDR = ‖ΔW‖₂ / ‖W_base‖₂ "
+                        "(&gt; 3: the update dominates; ~1: as strong as the base; &lt; 0.1: a small perturbation).</p>"
+                        + _small_table(dominant, [("module", lambda l: l.name), ("UDR", lambda l: l.udr),
+                                                  ("σ_max(ΔW)", lambda l: l.delta_sigma_max),
+                                                  ("σ_max(W)", lambda l: l.base_sigma_max)]))
+
+    utilization = value_scale([layer.utilization for layer in layers], from_zero=True)
+    if utilization is not None:
+        sections.append("<h2>Utilization by layer and module</h2><p class=\"muted\">stable rank / r, coloured from 0 "
+                        "to the highest value in this adapter; hover a cell for its module.</p><div class=\"scroll\">"
+                        + _svg_heatmap(layers, lambda layer: layer.utilization, utilization,
+                                       "utilization = stable rank / r", "utilization heatmap") + "</div>")
+    udr_scale = value_scale([layer.udr for layer in layers], log=True)
+    if udr_scale is not None:
         sections.append(
-            "<h2>Update dominance (UDR) by layer and module</h2><p class=\"muted\">colour = SDI = log10 UDR from −3 "
-            "(dark) to +1 (yellow); grey = no base norm.</p><div class=\"scroll\">"
-            + _svg_heatmap(layers, lambda layer: layer.udr, lambda u: (math.log10(u + UDR_EPS) + 3) / 4, "UDR",
-                           "UDR heatmap") + "</div>")
-    strongest = sorted((layer for layer in layers if layer.top_singular_values and layer.sigma_max > 0),
+            "<h2>Update dominance (UDR) by layer and module</h2><p class=\"muted\">UDR on a log scale over this "
+            "adapter's range; dashed marks at the reading bands 0.1, 1 and 3 where they fall inside it; grey: no "
+            "base norm.</p><div class=\"scroll\">"
+            + _svg_heatmap(layers, lambda layer: layer.udr, udr_scale, "UDR (log scale)", "UDR heatmap", UDR_BANDS)
+            + "</div>")
+        udr_values = [layer.udr for layer in with_udr]
+        sections.append(
+            f"<h2>UDR distribution over modules</h2><p class=\"muted\">{len(udr_values)} modules; median "
+            f"{_fmt(summary['udr_median'])}, p90 {_fmt(summary['udr_p90'])}, max {_fmt(summary['udr_max'])}; share "
+            f"&gt; 0.1: {_fmt(summary['fraction_udr_gt_0_1'])}, &gt; 0.3: {_fmt(summary['fraction_udr_gt_0_3'])}.</p>"
+            + _svg_udr_histogram(udr_values, udr_scale))
+    elif result.udr_requested:
+        sections.append("<h2>Update dominance (UDR)</h2><p class=\"muted\">no module could be matched to a base "
+                        "norm; see the issues.</p>")
+    else:
+        sections.append("<h2>Update dominance (UDR)</h2><p class=\"muted\">not computed: add <code>--base-model "
+                        "PATH_OR_ID</code> (or <code>--base-norms FILE</code>) to see how large each update is next "
+                        "to the weight it modifies.</p>")
+
+    strongest = sorted((layer for layer in nonzero if layer.top_singular_values),
                        key=lambda layer: layer.delta_sigma_max, reverse=True)[:6]
     spectra = [(layer.name, [(i + 1.0, s / layer.sigma_max) for i, s in enumerate(layer.top_singular_values)])
                for layer in strongest]
     sections.append("<h2>Singular-value spectra of the strongest updates</h2><p class=\"muted\">σᵢ/σ₁ of the six "
-                    "modules with the largest ‖ΔW‖₂.</p>" + _svg_lines(spectra, "index i", "σᵢ / σ₁", "spectra"))
+                    "modules with the largest ‖ΔW‖₂; a fast drop means a few directions carry the update.</p>"
+                    + _svg_lines(spectra, "singular value index i", "σᵢ / σ₁", "spectra"))
     depth: Dict[int, List[ModuleAudit]] = {}
-    for layer in layers:
-        if layer.layer_index is not None and layer.stable_rank > 0:
+    for layer in nonzero:
+        if layer.layer_index is not None:
             depth.setdefault(layer.layer_index, []).append(layer)
     concentration = [("share of energy in σ₁ (1 / stable rank)",
                       [(float(index), float(np.mean([1.0 / layer.stable_rank for layer in group])))
                        for index, group in sorted(depth.items())]),
-                     ("k@90% / r", [(float(index), float(np.mean([layer.energy_rank_90 / max(layer.r, 1)
-                                                                  for layer in group])))
-                                    for index, group in sorted(depth.items())])]
+                     ("k@90 % / r", [(float(index), float(np.mean([layer.energy_rank_90 / max(layer.r, 1)
+                                                                   for layer in group])))
+                                     for index, group in sorted(depth.items())])]
     sections.append("<h2>Energy concentration over depth</h2><p class=\"muted\">means over the modules of each "
-                    "layer.</p>" + _svg_lines(concentration, "layer index", "fraction", "energy over depth"))
-    issues = "".join(f"<li>{html.escape(issue)}</li>" for issue in result.issues) or "<li>none</li>"
-    sections.append(f"<h2>Issues</h2><ul class=\"issues\">{issues}</ul>")
-    sections.append("<h2>Reading UDR</h2><pre>" + html.escape("\n".join(CHEAT_SHEET)) + "</pre>")
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>LoRA audit</title>"
-            f"<style>{_HTML_STYLE}</style></head><body>" + "".join(sections) + "</body></html>\n")
+                    "layer.</p>" + _svg_lines(concentration if depth else [], "layer index", "fraction",
+                                              "energy over depth"))
+    sections.append(f"<h2>Every module</h2><p class=\"muted\">{len(layers)} modules; click a column header to "
+                    "sort.</p>" + _module_table(layers))
+    groups = issue_groups(result.issues, (layer.name for layer in layers))
+    issue_html = "".join(
+        f"<li><details><summary>{len(items)} × {html.escape(template)}</summary><ul>"
+        + "".join(f"<li>{html.escape(issue)}</li>" for issue in items) + "</ul></details></li>"
+        if len(items) > 1 else f"<li>{html.escape(items[0])}</li>" for template, items in groups)
+    sections.append(f"<h2>Issues ({len(result.issues)})</h2><ul class=\"issues\">{issue_html or '<li>none</li>'}</ul>")
+    if with_udr:
+        sections.append("<h2>Reading UDR</h2><pre>" + html.escape("\n".join(CHEAT_SHEET + UTILIZATION_NOTE)) + "</pre>")
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>LoRA audit: {html.escape(name)}</title><style>{_HTML_STYLE}</style></head><body>"
+            + "".join(sections) + f"<script>{_SORT_SCRIPT}</script></body></html>\n")
 
 
 # ══ 8. compare runs ══════════════════════════════════════════════════════════
@@ -2979,20 +4671,31 @@ def _factor_loaders(path: str) -> Dict[str, Callable[[], Tuple[np.ndarray, np.nd
     raw_config, _ = load_adapter_config(files.config_path)
     keys = list(sf.tensors)
     source = _TensorSource.from_file(sf)
-    modules, _ = group_modules(detect_format(keys, sf.metadata, raw_config), keys, lambda key: source.describe(key)[1])
+    shape_of = lambda key: source.describe(key)[1]  # noqa: E731
+    adapter_format = detect_format(keys, sf.metadata, raw_config)
+    config = parse_adapter_config(raw_config)[0]
+    # grouped by the PEFT tuner too: AdaLoRA's lora_A / lora_B are not a plain pair (lora_E sits between)
+    modules, non_lora = group_modules(adapter_format, keys, shape_of, config.peft_type)
+    if adapter_format in ("peft", "diffusers"):
+        modules = resolve_lora_fields(modules, non_lora, config, shape_of)[0]
     loaders = {}
     for module in modules:
-        if module.family != "lora" or module.part("lora_mid.weight") or not module.a_key or not module.b_key \
-                or module.duplicate_keys or _check_tensors(module, source, (module.a_key, module.b_key)):
+        if module.family not in STREAMED_FAMILIES or module.part("lora_mid.weight") or not module.a_key \
+                or not module.b_key or module.duplicate_keys \
+                or _check_tensors(module, source, (module.a_key, module.b_key)):
             continue
-        layout, problem = _factor_layout(module, source.describe(module.a_key)[1], source.describe(module.b_key)[1])
-        if problem is None and layout.rank > 0:
-            loaders[module.name] = (lambda layout=layout: (_tall_factor(source, layout.a).T, _tall_factor(source, layout.b)))
+        layout, problem = _factor_layout(module, shape_of(module.a_key), shape_of(module.b_key))
+        diag, diag_problem = _kasa_diag(module, source, layout.rank) if problem is None else (None, None)
+        if problem is None and diag_problem is None and layout.rank > 0:
+            loaders[module.name] = (lambda layout=layout, diag=diag: (
+                _tall_factor(source, layout.a).T * (diag[:, None] if diag is not None else 1.0),
+                _tall_factor(source, layout.b)))
     return loaders
 
 
-def _audit_document(path: str) -> Tuple[Dict[str, Any], bool]:
-    """(audit document with layers, is it an adapter we can read factors from)."""
+def _audit_document(path: str, **udr: Optional[str]) -> Tuple[Dict[str, Any], bool]:
+    """(audit document with layers, is it an adapter we can read factors from);
+    ``udr`` (base_model, base_norms, base_norms_cache) applies to adapters only."""
     candidate = Path(path)
     if candidate.is_file() and candidate.suffix.lower() == ".json":
         try:
@@ -3003,24 +4706,30 @@ def _audit_document(path: str) -> Tuple[Dict[str, Any], bool]:
             raise AdapterFormatError(f"{candidate}: not an audit document with per-module rows "
                                      "(save one with `audit --json --layers`)")
         return document, False
-    return audit_lora_peft_dir(path).to_summary_dict(include_layers=True), True
+    return audit_lora_peft_dir(path, **udr).to_summary_dict(include_layers=True), True
 
 
 def _subtract(later: Any, earlier: Any) -> Optional[float]:
     numbers = (int, float)
     if isinstance(later, numbers) and isinstance(earlier, numbers) and not isinstance(later, bool):
+        if isinstance(later, int) and isinstance(earlier, int):
+            return later - earlier  # counts stay integers (printed as 13700, not 1.370e+04)
         return float(later) - float(earlier)
     return None
 
 
-def compare_adapters(path_a: str, path_b: str, *, overlaps: bool = True) -> Dict[str, Any]:
+def compare_adapters(path_a: str, path_b: str, *, overlaps: bool = True, base_model: Optional[str] = None,
+                     base_norms: Optional[str] = None, base_norms_cache: Optional[str] = None) -> Dict[str, Any]:
     """Compare two adapters (directories or saved ``audit --json --layers`` documents).
 
     Returns one JSON-ready document: both summaries side by side, per-module
     deltas for modules present in both, modules only in one, and — when both
-    are adapters over the same base shapes — how their updates overlap.
+    are adapters over the same base shapes — how their updates overlap.  With a
+    base (``base_model`` / ``base_norms`` / ``base_norms_cache``, as for an
+    audit), both adapters get UDR; a saved document keeps the UDR it was saved with.
     """
-    (doc_a, adapter_a), (doc_b, adapter_b) = _audit_document(path_a), _audit_document(path_b)
+    udr = {"base_model": base_model, "base_norms": base_norms, "base_norms_cache": base_norms_cache}
+    (doc_a, adapter_a), (doc_b, adapter_b) = _audit_document(path_a, **udr), _audit_document(path_b, **udr)
     rows_a = {row["name"]: row for row in doc_a["layers"] if isinstance(row, dict) and "name" in row}
     rows_b = {row["name"]: row for row in doc_b["layers"] if isinstance(row, dict) and "name" in row}
     common = [name for name in rows_a if name in rows_b]
@@ -3089,11 +4798,11 @@ def checkpoint_series(paths: Sequence[str]) -> List[str]:
     return [path for _, path in sorted(found)] if found else list(paths)
 
 
-def training_drift(paths: Sequence[str]) -> Dict[str, Any]:
+def training_drift(paths: Sequence[str], **udr: Optional[str]) -> Dict[str, Any]:
     """How the update moves between consecutive checkpoints: one row per pair."""
     rows = []
     for earlier, later in zip(paths, paths[1:]):
-        comparison = compare_adapters(earlier, later)
+        comparison = compare_adapters(earlier, later, **udr)
         summary = comparison["overlap_summary"]
         match_a, match_b = _CHECKPOINT.search(Path(earlier).name), _CHECKPOINT.search(Path(later).name)
         rows.append({"from": earlier, "to": later,
@@ -3133,9 +4842,18 @@ def render_comparison(document: Mapping[str, Any], top: int = 10) -> str:
         moved = sorted((m for m in document["modules"] if m["overlap"] and m["overlap"]["update_cosine"] is not None),
                        key=lambda m: m["overlap"]["update_cosine"])[:top]
         lines += ["", f"  modules whose updates differ most (lowest cosine, top {top}):"]
-        for m in moved:
-            lines.append(f"    {m['name']:<50} cos={_fmt(m['overlap']['update_cosine']):<8} "
-                         f"Δutil={_fmt(m['delta']['utilization']):<8} ΔUDR={_fmt(m['delta']['udr'])}")
+        lines += _aligned([(m["name"], f"cos={_fmt(m['overlap']['update_cosine'])}",
+                            f"Δutil={_fmt(m['delta']['utilization'])}", f"ΔUDR={_fmt(m['delta']['udr'])}")
+                           for m in moved], "<<<<", indent="    ")
+    elif top and document["modules"]:
+        # Saved audit documents have no factors, so no overlaps: rank by the metrics that moved.
+        def moved_by(m):
+            return (abs(m["delta"].get("udr") or 0.0), abs(m["delta"].get("utilization") or 0.0))
+        moved = sorted(document["modules"], key=moved_by, reverse=True)[:top]
+        lines += ["", f"  modules that changed most (largest |ΔUDR|, then |Δutilization|; top {top}):"]
+        lines += _aligned([(m["name"], f"util {_fmt(m['a']['utilization'])} → {_fmt(m['b']['utilization'])}",
+                            f"Δutil={_fmt(m['delta']['utilization'])}", f"ΔUDR={_fmt(m['delta']['udr'])}")
+                           for m in moved], "<<<<", indent="    ")
     for label, names in (("only in A", document["only_in_a"]), ("only in B", document["only_in_b"])):
         if names:
             lines.append(f"  {label}: " + ", ".join(names[:8]) + (" …" if len(names) > 8 else ""))
@@ -3329,8 +5047,19 @@ def _target_rank(sigma: np.ndarray, r: int, rank: Optional[int], policy: Optiona
     return min(k, r)
 
 
-def _stored_alpha(value: float, dtype_name: str) -> float:
-    return float(decode(encode(np.array([value], dtype=np.float64), dtype_name), dtype_name)[0])
+def alpha_tensor(value: float, dtype_name: str, shape: Tuple[int, ...]) -> Tuple[str, np.ndarray, float]:
+    """A kohya ``alpha`` tensor holding ``value``: (dtype written, stored array, the value it holds).
+
+    Float alphas keep their dtype (the value rounds to it); an integer alpha
+    (some converters write I64) stays integer when ``value`` is a whole number,
+    else becomes F32 — every kohya loader reads alpha with ``.item()``."""
+    spec = DTYPES.get(dtype_name)
+    if spec is not None and not spec.is_float and float(value).is_integer():
+        stored = np.full(shape, int(value), dtype=spec.storage)
+        return dtype_name, stored, float(value)
+    dtype_name = dtype_name if dtype_name in ENCODERS else "F32"
+    stored = encode(np.full(shape, value, dtype=np.float64), dtype_name)
+    return dtype_name, stored, float(decode(stored, dtype_name).reshape(-1)[0])
 
 
 def plan_resize(source: _TensorSource, modules: Sequence[LoraModule], setup: AuditSetup, *,
@@ -3371,7 +5100,7 @@ def _module_plan(item: _PreparedModule, factor_a: np.ndarray, factor_b: np.ndarr
         alpha = scale * (math.sqrt(k) if item.scale.scale_rule == "alpha/sqrt(r)" else k)
         alpha_key = item.module.part("alpha")
         if alpha_key is not None:  # kohya: alpha is a tensor; fold its rounding into B'
-            stored = _stored_alpha(alpha, source.describe(alpha_key)[0])
+            _, _, stored = alpha_tensor(alpha, *source.describe(alpha_key)[:2])
             map_b = map_b * (alpha / stored)
             alpha = stored
     return ResizedModule(k=k, map_a=map_a, map_b=map_b, alpha=alpha, **common)
@@ -3429,9 +5158,8 @@ def _output_tensors(sf: SafetensorsFile, plans: Sequence[ResizedModule], dtype: 
         alpha_key = module.part("alpha")
         if alpha_key is not None and plan.map_a is not None and plan.alpha is not None:
             info = sf.tensors[alpha_key]
-            value = np.full(info.shape, plan.alpha)
-            replaced[alpha_key] = OutTensor(alpha_key, info.dtype, info.shape,
-                                            functools.partial(encode, value, info.dtype))
+            dtype_name, stored, _ = alpha_tensor(plan.alpha, info.dtype, info.shape)
+            replaced[alpha_key] = OutTensor(alpha_key, dtype_name, info.shape, functools.partial(np.asarray, stored))
 
     def copied(info: TensorInfo) -> Iterable[memoryview]:
         # Slices of the mapping, released as they go: a large saved embedding never sits in memory whole.
@@ -3505,8 +5233,15 @@ def resize_adapter(path: str | os.PathLike, out: str | os.PathLike, *, rank: Opt
     setup = configure(detect_format(keys, sf.metadata, raw_config), raw_config, load_issues, sf.metadata)
     if setup.adapter_format not in RESIZE_FORMATS:
         raise AdapterFormatError(f"{files.weights_path}: format {setup.adapter_format!r}; resize writes PEFT and kohya LoRA only")
+    if setup.config.peft_type not in (None, "LORA"):
+        raise AdapterFormatError(f"{files.weights_path}: peft_type {setup.config.peft_type}; resize writes LoRA only")
     source = _TensorSource.from_file(sf)
-    modules, non_lora = group_modules(setup.adapter_format, keys, lambda key: source.describe(key)[1])
+    shape_of = lambda key: source.describe(key)[1]  # noqa: E731
+    modules, non_lora = group_modules(setup.adapter_format, keys, shape_of, setup.config.peft_type)
+    if setup.adapter_format == "peft":  # KaSA, BD-LoRA, fused experts become their own families (refused below)
+        modules, refused, _ = resolve_lora_fields(modules, non_lora, setup.config, shape_of)
+        if refused:
+            raise AdapterFormatError(f"cannot resize: {refused[0]}; nothing written")
     if not modules:
         raise AdapterFormatError(f"{files.weights_path}: no LoRA modules to resize")
     plans = plan_resize(source, modules, setup, rank=rank, policy=policy, min_rank=min_rank, max_rank=max_rank)
@@ -3598,10 +5333,159 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _issues_saying(*phrases: str) -> Callable[[Mapping[str, Any]], List[str]]:
+    return lambda document: [issue for issue in document.get("issues") or () if any(p in issue for p in phrases)]
+
+
+# --fail-on: integrity conditions a CI job can fail on, each read from the audit
+# document (so a batch line can be checked the same way).  UDR is deliberately
+# absent: it is instrumentation, not a gate.
+FAIL_CONDITIONS: Dict[str, Callable[[Mapping[str, Any]], List[str]]] = {
+    "issues": lambda document: list(document.get("issues") or ()),
+    "skipped": lambda document: ([f"{document['n_modules_skipped']} LoRA module(s) could not be audited"]
+                                 if document.get("n_modules_skipped") else []),
+    "nonfinite": _issues_saying("NaN/Inf", "overflows float64"),
+    "zero": _issues_saying("the update is zero"),
+    "unmatched-pattern": _issues_saying("matches no audited module"),
+    "rank-mismatch": _issues_saying("rank mismatch", "disagrees with config"),
+}
+
+
+def fail_on_reasons(document: Mapping[str, Any], conditions: Sequence[str]) -> List[str]:
+    """The reasons each condition holds for an audit document (empty: none holds).
+
+    >>> fail_on_reasons({"issues": [], "n_modules_skipped": 2}, ["issues", "skipped"])
+    ['skipped: 2 LoRA module(s) could not be audited']
+    """
+    return [f"{condition}: {reason}" for condition in conditions for reason in FAIL_CONDITIONS[condition](document)]
+
+
+def _report_failures(document: Mapping[str, Any], conditions: Sequence[str]) -> int:
+    """Print why --fail-on conditions hold (at most 5 reasons per condition) → exit code 1, else 0."""
+    failed = 0
+    for condition in conditions:
+        reasons = fail_on_reasons(document, [condition])
+        failed += bool(reasons)
+        for reason in reasons[:5]:
+            print(f"gradience-lite: fail-on {reason}", file=sys.stderr)
+        if len(reasons) > 5:
+            print(f"gradience-lite: fail-on {condition}: … and {len(reasons) - 5} more", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def check_base_paths(args: argparse.Namespace) -> None:
+    """Base-side paths that cannot be used are usage errors (exit 2), named in one
+    line — not one vague issue plus a misleading "no base weight" per module."""
+    if getattr(args, "no_udr", False):
+        return
+    if args.base_norms and not Path(args.base_norms).is_file():
+        raise UsageError(f"--base-norms {args.base_norms}: no such file")
+    if args.base_model and args.base_model != "auto":
+        import base_norms
+
+        try:
+            base_norms.resolve_base(args.base_model)
+        except AdapterFormatError as error:  # its message names where it looked (offline: the HF cache)
+            raise UsageError(f"--base-model (resolved offline): {error}") from None
+    cache = args.base_norms_cache
+    if cache and not Path(cache).exists():
+        if not args.base_model:
+            raise UsageError(f"--base-norms-cache {cache}: no such file, and no --base-model to compute it from")
+        if not Path(cache).resolve().parent.is_dir():
+            raise UsageError(f"--base-norms-cache {cache}: its directory does not exist")
+
+
+def resolve_auto_base(args: argparse.Namespace, path: str) -> None:
+    """``--base-model auto`` for one adapter: the config's ``base_model_name_or_path``,
+    so check_base_paths can refuse it up front like a typed path."""
+    if args.base_model != "auto" or args.no_udr:
+        return
+    files = find_adapter_files(path, adapter=args.adapter, weights=args.weights, config=args.adapter_config)
+    if files.config_path is None:
+        return  # no adapter_config.json (kohya, diffusers metadata …): the audit reports what it finds
+    raw, _ = load_adapter_config(files.config_path)
+    base = raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
+    if not isinstance(base, str) or not base:
+        raise UsageError(f"--base-model auto: {files.config_path or 'the adapter'} names no base_model_name_or_path; "
+                         "pass --base-model PATH_OR_ID")
+    args.base_model = base
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Epilogs keep their layout; an option's default is shown when it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, (), argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+EXIT_CODES = """exit codes:
+  0    the command ran (per-module problems are listed under issues, not fatal)
+  1    a --fail-on condition held (reasons on stderr; stdout still carries the report),
+       or, in a batch, some adapters failed (each has its error line)
+  2    usage error, unreadable adapter, or a --base-model / --base-norms / --base-norms-cache
+       path that does not exist (one line on stderr, never a traceback)
+  3    internal error (a bug in gradience-lite: please report it with the command line)
+  130  interrupted"""
+
+MAIN_EPILOG = f"""examples:
+  gradience-lite audit --help                 each command has its own help
+  gradience-lite audit ./my-adapter
+  gradience-lite audit ./my-adapter --base-model auto --html report.html
+  gradience-lite compare output_dir/
+
+{EXIT_CODES}"""
+
+FAIL_ON_HELP = """--fail-on conditions (comma-separated), for CI:
+  issues             any entry in issues
+  skipped            a LoRA module that could not be audited
+  nonfinite          NaN/Inf in a factor, or a metric that overflows float64
+  zero               a module whose update is zero (B·A = 0)
+  unmatched-pattern  a rank_pattern / alpha_pattern key that matches no module
+  rank-mismatch      factor ranks that disagree, or a stored rank that disagrees with the config
+UDR is instrumentation, not a gate: no condition looks at its value."""
+
+AUDIT_EPILOG = f"""examples:
+  gradience-lite audit ./my-adapter                          text report
+  gradience-lite audit ./my-adapter --json --layers > a.json one JSON document with per-module rows
+  gradience-lite audit ./my-adapter --base-model auto        UDR against the config's base (offline HF cache)
+  gradience-lite audit ./my-adapter --base-model ./base --html report.html
+  gradience-lite audit ./my-adapter --json --fail-on skipped,nonfinite,rank-mismatch   CI gate
+  gradience-lite audit run1/ run2/ run3/ --jsonl out.jsonl --jobs 4               batch
+
+{FAIL_ON_HELP}
+
+{EXIT_CODES}"""
+
+COMPARE_EPILOG = f"""examples:
+  gradience-lite compare adapter-a/ adapter-b/
+  gradience-lite compare a.json b.json --top 5       saved `audit --json --layers` documents
+  gradience-lite compare output_dir/                 its checkpoint-N folders, in step order
+  gradience-lite compare a/ b/ --base-model ./base   UDR on both sides
+
+{EXIT_CODES}"""
+
+
+def fail_on_conditions(value: str) -> Tuple[str, ...]:
+    """Parse ``--fail-on LIST``; an unknown name is a usage error."""
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in names if name not in FAIL_CONDITIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown condition(s) {', '.join(unknown) or repr(value)}; "
+                                         f"choose from {', '.join(FAIL_CONDITIONS)}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="gradience-lite", description="Audit LoRA adapters with NumPy only.")
+    parser = _ArgumentParser(prog="gradience-lite", description="Audit LoRA adapters with NumPy only.",
+                             formatter_class=_HelpFormatter, epilog=MAIN_EPILOG)
+    parser.add_argument("--version", action="version", version=f"gradience-lite {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    audit = commands.add_parser("audit", help="audit adapter directories or weights files")
+    audit = commands.add_parser("audit", help="audit adapter directories or weights files", formatter_class=_HelpFormatter,
+                                description="Audit a LoRA adapter: spectra, rank use and, with a base, UDR.",
+                                epilog=AUDIT_EPILOG)
     audit.add_argument("paths", nargs="*", metavar="PATH",
                        help="adapter directory or .safetensors file; several (or --jsonl) make a batch")
     audit.add_argument("--peft-dir", help="adapter directory (same as a positional PATH)")
@@ -3625,12 +5509,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-module rank advice: a paste-able rank_pattern/alpha_pattern and policy disagreements")
     audit.add_argument("--jsonl", metavar="OUT.jsonl", help="batch: write one JSON line per adapter")
     audit.add_argument("--jobs", type=int, default=1, metavar="N", help="batch: audit N adapters in parallel processes")
-    compare = commands.add_parser("compare", help="compare two adapters (or saved audit JSON), or a run's checkpoints")
+    audit.add_argument("--fail-on", type=fail_on_conditions, default=(), metavar="LIST",
+                       help="exit 1 when one of these integrity conditions holds (see below); stdout is unchanged")
+    compare = commands.add_parser("compare", help="compare two adapters (or saved audit JSON), or a run's checkpoints",
+                                  formatter_class=_HelpFormatter, epilog=COMPARE_EPILOG,
+                                  description="Compare two adapters side by side, or follow a run's checkpoints.")
     compare.add_argument("paths", nargs="+", metavar="PATH",
                          help="A B (adapters or audit JSON); or checkpoints in order; or one folder of checkpoint-N")
     compare.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     compare.add_argument("--top", type=int, default=10, metavar="N", help="list the N modules that changed most")
     compare.add_argument("--no-overlap", action="store_true", help="skip the update overlaps (metrics only)")
+    compare.add_argument("--base-model", metavar="PATH_OR_ID", help="UDR on both sides: base dir/file, offline hub id, or 'auto'")
+    compare.add_argument("--base-norms", metavar="FILE", help="precomputed base norms (read-only)")
+    compare.add_argument("--base-norms-cache", metavar="FILE", help="base norms cache: read, compute what is missing, write back")
+    commands.add_parser("norms", help="base-model norms: the same as `python -m base_norms` (norms --help)", add_help=False)
     resize = commands.add_parser("resize", help="write the exact best rank-k truncation of an adapter")
     resize.add_argument("input", metavar="IN", help="adapter directory or .safetensors file (PEFT or kohya LoRA)")
     resize.add_argument("output", metavar="OUT", help="directory to write (must not exist unless --force)")
@@ -3666,18 +5558,24 @@ def _read_run_context(path: Path) -> Tuple[Optional[str], Optional[int]]:
     return run_id, step
 
 
-def append_metrics_event(result: AuditResult, path: str) -> Dict[str, Any]:
-    """Append the audit as a metrics event, reusing the file's run_id and last step."""
+def append_metrics_event(result: AuditResult, path: str, *, run_id: Optional[str] = None,
+                         step: Optional[int] = None) -> Dict[str, Any]:
+    """Append the audit as a metrics event to a JSONL telemetry file.
+
+    ``run_id`` / ``step`` default to the file's own run_id and last step (what
+    ``--append`` does); a training loop passes its global step.
+    """
     target = Path(path)
-    run_id, step = _read_run_context(target)
-    event = result.to_metrics_event(run_id or f"gradience-lite-{int(time.time())}", step)
+    file_run_id, file_step = _read_run_context(target) if run_id is None or step is None else (None, None)
+    run_id = run_id or file_run_id or f"gradience-lite-{int(time.time())}"
+    event = result.to_metrics_event(run_id, file_step if step is None else step)
     with target.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(event, allow_nan=False) + "\n")
     return event
 
 
 def _udr_options(args: argparse.Namespace) -> Dict[str, Optional[str]]:
-    wants_udr = not args.no_udr and (args.base_model or args.base_norms or args.base_norms_cache)
+    wants_udr = not getattr(args, "no_udr", False) and (args.base_model or args.base_norms or args.base_norms_cache)
     return {"base_model": args.base_model if wants_udr else None, "base_norms": args.base_norms if wants_udr else None,
             "base_norms_cache": args.base_norms_cache if wants_udr else None}
 
@@ -3693,7 +5591,12 @@ def _run_audit(args: argparse.Namespace) -> int:
         policies = parse_rank_policies(args.rank_policies)
     except ValueError as error:
         raise UsageError(f"--rank-policies: {error}") from None
+    if len(paths) <= 1 and not args.jsonl:
+        resolve_auto_base(args, paths[0] if paths else args.weights)
+    check_base_paths(args)
     if len(paths) > 1 or args.jsonl:
+        if args.fail_on:  # refused rather than dropped; fail_on_reasons() reads a batch line just as well
+            raise UsageError("--fail-on is for single audits; in a batch, each JSON line has the issues to gate on")
         return _run_batch(args, paths)
     # The HTML report plots spectra, so it asks for them when the user did not.
     top_k = args.top_singular_values or (64 if args.html else 0)
@@ -3707,14 +5610,15 @@ def _run_audit(args: argparse.Namespace) -> int:
         print(json.dumps(document, indent=2, allow_nan=False))
     else:
         print(render_text_report(result, show_layers=args.layers, top_wasteful=args.top_wasteful,
-                                 suggest_per_layer=args.suggest_per_layer))
+                                 singular_values=args.top_singular_values, suggest_per_layer=args.suggest_per_layer))
     if args.html:
-        Path(args.html).write_text(render_html_report(result), encoding="utf-8")
+        Path(args.html).write_text(render_html_report(result, command=getattr(args, "command_line", None)),
+                                   encoding="utf-8")
         print(f"wrote HTML report to {args.html}", file=sys.stderr)
     if args.append:
         append_metrics_event(result, args.append)
         print(f"appended metrics event to {args.append}", file=sys.stderr)
-    return 0
+    return _report_failures(result.to_summary_dict(), args.fail_on)
 
 
 def batch_audit_line(path: str, options: Mapping[str, Any]) -> Dict[str, Any]:
@@ -3778,11 +5682,13 @@ def _run_compare(args: argparse.Namespace) -> int:
     paths = checkpoint_series(args.paths)
     if len(paths) < 2:
         raise UsageError("compare needs two paths, or a folder of checkpoint-N folders")
+    check_base_paths(args)
+    udr = _udr_options(args)
     if len(paths) == 2:
-        document = compare_adapters(paths[0], paths[1], overlaps=not args.no_overlap)
+        document = compare_adapters(paths[0], paths[1], overlaps=not args.no_overlap, **udr)
         text = render_comparison(document, top=args.top)
     else:
-        document = training_drift(paths)
+        document = training_drift(paths, **udr)
         text = render_drift(document)
     print(json.dumps(document, indent=2, allow_nan=False) if args.json else text)
     return 0
@@ -3812,8 +5718,14 @@ def _run_resize(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``gradience-lite`` / ``python -m gradience_lite``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["norms"]:  # one console entry for pipx / uv tool installs: `norms` is base_norms' CLI
+            import base_norms
+
+            return base_norms.main(argv[1:])
         args = build_parser().parse_args(argv)
+        args.command_line = "gradience-lite " + shlex.join(argv)  # recorded in the HTML report's header
         if args.command == "audit":
             return _run_audit(args)
         if args.command == "compare":
@@ -3824,6 +5736,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, AdapterFormatError) as error:
         print(f"gradience-lite: error: {error}", file=sys.stderr)
         return 2
+    except SystemExit as exit_request:  # --help, --version, and base_norms' own argparse errors
+        return exit_request.code if isinstance(exit_request.code, int) else int(exit_request.code is not None)
     except BrokenPipeError:  # `... | head` closed the pipe: not an error of ours
         return 0
     except KeyboardInterrupt:

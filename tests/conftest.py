@@ -8,6 +8,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,14 @@ def tmp_adapter(tmp_path):
             (folder / "adapter_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
         return folder
     return make
+
+
+SESSION_STARTED = time.time()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Point a reviewer at the screenshots the browser tests took in this run."""
+    shots = ROOT / "test-artifacts" / "html"
+    fresh = [p for p in shots.glob("*.png") if p.stat().st_mtime >= SESSION_STARTED] if shots.is_dir() else []
+    if fresh:
+        terminalreporter.write_line(f"{len(fresh)} screenshots of HTML reports for review in {shots}")

@@ -332,3 +332,34 @@ def test_real_peft_loaded_and_merged_every_resized_fixture():
         for name, module in result["modules"].items():
             assert module["scaling_loaded"] == pytest.approx(recorded[name]["scaling"], rel=1e-12)
             assert module["k_loaded"] == module["k_report"]
+
+
+def test_integer_kohya_alpha_stays_integer_when_s_times_k_is_whole(tmp_path):
+    # diffusers' convert_state_dict_to_kohya writes a 0-d int64 alpha = r (scale 1); at k = 2 it must be 2.
+    from safetensors.numpy import load_file
+
+    case = FIXTURES / "variants" / "diffusers_kohya_int64_alpha"
+    out = tmp_path / "out"
+    done = run_cli("resize", case, out, "--rank", "2", "--dtype", "fp32")
+    assert done.returncode == 0, done.stderr
+    written = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    truth = json.loads((case / "expected.json").read_text())["modules"]
+    for name, record in truth.items():
+        alpha = written[f"{name}.alpha"]
+        assert alpha.dtype == np.int64 and alpha.shape == () and int(alpha) == 2
+        up, down = written[f"{name}.lora_up.weight"].astype(np.float64), written[f"{name}.lora_down.weight"].astype(np.float64)
+        sigma = np.linalg.svd(int(alpha) / 2 * (up @ down), compute_uv=False)
+        np.testing.assert_allclose(sigma[:2], record["sigma"][:2], rtol=1e-6)
+        assert sigma[2:].max(initial=0.0) < 1e-6 * sigma[0]
+
+
+VARIANTS = FIXTURES / "variants"
+
+
+@pytest.mark.parametrize("name", ["field_bdlora", "field_kasa", "field_moe_gptoss", "field_moe_mixtral", "field_refused",
+                                  "field_trainable_tokens", "peft_adalora", "peft_ia3", "peft_loha_conv", "peft_lokr_full",
+                                  "peft_oft", "peft_vera"])
+def test_peft_variants_whose_update_is_not_one_product_are_refused(name, tmp_path):
+    out = tmp_path / "out"
+    done = run_cli("resize", VARIANTS / name, out, "--rank", "1")
+    assert done.returncode == 2 and "Traceback" not in done.stderr and not out.exists(), done.stderr
