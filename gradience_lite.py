@@ -3668,12 +3668,17 @@ def _stable_ceil_rank(sigma: np.ndarray) -> int:
 
 RANK_POLICIES: Dict[str, Callable[[np.ndarray], int]] = {
     "knee": _knee_rank, "erank": _erank_rank, "oht": _oht_rank, "stable": _stable_ceil_rank}
+# upstream gradience's internal policy names, accepted so its scripts run unchanged
+# (its energy_threshold defaults to 0.90)
+UPSTREAM_POLICY_NAMES = {"energy_threshold": "energy@0.90", "knee_elbow": "knee", "entropy_effective": "erank",
+                         "optimal_hard_threshold": "oht", "stable_rank_ceil": "stable"}
 
 
 def parse_rank_policies(text: str) -> Tuple[str, ...]:
     """``"energy@0.90,knee,erank"`` → a tuple of policy names; ValueError names a bad one."""
     policies: List[str] = []
     for name in (part.strip().lower() for part in text.replace(" ", ",").split(",")):
+        name = UPSTREAM_POLICY_NAMES.get(name, name)
         if not name or name in policies:
             continue
         if name.startswith("energy@"):

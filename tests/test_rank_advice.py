@@ -181,3 +181,8 @@ def test_text_report_is_compact_per_type_and_per_layer(tmp_path):
 def test_bad_policy_lists_are_usage_errors(policies):
     done = run_cli("audit", FIXTURES / "peft" / "llama_fp32_qv", "--rank-policies", policies)
     assert done.returncode == 2 and "--rank-policies" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_upstream_policy_names_are_aliases():
+    assert gl.parse_rank_policies("energy_threshold knee_elbow entropy_effective optimal_hard_threshold stable_rank_ceil") \
+        == ("energy@0.90", "knee", "erank", "oht", "stable")
