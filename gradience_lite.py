@@ -4898,6 +4898,7 @@ OUTPUT_DTYPES = {"same": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 # zeros (ΔW_k is unchanged; dividing by √σᵢ would only amplify noise).
 NULL_SINGULAR_VALUE = 1e-13
 COPY_BYTES = 16 << 20  # tensors carried over are copied in slices of this size
+PRODUCT_CHUNK_ELEMENTS = 1 << 22  # pass 2: a 7B factor in one product (16 MiB of float32); fewer, larger BLAS calls
 
 
 def _encode_bf16(values: np.ndarray) -> np.ndarray:
@@ -5120,7 +5121,7 @@ def _product_tensor(source: _TensorSource, ref: FactorRef, linear_map: np.ndarra
     raw = _stored_matrix(source, ref)
     linear_map = linear_map.astype(compute)
     rank, length = ref.shape[ref.rank_axis], ref.shape[1 - ref.rank_axis]
-    step = max(1, CHUNK_ELEMENTS // max(rank, 1))
+    step = max(1, PRODUCT_CHUNK_ELEMENTS // max(rank, 1))
     if ref.rank_axis == 1:  # B (m×r): rows of B' are rows of B times M_B
         product = np.empty((length, linear_map.shape[1]), dtype=compute)
         for first in range(0, length, step):
