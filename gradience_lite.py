@@ -2784,21 +2784,21 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
 
 def _base_shapes(base_model: Optional[str], norms_files: Sequence[Optional[str]]
                  ) -> Tuple[Dict[str, Tuple[Tuple[int, ...], str]], Optional[str]]:
-    """Base parameter name → (shape, dtype): from the checkpoint's headers, else
+    """Base parameter name → (logical shape, storage): from the checkpoint's headers, else
     from the records of a norms file or cache (which keep each weight's shape)."""
     import base_norms
 
     try:
         if base_model:
             parameters = base_norms.list_parameters(base_norms.resolve_base(base_model))
-            return {name: (shape, dtype) for name, (_, shape, dtype) in parameters.items()}, None
+            return {name: (shape, storage) for name, (_, shape, storage) in parameters.items()}, None
         shapes: Dict[str, Tuple[Tuple[int, ...], str]] = {}
         for path in norms_files:
             if path and Path(path).exists():
                 for name, record in base_norms.load_norms(path)["norms"].items():
                     shape = record.get("shape")
                     if isinstance(shape, list) and all(type(d) is int for d in shape):
-                        shapes[name] = (tuple(shape), str(record.get("dtype", "F32")))
+                        shapes[name] = (tuple(shape), str(record.get("storage") or record.get("dtype", "F32")))
         return shapes, None
     except AdapterFormatError as error:  # base_norms.NormsFileError included
         return {}, str(error)
@@ -2822,11 +2822,14 @@ def _with_base_in_features(setup: AuditSetup, keys: Sequence[str], base_model: O
                   for issue in match_issues)
     in_features = {}
     for name, parameter in matches.items():
-        shape, dtype = shapes[parameter]
-        if len(shape) == 2 and _is_float(dtype):  # a packed (quantized) weight's shape is not the layer's
+        shape, storage = shapes[parameter]
+        # base_norms lists a quantized or GGUF weight under its logical (dequantized) shape; only an
+        # integer tensor it did not decode keeps a stored shape, which may be packed.
+        packed = storage in DTYPES and not DTYPES[storage].is_float
+        if len(shape) == 2 and not packed:
             in_features[name] = shape[0] if setup.config.fan_in_fan_out else shape[1]
         else:
-            issues.append(f"vera: {name}: base weight {parameter} is {dtype} {list(shape)}, not a float matrix; "
+            issues.append(f"vera: {name}: base weight {parameter} is {storage} {list(shape)}, not a float matrix; "
                           "in_features unknown")
     return setup._replace(issues=issues, in_features=in_features)
 
@@ -3156,12 +3159,14 @@ def _component_view(document: Optional[Dict[str, Any]], component: str) -> Optio
 
 
 def _fingerprints(components: Sequence[Tuple[str, Any]]) -> Dict[str, Optional[Dict[str, Any]]]:
-    """file key → its fingerprint (None for a file that is not safetensors: then nothing matches it)."""
+    """file key → its fingerprint, as compute_base_norms records it (None for a file that cannot be
+    read: then nothing matches it)."""
     import base_norms
 
     def fingerprint(file: str) -> Optional[Dict[str, Any]]:
-        try:
-            return base_norms.fingerprint(open_safetensors(file))
+        try:  # a GGUF file has the same size + header-hash fingerprint as a safetensors one
+            opened = base_norms.open_gguf(file) if file.lower().endswith(".gguf") else open_safetensors(file)
+            return base_norms.fingerprint(opened)
         except AdapterFormatError:
             return None
 
@@ -3503,17 +3508,40 @@ def _oriented(source: _TensorSource, ref: FactorRef, rank_first: bool) -> np.nda
     return values if (ref.rank_axis == 0) == rank_first else values.T
 
 
+def _read_w0(base: BaseWeight, catalogs: Dict[str, Any]) -> np.ndarray:
+    """W₀ in float32: a plain float tensor as stored; a quantized or GGUF one dequantized by
+    base_norms exactly as its library does (the W₀ PEFT's DoRA dequantizes too).  The
+    catalogue is of W₀'s own file (config.json beside it), kept in ``catalogs`` per file."""
+    import base_norms
+
+    if _is_plain_float(base.storage) and base.file.endswith(".safetensors"):
+        sf = open_safetensors(base.file)
+        w0 = read_tensor(sf, base.stored_name, np.float32)
+        release_pages(sf, sf.tensors[base.stored_name])
+        return w0
+    if base.file not in catalogs:
+        catalogs[base.file] = base_norms.catalog(base_norms.resolve_base(base.file))
+    found = catalogs[base.file]
+    if base.stored_name not in found.weights:
+        raise AdapterFormatError(f"{base.file}: {base.stored_name} is not a weight of this file")
+    return base_norms.load_weight(found, found.weights[base.stored_name])
+
+
 def dora_effective(layer: ModuleAudit, module: LoraModule, layout: _Factors, source: _TensorSource,
-                   base: BaseWeight) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
-    """σ_max of DoRA's effective update and the magnitude change m / ‖W₀‖_row − 1, or an issue."""
+                   base: BaseWeight, catalogs: Optional[Dict[str, Any]] = None
+                   ) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """σ_max of DoRA's effective update and the magnitude change m / ‖W₀‖_row − 1, or an issue.
+
+    ``catalogs``: base_norms catalogues of quantized / GGUF base files, shared across modules."""
     import base_norms
 
     if layout.kind not in ("linear", "conv") or layer.delta_shape is None:
         return None, (f"udr: {layer.name}: the effective DoRA update is computed for linear and conv layers; "
                       f"{layout.kind} reports the plain s·B·A UDR only")
-    if base.expert is not None or not _is_plain_float(base.storage) or not base.file.endswith(".safetensors"):
-        return None, (f"udr: {layer.name}: the effective DoRA update needs W₀ as stored floats "
-                      f"({base.stored_name} is {base.storage}); the plain s·B·A UDR is reported")
+    if base.expert is not None or base.file is None:
+        return None, (f"udr: {layer.name}: the effective DoRA update needs W₀ as one weight of the base "
+                      f"({base.stored_name} is an expert slice or was not read from a file); "
+                      "the plain s·B·A UDR is reported")
     per, epsilon = _dora_convention(source.describe(module.magnitude_key)[1], layer, layout.kind, module)
     if per is None:
         return None, (f"udr: {layer.name}: DoRA magnitude of shape {list(source.describe(module.magnitude_key)[1])} "
@@ -3522,12 +3550,9 @@ def dora_effective(layer: ModuleAudit, module: LoraModule, layout: _Factors, sou
     magnitude = source.load(module.magnitude_key).reshape(-1)
     rows, columns = layer.delta_shape
     try:
-        sf = open_safetensors(base.file)
+        w0 = _read_w0(base, {} if catalogs is None else catalogs)
     except AdapterFormatError as error:
         return None, f"udr: {layer.name}: W₀ cannot be read ({error}); the plain s·B·A UDR is reported"
-    info = sf.tensors[base.stored_name]
-    w0 = read_tensor(sf, base.stored_name, np.float32)
-    release_pages(sf, info)
     w0 = w0.reshape(w0.shape[0], -1)
     if w0.shape != (rows, columns):
         w0 = np.ascontiguousarray(w0.T)  # fan_in_fan_out storage (the shape guard allowed only this)
@@ -3568,6 +3593,7 @@ def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_no
                                 fan_in_fan_out=result.config.fan_in_fan_out)
     issues.extend(lookup.issues)
     dora = _dora_factors(result) if lookup.norms else {}
+    catalogs: Dict[str, Any] = {}  # quantized / GGUF base files, catalogued once for all DoRA modules
     layers = []
     for layer in result.layers:
         if layer.name not in lookup.norms:
@@ -3585,7 +3611,7 @@ def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_no
                 problem = (f"udr: {layer.name}: the effective DoRA update needs W₀ from --base-model "
                            "(norms alone are not enough); the plain s·B·A UDR is reported")
             else:
-                effective, problem = dora_effective(layer, *dora[layer.name], lookup.sources[layer.name])
+                effective, problem = dora_effective(layer, *dora[layer.name], lookup.sources[layer.name], catalogs)
             if problem:
                 issues.append(problem)
             elif not effective["converged"]:

@@ -38,7 +38,7 @@ def to_bf16_bytes(values: np.ndarray) -> bytes:
 def write_streaming(path: Path, entries, metadata=None):
     """entries: list of (name, shape, dtype, producer) with producer() -> bytes, written in order."""
     header, offset = {}, 0
-    itemsize = {"BF16": 2, "F32": 4}
+    itemsize = {"BF16": 2, "F32": 4, "U8": 1, "F8_E4M3": 1}
     for name, shape, dtype, _ in entries:
         size = int(np.prod(shape)) * itemsize[dtype]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}

@@ -69,7 +69,7 @@ def synthetic_result(names, tmp_path: Path, udr: bool = True) -> gl.AuditResult:
     result = replace(result, weights_path=f"synthetic-{len(names)}-modules/adapter_model.safetensors")
     if udr:
         path = tmp_path / f"norms{len(names)}.json"
-        path.write_text(json.dumps({"format": "gradience_lite.base_norms/1", "norms": norms}))
+        path.write_text(json.dumps({"format": "gradience_lite.base_norms/2", "norms": norms}))
         result = gl.attach_udr(result, base_norms=str(path))
     return result
 

@@ -237,7 +237,19 @@ def make_moe():
     randomise_adapter(model, 13)
     folder = save("field_moe_gptoss", model, {},
                   note="gpt-oss experts stored transposed (E, in, out) via target_parameters, rsLoRA")
+    save_base(folder, tiny_gpt_oss(), model)
     record_expert_truth(folder, model)
+
+
+def save_base(folder, base, model):
+    """The base the adapter was made on (same seed), saved by transformers into ``folder/base`` for UDR
+    tests; checked equal to the parameters PEFT wraps."""
+    wrapped = {name.replace(".base_layer", ""): p for name, p in model.base_model.model.named_parameters()
+               if "lora_" not in name}
+    for name, param in base.named_parameters():
+        assert torch.equal(param, wrapped[name]), name
+    base.save_pretrained(folder / "base")
+    (folder / "base" / "generation_config.json").unlink(missing_ok=True)
 
 
 def record_expert_truth(folder, model):

@@ -35,6 +35,7 @@ Every model is built tiny from a config (no hub downloads).  The truths in
 """
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -423,6 +424,75 @@ def make_dora(expected):
                                      "max": float(change.max()), "std": float(change.std())}}
 
 
+def make_dora_quantized():
+    """DoRA trained on a bitsandbytes 4-bit base: tests/fixtures/quantized/bnb_fp4 as bitsandbytes saved it
+    (FP4, float32 compute), loaded by transformers and wrapped by PEFT.  Written to
+    ``dora_bnb_fp4/adapter`` with its own ``dora_bnb_fp4/expected.json`` (this file's main one untouched).
+
+    Truth: PEFT's DoRA forward on the identity, in float64, over W₀ = bitsandbytes' ``dequantize_4bit``
+    (what PEFT's DoRA uses for W₀ and its norms: ``dequantize_module_weight``).  The bnb-wrapped layer's
+    own forward is recorded too: bitsandbytes 0.50's CPU Linear4bit matmul differs from its own
+    ``dequantize_4bit`` by up to ~3e-4 absolute (a kernel rounding, float32 compute requested; the same
+    1e-2-level agreement tools/make_base_fixtures.py accepts), so that forward's ΔW_eff is a rounded copy
+    of the same formula, not another formula: it is checked to agree within 2e-2 of max |ΔW_eff|.
+    """
+    import bitsandbytes.functional as bnbf
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_dir = ROOT / "tests" / "fixtures" / "quantized" / "bnb_fp4"
+    target = fresh(OUT / "dora_bnb_fp4")
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), device_map="cpu")
+    options = dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"])
+    peft_model = get_peft_model(model, LoraConfig(**options))
+    gen = torch.Generator().manual_seed(31)
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if hasattr(module, "lora_magnitude_vector") and "default" in module.lora_A:
+                fill_random([module.lora_A["default"].weight, module.lora_B["default"].weight], gen, 0.4)
+                magnitude = module.lora_magnitude_vector["default"].weight
+                magnitude.mul_(1 + 0.2 * torch.randn(magnitude.shape, generator=gen))
+    peft_model.save_pretrained(str(target / "adapter"))
+    (target / "adapter" / "README.md").unlink()
+    truths = {}
+    for module_name, module in peft_model.named_modules():
+        if not (hasattr(module, "lora_magnitude_vector") and "default" in module.lora_A):
+            continue
+        path = module_name[len("base_model.model."):]
+        weight = module.base_layer.weight
+        w0 = bnbf.dequantize_4bit(weight.data, weight.quant_state).double()  # (out, in)
+        with torch.no_grad():
+            eye32 = torch.eye(w0.shape[1], dtype=torch.float32)
+            forward32 = (module(eye32) - module.base_layer(eye32)).T.double()  # the bnb layer's own forward
+            plain = torch.nn.Linear(w0.shape[1], w0.shape[0], bias=False, dtype=torch.float64)
+            plain.weight.copy_(w0)
+            holder = torch.nn.Sequential()
+            holder.add_module("layer", plain)
+            twin = get_peft_model(holder, LoraConfig(r=options["r"], lora_alpha=options["lora_alpha"], use_dora=True,
+                                                     target_modules=["layer"])).double()
+            layer = twin.base_model.model.layer
+            for part in ("lora_A", "lora_B"):
+                getattr(layer, part)["default"].weight.copy_(getattr(module, part)["default"].weight.double())
+            layer.lora_magnitude_vector["default"].weight.copy_(module.lora_magnitude_vector["default"].weight.double())
+            eye = torch.eye(w0.shape[1], dtype=torch.float64)
+            effective = (layer(eye) - layer.base_layer(eye)).T.numpy()  # PEFT's DoRA forward in float64
+            disagreement = float(np.abs(forward32.numpy() - effective).max() / np.abs(effective).max())
+            assert disagreement < 2e-2, (path, disagreement)
+            lora = module.lora_B["default"].weight.double() @ module.lora_A["default"].weight.double()
+            plain_sigma = sigma_max((lora * module.scaling["default"]).numpy())
+            magnitude = module.lora_magnitude_vector["default"].weight.double().numpy()
+        w0 = w0.numpy()
+        change = magnitude / np.linalg.norm(w0, axis=1) - 1
+        truths[path] = {"dora_effective_sigma_max": sigma_max(effective), "plain_sigma_max": plain_sigma,
+                        "base_sigma_max": sigma_max(w0), "udr_dora_effective": sigma_max(effective) / sigma_max(w0),
+                        "bnb_cpu_forward_max_rel": disagreement,
+                        "bnb_cpu_forward_sigma_max": sigma_max(forward32.numpy()),
+                        "magnitude_change": {"mean": float(change.mean()), "min": float(change.min()),
+                                             "max": float(change.max()), "std": float(change.std())}}
+    (target / "expected.json").write_text(json.dumps({"base": "tests/fixtures/quantized/bnb_fp4", "modules": truths},
+                                                     indent=1, sort_keys=True) + "\n")
+
+
 # ── MoE: fused and per-expert base weights ───────────────────────────────────
 
 def make_moe(expected):
@@ -471,6 +541,9 @@ def make_moe(expected):
 
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
+    if sys.argv[1:] == ["dora_quantized"]:  # its own folder and truths; the rest is left as it is
+        make_dora_quantized()
+        return
     expected = {"note": "written by tools/make_udr_fixtures.py from the live libraries; see its docstring"}
     make_diffusion(expected)
     make_lycoris_generic(expected)
