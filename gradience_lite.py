@@ -5091,7 +5091,10 @@ def alpha_tensor(value: float, dtype_name: str, shape: Tuple[int, ...]) -> Tuple
         return dtype_name, stored, float(value)
     dtype_name = dtype_name if dtype_name in ENCODERS else "F32"
     stored = encode(np.full(shape, value, dtype=np.float64), dtype_name)
-    return dtype_name, stored, float(decode(stored, dtype_name).reshape(-1)[0])
+    held = float(decode(stored, dtype_name).reshape(-1)[0])
+    if held == 0.0 and value != 0.0 and dtype_name != "F32":  # underflowed: 0 would mean "no alpha" (scale 1)
+        return alpha_tensor(value, "F32", shape)
+    return dtype_name, stored, held
 
 
 def plan_resize(source: _TensorSource, modules: Sequence[LoraModule], setup: AuditSetup, *,
