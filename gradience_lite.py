@@ -5826,11 +5826,10 @@ def _output_tensors(sf: SafetensorsFile, plans: Sequence[ResizedModule], dtype: 
             replaced[alpha_key] = OutTensor(alpha_key, dtype_name, info.shape, functools.partial(np.asarray, stored))
 
     def copied(info: TensorInfo) -> Iterable[memoryview]:
-        # Slices of the mapping, released as they go: a large saved embedding never sits in memory whole.
-        view = memoryview(sf.mapped) if sf.mapped is not None else memoryview(b"")
+        # Read in chunks with pread as they go: a large saved embedding never sits in memory whole,
+        # and a file cut short meanwhile is an error naming it, not SIGBUS.
         for first in range(info.start, info.end, COPY_BYTES):
-            yield view[first:min(first + COPY_BYTES, info.end)]
-            release_pages(sf, info._replace(start=first, end=min(first + COPY_BYTES, info.end)))
+            yield memoryview(_read_exact(sf.handle, sf.path, first, min(COPY_BYTES, info.end - first)))
 
     return [replaced.get(info.name) or OutTensor(info.name, info.dtype, info.shape, functools.partial(copied, info))
             for info in sorted(sf.tensors.values(), key=lambda info: info.start)]
