@@ -589,7 +589,7 @@ LORA_CONFIG_FIELDS: Dict[str, FieldRule] = {
     # variants the audit implements
     "kasa_config": FieldRule("read"), "use_bdlora": FieldRule("read"), "target_parameters": FieldRule("read"),
     "lora_bias": FieldRule("read"), "trainable_token_indices": FieldRule("read"),
-    "use_dora": FieldRule("note", text="use_dora: DoRA rescales each column of the merged weight by the magnitude "
+    "use_dora": FieldRule("note", text="use_dora: DoRA rescales each output row of the merged weight by the magnitude "
                           "vector (needs the base weight); the numbers are of the low-rank part s·B·A"),
     "init_lora_weights": FieldRule("note", (True, False, "gaussian", "orthogonal", "eva", "mica"),
                                    f"init_lora_weights: {_BASE_CHANGING_INITS}; ΔW is the adapter's s·B·A on that "
@@ -3630,7 +3630,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def _aligned(rows: Sequence[Sequence[str]], align: str, indent: str = "  ") -> List[str]:
     """Rows of cells as text columns, each as wide as its widest cell (long module
     names included), aligned per column: '<' left, '>' right."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(align))]
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(len(align))]
     return [indent + " ".join(f"{cell:{a}{w}}" for cell, a, w in zip(row, align, widths)).rstrip() for row in rows]
 
 
@@ -4567,11 +4567,22 @@ def checkpoint_series(paths: Sequence[str]) -> List[str]:
     return [path for _, path in sorted(found)] if found else list(paths)
 
 
-def training_drift(paths: Sequence[str], **udr: Optional[str]) -> Dict[str, Any]:
+def _why_no_overlap(comparison: Mapping[str, Any], overlaps: bool) -> List[str]:
+    """Why a drift row has no update cosine, so its "-" is explained in its issues."""
+    if comparison["overlap_summary"]["n_modules"]:
+        return []
+    if not overlaps:
+        return ["overlap: not computed (--no-overlap)"]
+    if not comparison["n_common"]:
+        return ["overlap: the two checkpoints have no module in common"]
+    return ["overlap: no module has an update cosine (an update is zero, or the factors are unavailable)"]
+
+
+def training_drift(paths: Sequence[str], overlaps: bool = True, **udr: Optional[str]) -> Dict[str, Any]:
     """How the update moves between consecutive checkpoints: one row per pair."""
     rows = []
     for earlier, later in zip(paths, paths[1:]):
-        comparison = compare_adapters(earlier, later, **udr)
+        comparison = compare_adapters(earlier, later, overlaps=overlaps, **udr)
         summary = comparison["overlap_summary"]
         match_a, match_b = _CHECKPOINT.search(Path(earlier).name), _CHECKPOINT.search(Path(later).name)
         rows.append({"from": earlier, "to": later,
@@ -4582,7 +4593,8 @@ def training_drift(paths: Sequence[str], **udr: Optional[str]) -> Dict[str, Any]
                      "relative_change_mean": summary["relative_difference_mean"],
                      "utilization_mean_from": comparison["a"]["summary"]["utilization_mean"],
                      "utilization_mean_to": comparison["b"]["summary"]["utilization_mean"],
-                     "n_modules": summary["n_modules"], "issues": comparison["issues"]})
+                     "n_modules": summary["n_modules"],
+                     "issues": comparison["issues"] + _why_no_overlap(comparison, overlaps)})
     return json_safe({"schema": DRIFT_SCHEMA, "checkpoints": list(paths), "pairs": rows})
 
 
@@ -4610,7 +4622,8 @@ def render_comparison(document: Mapping[str, Any], top: int = 10) -> str:
                      f" / in {_fmt(summary['input_overlap_mean'])}")
         moved = sorted((m for m in document["modules"] if m["overlap"] and m["overlap"]["update_cosine"] is not None),
                        key=lambda m: m["overlap"]["update_cosine"])[:top]
-        lines += ["", f"  modules whose updates differ most (lowest cosine, top {top}):"]
+        if moved:
+            lines += ["", f"  modules whose updates differ most (lowest cosine, top {top}):"]
         lines += _aligned([(m["name"], f"cos={_fmt(m['overlap']['update_cosine'])}",
                             f"Δutil={_fmt(m['delta']['utilization'])}", f"ΔUDR={_fmt(m['delta']['udr'])}")
                            for m in moved], "<<<<", indent="    ")
@@ -4702,10 +4715,8 @@ def check_base_paths(args: argparse.Namespace) -> None:
     if args.base_norms and not Path(args.base_norms).is_file():
         raise UsageError(f"--base-norms {args.base_norms}: no such file")
     if args.base_model and args.base_model != "auto":
-        import base_norms
-
-        try:
-            base_norms.resolve_base(args.base_model)
+        try:  # as the audit resolves it: a checkpoint, or a diffusers pipeline's component folders
+            base_components(args.base_model)
         except AdapterFormatError as error:  # its message names where it looked (offline: the HF cache)
             raise UsageError(f"--base-model (resolved offline): {error}") from None
     cache = args.base_norms_cache
@@ -4737,19 +4748,25 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.option_strings and action.default not in (None, False, (), argparse.SUPPRESS) and "%(default)" not in text:
+        # identity, not ==: a default of 0 (--top-singular-values) is shown, a store_true's False is not
+        if (action.option_strings and not any(action.default is absent for absent in (None, False, argparse.SUPPRESS))
+                and action.default != () and "%(default)" not in text):
             text += " (default: %(default)s)"
         return text
 
 
-EXIT_CODES = """exit codes:
+EXIT_CODE_0 = """exit codes:
   0    the command ran (per-module problems are listed under issues, not fatal)
-  1    a --fail-on condition held (reasons on stderr; stdout still carries the report),
+"""
+EXIT_CODE_1 = """  1    a --fail-on condition held (reasons on stderr; stdout still carries the report),
        or, in a batch, some adapters failed (each has its error line)
-  2    usage error, unreadable adapter, or a --base-model / --base-norms / --base-norms-cache
+"""
+EXIT_CODES_2_ON = """  2    usage error, unreadable adapter, or a --base-model / --base-norms / --base-norms-cache
        path that does not exist (one line on stderr, never a traceback)
   3    internal error (a bug in gradience-lite: please report it with the command line)
   130  interrupted"""
+EXIT_CODES = EXIT_CODE_0 + EXIT_CODE_1 + EXIT_CODES_2_ON
+EXIT_CODES_WITHOUT_1 = EXIT_CODE_0 + EXIT_CODES_2_ON  # compare has no --fail-on and no batch
 
 MAIN_EPILOG = f"""examples:
   gradience-lite audit --help                 each command has its own help
@@ -4786,7 +4803,7 @@ COMPARE_EPILOG = f"""examples:
   gradience-lite compare output_dir/                 its checkpoint-N folders, in step order
   gradience-lite compare a/ b/ --base-model ./base   UDR on both sides
 
-{EXIT_CODES}"""
+{EXIT_CODES_WITHOUT_1}"""
 
 
 def fail_on_conditions(value: str) -> Tuple[str, ...]:
@@ -4842,6 +4859,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_names(parser: argparse.ArgumentParser) -> List[str]:
+    """The subcommands the parser knows, so messages that list them stay right as commands are added."""
+    return [name for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+            for name in action.choices]
+
+
 def _read_run_context(path: Path) -> Tuple[Optional[str], Optional[int]]:
     """run_id and the last step already in a telemetry file (both None if absent)."""
     run_id, step = None, None
@@ -4895,12 +4918,14 @@ def _run_audit(args: argparse.Namespace) -> int:
         if args.fail_on:  # refused rather than dropped; fail_on_reasons() reads a batch line just as well
             raise UsageError("--fail-on is for single audits; in a batch, each JSON line has the issues to gate on")
         return _run_batch(args, paths)
-    # The HTML report plots spectra, so it asks for them when the user did not.
-    top_k = args.top_singular_values or (64 if args.html else 0)
-    result = audit_lora_peft_dir(
+    # The HTML report plots spectra, so it asks for them when the user did not — for the HTML only:
+    # the JSON and text keep top_singular_values as --top-singular-values asked (null without it).
+    top_k = max(args.top_singular_values, 64 if args.html else 0)
+    full = audit_lora_peft_dir(
         paths[0] if paths else args.weights, include_top_singular_values=top_k,
         adapter=args.adapter, weights=args.weights, adapter_config=args.adapter_config, **_udr_options(args),
         progress=lambda message: print(message, file=sys.stderr))
+    result = _spectra_cut(full, args.top_singular_values)
     if args.json:
         document = result.to_summary_dict(include_layers=args.layers)
         print(json.dumps(document, indent=2, allow_nan=False))
@@ -4908,13 +4933,21 @@ def _run_audit(args: argparse.Namespace) -> int:
         print(render_text_report(result, show_layers=args.layers, top_wasteful=args.top_wasteful,
                                  singular_values=args.top_singular_values))
     if args.html:
-        Path(args.html).write_text(render_html_report(result, command=getattr(args, "command_line", None)),
+        Path(args.html).write_text(render_html_report(full, command=getattr(args, "command_line", None)),
                                    encoding="utf-8")
         print(f"wrote HTML report to {args.html}", file=sys.stderr)
     if args.append:
         append_metrics_event(result, args.append)
         print(f"appended metrics event to {args.append}", file=sys.stderr)
     return _report_failures(result.to_summary_dict(), args.fail_on)
+
+
+def _spectra_cut(result: AuditResult, top_k: int) -> AuditResult:
+    """The result with each module's top singular values cut to the first top_k (None when 0)."""
+    def cut(values: Optional[Tuple[float, ...]]) -> Optional[Tuple[float, ...]]:
+        return values[:top_k] if values is not None and top_k > 0 else None
+    return replace(result, layers=tuple(replace(layer, top_singular_values=cut(layer.top_singular_values))
+                                        for layer in result.layers))
 
 
 def batch_audit_line(path: str, options: Mapping[str, Any]) -> Dict[str, Any]:
@@ -4982,11 +5015,12 @@ def _run_compare(args: argparse.Namespace) -> int:
     udr = _udr_options(args)
     if len(paths) == 2:
         document = compare_adapters(paths[0], paths[1], overlaps=not args.no_overlap, **udr)
-        text = render_comparison(document, top=args.top)
+        render = functools.partial(render_comparison, top=args.top)
     else:
-        document = training_drift(paths, **udr)
-        text = render_drift(document)
-    print(json.dumps(document, indent=2, allow_nan=False) if args.json else text)
+        document = training_drift(paths, overlaps=not args.no_overlap, **udr)
+        render = render_drift
+    # The text is rendered only when asked for: --json output never depends on the text renderer.
+    print(json.dumps(document, indent=2, allow_nan=False) if args.json else render(document))
     return 0
 
 
@@ -4998,13 +5032,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import base_norms
 
             return base_norms.main(argv[1:])
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
         args.command_line = "gradience-lite " + shlex.join(argv)  # recorded in the HTML report's header
         if args.command == "audit":
             return _run_audit(args)
         if args.command == "compare":
             return _run_compare(args)
-        raise UsageError("a command is required: audit or compare")
+        raise UsageError(f"a command is required: {', '.join(_command_names(parser))}")
     except (UsageError, AdapterFormatError) as error:
         print(f"gradience-lite: error: {error}", file=sys.stderr)
         return 2
