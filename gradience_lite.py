@@ -1502,7 +1502,7 @@ def configure(adapter_format: str, raw_config: Any, load_issues: List[str],
                           rule, issues, format_metadata)
     config, config_issues = parse_adapter_config(raw_config)
     issues.extend(config_issues)
-    if not config.present:
+    if not config.present and not load_issues:  # a load issue already says why there is no config: not twice
         issues.append("config: no usable adapter config; r taken from the weights, scale = 1.0 for every module")
     variant = PEFT_VARIANTS.get(config.peft_type or "LORA", PEFT_VARIANTS["LORA"])
     return AuditSetup(adapter_format, config, variant.scale(config), issues, format_metadata)
@@ -2588,7 +2588,7 @@ def json_safe(value: Any) -> Any:
 
 
 def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues: List[str],
-           top_k: int) -> Tuple[List[ModuleAudit], List[str], int]:
+           top_k: int, origin: str = "the state dict") -> Tuple[List[ModuleAudit], List[str], int]:
     """Stream the modules in blocks: each block's factors are reduced to r×r
     Grams one tensor at a time, then one batched r×r pass finishes the block,
     so only one block's Grams are ever held.  (Worker threads were measured
@@ -2598,8 +2598,9 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
     modules, non_lora = group_modules(setup.adapter_format, keys, shape_of, setup.config.peft_type)
     if setup.in_features:
         modules = [module._replace(in_features=setup.in_features.get(module.name)) for module in modules]
-    if not modules:
-        issues.append("no LoRA factors found (no lora_A/lora_B, lora_down/lora_up, hada_, lokr_ or lora_a/lora_b keys)")
+    if not modules:  # nothing to audit is an error, not an empty report that exits 0 (README: AdapterFormatError)
+        raise AdapterFormatError(f"no LoRA factors found in {origin} (no lora_A/lora_B, lora_down/lora_up, hada_, "
+                                 "lokr_ or lora_a/lora_b keys)")
     config = setup.config
     refused: List[str] = []
     if setup.adapter_format in ("peft", "diffusers"):
@@ -2748,7 +2749,8 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
     if setup.config.peft_type == "VERA":
         setup = _with_base_in_features(setup, keys, base_model, (base_norms, base_norms_cache))
     issues = list(setup.issues)
-    layers, non_lora, skipped = _audit(_TensorSource.from_file(sf), keys, setup, issues, include_top_singular_values)
+    layers, non_lora, skipped = _audit(_TensorSource.from_file(sf), keys, setup, issues, include_top_singular_values,
+                                       origin=str(files.weights_path))
     result = AuditResult(tuple(layers), tuple(issues), adapter_name=files.adapter_name,
                          weights_path=files.weights_path, config_path=files.config_path,
                          other_adapters=files.other_adapters, non_lora_tensors=tuple(non_lora),
