@@ -4571,7 +4571,7 @@ def checkpoint_series(paths: Sequence[str]) -> List[str]:
 
 def _why_no_overlap(comparison: Mapping[str, Any], overlaps: bool) -> List[str]:
     """Why a drift row has no update cosine, so its "-" is explained in its issues."""
-    if comparison["overlap_summary"]["n_modules"]:
+    if comparison["overlap_summary"]["update_cosine_mean"] is not None:
         return []
     if not overlaps:
         return ["overlap: not computed (--no-overlap)"]
@@ -4720,7 +4720,8 @@ def check_base_paths(args: argparse.Namespace) -> None:
         try:  # as the audit resolves it: a checkpoint, or a diffusers pipeline's component folders
             base_components(args.base_model)
         except AdapterFormatError as error:  # its message names where it looked (offline: the HF cache)
-            raise UsageError(f"--base-model (resolved offline): {error}") from None
+            raise UsageError(f"--base-model (resolved offline): {error}; "
+                             "or pass precomputed norms with --base-norms FILE") from None
     cache = args.base_norms_cache
     if cache and not Path(cache).exists():
         if not args.base_model:
@@ -5033,7 +5034,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if argv[:1] == ["norms"]:  # one console entry for pipx / uv tool installs: `norms` is base_norms' CLI
             import base_norms
 
-            return base_norms.main(argv[1:])
+            return base_norms.main(argv[1:], prog="gradience-lite norms")
         parser = build_parser()
         args = parser.parse_args(argv)
         args.command_line = "gradience-lite " + shlex.join(argv)  # recorded in the HTML report's header
