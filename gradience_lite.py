@@ -17,9 +17,11 @@ The module reads top to bottom in the order data flows:
     5. low-rank spectra   → singular values of B·A from r×r problems
     6. audit              → tensors from any framework; per-module records (LoRA, LoHa, LoKr, AdaLoRA, VeRA),
                             summaries, UDR
+   6b. rank advice        → per-module rank policies (energy@P, knee, erank, oht, stable), suggested config
     7. reports            → JSON contract, text report, HTML report
     8. compare            → two adapters side by side; drift over checkpoints
-    9. CLI                → ``python -m gradience_lite audit|compare …``
+   8b. resize             → the exact rank-k truncation of every module, written as a new adapter
+    9. CLI                → ``python -m gradience_lite audit|compare|resize …``
 
 Quick use::
 
@@ -1701,9 +1703,14 @@ class ModuleAudit:
     dora_effective_sigma_max: Optional[float] = None  # ‖m ⊙ V/‖V‖_row − W₀‖₂, V = W₀ + s·B·A
     udr_dora_effective: Optional[float] = None
     dora_magnitude_change: Optional[Dict[str, float]] = None  # m / ‖W₀‖_row − 1 across output rows
+    rank_suggestions: Dict[str, int] = field(default_factory=dict)  # policy → k (see "rank advice")
+    # The whole spectrum of B·A, kept so advice can be recomputed for other
+    # policies without re-reading the file; not part of the JSON row.
+    singular_values: Tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     def to_dict(self) -> Dict[str, Any]:
-        row = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        row = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "singular_values"}
+        row["rank_suggestions"] = dict(self.rank_suggestions)
         row["a_shape"], row["b_shape"] = list(self.a_shape), list(self.b_shape)
         row["delta_shape"] = list(self.delta_shape) if self.delta_shape is not None else None
         row["top_singular_values"] = list(self.top_singular_values) if self.top_singular_values is not None else None
@@ -2357,6 +2364,17 @@ def _module_spectra(prepared: Sequence[_PreparedModule], source: _TensorSource) 
     batched svd per rank; the rare factor that needs Householder QR is re-read
     (or taken from the computed factors), and directly computed spectra pass through."""
     spectra: List[Optional[np.ndarray]] = [item.sigma for item in prepared]
+    for indices, factors in _module_core_factors(prepared, source):
+        sigma = core_singular_values(factors[len(indices):], factors[:len(indices)])
+        for row, index in enumerate(indices):
+            spectra[index] = sigma[row]
+    return spectra
+
+
+def _module_core_factors(prepared: Sequence[_PreparedModule], source: _TensorSource
+                         ) -> Iterable[Tuple[List[int], np.ndarray]]:
+    """For batches of modules of equal rank: (their indices, the stacked r×r
+    factors R_A of every module followed by R_B of every module), RᵀR = the Gram."""
     by_rank: Dict[int, List[int]] = {}
     for index, item in enumerate(prepared):
         if item.sigma is None:
@@ -2380,10 +2398,7 @@ def _module_spectra(prepared: Sequence[_PreparedModule], source: _TensorSource) 
         for slot, index in enumerate(indices):
             if prepared[index].diag is not None:  # R_AᵀR_A = A·Aᵀ ⇒ (R_A·D)ᵀ(R_A·D) = (D·A)(D·A)ᵀ
                 factors[slot] = factors[slot] * prepared[index].diag[None, :]
-        sigma = core_singular_values(factors[len(indices):], factors[:len(indices)])
-        for row, index in enumerate(indices):
-            spectra[index] = sigma[row]
-    return spectra
+        yield indices, factors
 
 
 def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum, config: AdapterConfig,
@@ -2419,7 +2434,9 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         top_singular_values=tuple(float(s) for s in sigma[:top_k]) if top_k > 0 else None,
         lora_bias_key=item.module.bias_key, lora_bias_norm=item.bias_norm, dora_magnitude=item.magnitude,
         delta_bias_norm=abs_scale * item.bias_norm if item.bias_norm is not None else None,
-        family=item.module.family, max_rank=item.max_rank, lora_e=item.lora_e, issues=tuple(issues))
+        family=item.module.family, max_rank=item.max_rank, lora_e=item.lora_e, issues=tuple(issues),
+        rank_suggestions=suggest_module_ranks(sigma, DEFAULT_RANK_POLICIES),
+        singular_values=tuple(float(s) for s in sigma))
 
 
 # How a percentile is read between modules: "linear" interpolates (numpy.percentile's
@@ -2502,6 +2519,7 @@ class AuditResult:
     format_metadata: Dict[str, str] = field(default_factory=dict)  # kohya ss_* training metadata
     udr_requested: bool = False
     base_norms_verified: Optional[bool] = None  # see attach_udr: True checked against the base, False on trust
+    rank_policies: Tuple[str, ...] = ()  # () = DEFAULT_RANK_POLICIES; see with_rank_policies()
 
     def summary(self, percentile: str = "linear") -> Dict[str, Any]:
         """The summary statistics; ``percentile`` is the rule for UDR / SDI
@@ -2540,13 +2558,15 @@ class AuditResult:
             "fraction_udr_gt_0_1": sum(u > 0.1 for u in udr) / len(udr) if udr else None,
             "fraction_udr_gt_0_3": sum(u > 0.3 for u in udr) / len(udr) if udr else None,
             "base_norms_verified": self.base_norms_verified,
+            **policy_summary(layers, self.rank_policies or DEFAULT_RANK_POLICIES),
         }
 
     def to_summary_dict(self, include_layers: bool = False, topk_layers: Optional[int] = None, *,
-                        percentile: str = "linear") -> Dict[str, Any]:
+                        percentile: str = "linear", suggest_per_layer: bool = False) -> Dict[str, Any]:
         """JSON-ready summary; ``include_layers`` adds per-module rows under ``layers``
         (``topk_layers`` keeps the N lowest-utilisation modules).  ``percentile="nearest"``
-        reads UDR / SDI percentiles as upstream gradience 0.11.0 did (see PERCENTILE_RULES)."""
+        reads UDR / SDI percentiles as upstream gradience 0.11.0 did (see PERCENTILE_RULES).
+        ``suggest_per_layer`` adds ``suggested_config`` and ``policy_disagreement`` (see "rank advice")."""
         out: Dict[str, Any] = {"schema": SCHEMA_VERSION, "format": self.adapter_format,
                                "format_metadata": dict(self.format_metadata),
                                "adapter_name": self.adapter_name, "weights_path": self.weights_path,
@@ -2554,6 +2574,8 @@ class AuditResult:
         out.update(self.summary(percentile))
         out["non_lora_tensors"] = list(self.non_lora_tensors)
         out["issues"] = list(self.issues)
+        if suggest_per_layer:
+            out.update(per_layer_advice(self.layers, self.rank_policies or DEFAULT_RANK_POLICIES, self.config))
         if include_layers:
             layers = self.layers
             if topk_layers is not None:
@@ -3605,6 +3627,245 @@ def attach_udr(result: AuditResult, *, base_model: Optional[str] = None, base_no
                    base_norms_verified=lookup.verified)
 
 
+# ══ 6b. rank advice ══════════════════════════════════════════════════════════
+# Each policy turns one module's singular values σ₁ ≥ … ≥ σᵣ (of the unscaled
+# B·A) into a rank k; all are pure functions of σ, so advice for another
+# policy never re-reads the file.  A zero update gets k = 0 from every policy;
+# otherwise 1 ≤ k ≤ r.  The formulas (and where they differ from upstream
+# gradience's rank_policies.py) are in the README, "Rank advice".
+
+DEFAULT_RANK_POLICIES = ("energy@0.90", "knee", "erank")
+# Gavish & Donoho (2014), "The optimal hard threshold for singular values is
+# 4/√3": with unknown noise level, τ = ω(β)·median(σ); ω(1) = λ*(1)/√μ₁ =
+# (4/√3)/√0.652776 = 2.858362, μ₁ the median of the Marchenko–Pastur law at β = 1.
+# The r nonzero singular values of B·A are those of the r×r core R_B·R_Aᵀ, so
+# the matrix thresholded is that square core: β = 1, and median(σ) over its r values.
+OHT_OMEGA_SQUARE = 2.858362
+# exp(log k) and Σσ²/σ₁² can land a few ulps above an integer; a ceiling must not
+# turn 3.0000000000000004 into 4.
+CEIL_SLACK = 1e-9
+# A linear scree lies on its chord up to round-off; only a point this far below it is a knee.
+KNEE_MIN_DISTANCE = 1e-12
+
+
+def _ceil_rank(value: float, rank: int) -> int:
+    return min(max(1, math.ceil(value - CEIL_SLACK)), rank)
+
+
+def _energy_rank(sigma: np.ndarray, fraction: float) -> int:
+    # Smallest k with Σ_{i≤k} σᵢ² ≥ P·Σσ² (the audit's energy_rank_90 at P = 0.9).
+    energy = np.cumsum(np.square(sigma))
+    return min(int(np.count_nonzero(energy < fraction * energy[-1])) + 1, sigma.size)
+
+
+def _knee_rank(sigma: np.ndarray) -> int:
+    # Kneedle (Satopää et al. 2011) on the scree curve σᵢ against i, both axes
+    # min–max normalised: xᵢ = (i−1)/(r−1), yᵢ = (σᵢ − σᵣ)/(σ₁ − σᵣ).  The knee
+    # is the point furthest below the chord from (0, 1) to (1, 0), i.e. argmax of
+    # dᵢ = (1 − xᵢ) − yᵢ (first on ties), and the components before it are kept:
+    # k = i* − 1.  No point more than 1e-12 below the chord (a flat, linear or
+    # concave scree; r < 3): no knee, k = r.
+    count = sigma.size
+    if count < 3 or sigma[0] == sigma[-1]:
+        return count
+    x = np.arange(count) / (count - 1)
+    y = (sigma - sigma[-1]) / (sigma[0] - sigma[-1])
+    distance = (1.0 - x) - y
+    knee = int(np.argmax(distance))  # 0-based index of the knee point = components before it
+    return knee if distance[knee] > KNEE_MIN_DISTANCE and knee > 0 else count
+
+
+def _erank_rank(sigma: np.ndarray) -> int:
+    # ⌈exp(H)⌉, H the entropy of pᵢ = σᵢ/Σσⱼ over σ > 1e-12 (the audit's effective_rank).
+    positive = sigma[sigma > 1e-12]
+    if positive.size == 0:
+        return 1
+    p = positive / positive.sum()
+    return _ceil_rank(math.exp(-float(np.sum(p * np.log(p)))), sigma.size)
+
+
+def _oht_rank(sigma: np.ndarray) -> int:
+    # Number of σᵢ strictly above τ = ω(1)·median(σ), at least 1.
+    threshold = OHT_OMEGA_SQUARE * float(np.median(sigma))
+    return min(max(1, int(np.count_nonzero(sigma > threshold))), sigma.size)
+
+
+def _stable_ceil_rank(sigma: np.ndarray) -> int:
+    return _ceil_rank(float(np.sum(np.square(sigma)) / sigma[0] ** 2), sigma.size)
+
+
+RANK_POLICIES: Dict[str, Callable[[np.ndarray], int]] = {
+    "knee": _knee_rank, "erank": _erank_rank, "oht": _oht_rank, "stable": _stable_ceil_rank}
+# upstream gradience's internal policy names, accepted so its scripts run unchanged
+# (its energy_threshold defaults to 0.90)
+UPSTREAM_POLICY_NAMES = {"energy_threshold": "energy@0.90", "knee_elbow": "knee", "entropy_effective": "erank",
+                         "optimal_hard_threshold": "oht", "stable_rank_ceil": "stable"}
+
+
+def parse_rank_policies(text: str) -> Tuple[str, ...]:
+    """``"energy@0.90,knee,erank"`` → a tuple of policy names; ValueError names a bad one."""
+    policies: List[str] = []
+    for name in (part.strip().lower() for part in text.replace(" ", ",").split(",")):
+        name = UPSTREAM_POLICY_NAMES.get(name, name)
+        if not name or name in policies:
+            continue
+        if name.startswith("energy@"):
+            try:
+                fraction = float(name[len("energy@"):])
+            except ValueError:
+                fraction = math.nan
+            if not 0.0 < fraction <= 1.0:
+                raise ValueError(f"rank policy {name!r}: energy@P needs 0 < P <= 1 (e.g. energy@0.90)")
+        elif name not in RANK_POLICIES:
+            raise ValueError(f"unknown rank policy {name!r} (known: energy@P, {', '.join(RANK_POLICIES)})")
+        policies.append(name)
+    if not policies:
+        raise ValueError("no rank policy given")
+    return tuple(policies)
+
+
+def policy_rank(policy: str, sigma: Sequence[float]) -> int:
+    """The rank ``policy`` suggests for a module with singular values ``sigma`` (any order).
+
+    >>> policy_rank("energy@0.90", [3.0, 1.0, 0.1])
+    1
+    >>> policy_rank("stable", [1.0, 1.0, 0.5])
+    3
+    """
+    ordered = np.sort(np.asarray(sigma, dtype=np.float64))[::-1]
+    if ordered.size == 0 or not ordered[0] > 0:
+        return 0
+    if policy.startswith("energy@"):
+        return _energy_rank(ordered, float(policy[len("energy@"):]))
+    return RANK_POLICIES[policy](ordered)
+
+
+def suggest_module_ranks(sigma: Sequence[float], policies: Sequence[str]) -> Dict[str, int]:
+    return {policy: policy_rank(policy, sigma) for policy in policies}
+
+
+def with_rank_policies(result: "AuditResult", policies: Sequence[str]) -> "AuditResult":
+    """The same audit with every module's ``rank_suggestions`` under ``policies``."""
+    layers = tuple(replace(layer, rank_suggestions=suggest_module_ranks(layer.singular_values, policies))
+                   for layer in result.layers)
+    return replace(result, layers=layers, rank_policies=tuple(policies))
+
+
+def _params_at_rank(layer: "ModuleAudit", k: int) -> int:
+    # A LoRA module holds r·(out + in) parameters, so rank k holds k/r of them.
+    return layer.params // layer.r * min(k, layer.r) if layer.r else layer.params
+
+
+def policy_summary(layers: Sequence["ModuleAudit"], policies: Sequence[str]) -> Dict[str, Any]:
+    """``policies`` and ``policy_global_suggestions``: per policy the median / p90 /
+    max of the modules' k and the LoRA parameters the advice keeps and saves."""
+    table = {}
+    for policy in policies:
+        ks = [layer.rank_suggestions[policy] for layer in layers if policy in layer.rank_suggestions]
+        lora = [layer for layer in layers if layer.family == "lora" and policy in layer.rank_suggestions]
+        before = sum(layer.params for layer in lora)
+        after = sum(_params_at_rank(layer, layer.rank_suggestions[policy]) for layer in lora)
+        table[policy] = {"median": _median(ks), "p90": _percentile(ks, 90), "max": max(ks) if ks else None,
+                         "params_after": after, "params_saved": before - after}
+    return {"policies": list(policies), "policy_global_suggestions": table}
+
+
+def peft_pattern_key(module_name: str) -> str:
+    """A rank_pattern / alpha_pattern key that PEFT matches to exactly this module.
+
+    PEFT matches ``re.match(rf"(.*\\.)?({key})$", name)``: the escaped name makes
+    every character literal, and ``^`` (which can only match at position 0) stops
+    the optional ``(.*\\.)?`` prefix from letting it match a longer name ending in it.
+    """
+    return "^" + re.escape(module_name)
+
+
+def _mode(values: Sequence[Any]) -> Any:
+    counts: Dict[Any, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return max(counts, key=lambda value: (counts[value], value))  # ties: the larger value
+
+
+def _plain_number(value: float) -> Any:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def lora_config_for_ranks(ranks: Mapping[str, int], scales: Mapping[str, float], use_rslora: bool) -> Dict[str, Any]:
+    """``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` giving each module
+    its rank and keeping its scale: alpha = s·k (rsLoRA: s·√k).  The most common
+    rank and alpha are the defaults; every other module gets an anchored key."""
+    alphas = {name: scales[name] * (math.sqrt(k) if use_rslora else k) for name, k in ranks.items()}
+    default_r = _mode(list(ranks.values()))
+    default_alpha = _mode(list(alphas.values()))
+    return {"r": default_r, "lora_alpha": _plain_number(default_alpha), "use_rslora": use_rslora,
+            "rank_pattern": {peft_pattern_key(name): k for name, k in ranks.items() if k != default_r},
+            "alpha_pattern": {peft_pattern_key(name): _plain_number(alpha)
+                              for name, alpha in alphas.items() if alpha != default_alpha}}
+
+
+def per_layer_advice(layers: Sequence["ModuleAudit"], policies: Sequence[str], config: AdapterConfig) -> Dict[str, Any]:
+    """``suggested_config`` (a paste-able LoRA config for the first policy) and
+    ``policy_disagreement`` (modules whose policies' ks differ by 2× or more)."""
+    first = policies[0]
+    ranks = {layer.name: max(1, layer.rank_suggestions[first]) for layer in layers if first in layer.rank_suggestions}
+    scales = {layer.name: layer.scale for layer in layers}
+    suggested = {"policy": first, **lora_config_for_ranks(ranks, scales, config.use_rslora)} if ranks else None
+    disagreement = []
+    for layer in layers:
+        ks = {policy: k for policy, k in layer.rank_suggestions.items() if policy in policies}
+        if len(ks) < 2:
+            continue
+        low, high = min(ks, key=ks.get), max(ks, key=ks.get)
+        if ks[low] >= 1 and ks[high] >= 2 * ks[low]:
+            disagreement.append({"name": layer.name, "low_policy": low, "low_k": ks[low],
+                                 "high_policy": high, "high_k": ks[high]})
+    return {"suggested_config": suggested, "policy_disagreement": disagreement}
+
+
+def _short_module_name(name: str) -> str:
+    return re.split(r"[._]", name)[-1] if "." not in name else name.rsplit(".", 1)[-1]
+
+
+def rank_advice_lines(result: "AuditResult", per_layer: bool = False) -> List[str]:
+    """The text report's advice: one row per policy, one per module type, and
+    (``per_layer``) one line per layer index listing each module's k."""
+    policies = result.rank_policies or DEFAULT_RANK_POLICIES
+    layers = result.layers
+    if not layers:
+        return []
+    table = policy_summary(layers, policies)["policy_global_suggestions"]
+    lines = ["", f"  rank advice (per-module k by policy; README \"Rank advice\"):",
+             f"    {'policy':<14} {'median':>7} {'p90':>6} {'max':>5} {'params kept':>12} {'saved':>12}"]
+    for policy, row in table.items():
+        lines.append(f"    {policy:<14} {_fmt(row['median']):>7} {_fmt(row['p90']):>6} {_fmt(row['max']):>5} "
+                     f"{row['params_after']:>12,} {row['params_saved']:>12,}")
+    types = [kind for kind in ("attn", "mlp", "other") if any(layer.module_type == kind for layer in layers)]
+    lines.append(f"    {'median k by type':<16} " + "  ".join(f"{policy}" for policy in policies))
+    for kind in types:
+        group = [layer for layer in layers if layer.module_type == kind]
+        lines.append(f"      {kind:<14} " + "  ".join(
+            f"{_fmt(_median([layer.rank_suggestions.get(policy, 0) for layer in group])):>{len(policy)}}"
+            for policy in policies))
+    if per_layer:
+        first = policies[0]
+        lines.append(f"    per layer, k by {first} (module: k of r):")
+        rows: Dict[Any, List[str]] = {}
+        for layer in layers:
+            rows.setdefault(layer.layer_index, []).append(
+                f"{_short_module_name(layer.name)} {layer.rank_suggestions.get(first, '-')}/{layer.r}")
+        for index, cells in rows.items():
+            label = f"layer {index}" if index is not None else "other"
+            lines.append(f"      {label:<10} " + ", ".join(cells))
+        advice = per_layer_advice(layers, policies, result.config)
+        for item in advice["policy_disagreement"][:5]:
+            lines.append(f"    disagreement ≥2×: {item['name']}: {item['low_policy']} {item['low_k']} "
+                         f"vs {item['high_policy']} {item['high_k']}")
+        if len(advice["policy_disagreement"]) > 5:
+            lines.append(f"    … {len(advice['policy_disagreement']) - 5} more modules where policies differ ≥2× (--json)")
+    return lines
+
+
 # ══ 7. reports ═══════════════════════════════════════════════════════════════
 
 CHEAT_SHEET = (
@@ -3648,7 +3909,7 @@ def _headline(result: AuditResult, summary: Mapping[str, Any]) -> str:
 
 
 def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wasteful: int = 5,
-                       singular_values: Optional[int] = None) -> str:
+                       singular_values: Optional[int] = None, suggest_per_layer: bool = False) -> str:
     """A human-readable report: summary, by-type table, suggestions, issues, cheat sheet;
     the first ``singular_values`` σ of each module (None: as many as the audit kept)."""
     summary = result.to_summary_dict()
@@ -3671,6 +3932,7 @@ def render_text_report(result: AuditResult, *, show_layers: bool = False, top_wa
     for kind, row in summary["by_type"].items():
         lines.append(f"  {kind:<6} {row['n_layers']:>7} {row['params']:>12,} {_fmt(row['stable_rank_mean']):>11} "
                      f"{_fmt(row['utilization_mean']):>11} {_fmt(row['energy_rank_90_p50']):>8} {_fmt(row['energy_rank_90_p90']):>8}")
+    lines += rank_advice_lines(result, per_layer=suggest_per_layer)
     if result.udr_requested:
         lines += ["", f"  UDR over {summary['n_layers_with_udr']} modules: mean {_fmt(summary['udr_mean'])}, "
                       f"median {_fmt(summary['udr_median'])}, p90 {_fmt(summary['udr_p90'])}, max {_fmt(summary['udr_max'])}; "
@@ -4658,6 +4920,458 @@ def render_drift(document: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ══ 8b. resize ═══════════════════════════════════════════════════════════════
+# ΔW = B·A = Q_B·C·Q_Aᵀ with C = R_B·R_Aᵀ (section 5), so its SVD is
+# Q_B·U·Σ·Vᵀ·Q_Aᵀ and the best rank-k approximation (Eckart–Young) is
+# ΔW_k = (Q_B·U_k·Σ_k^½)(Σ_k^½·V_kᵀ·Q_Aᵀ).  Q_B and Q_A are never formed:
+#   B' = Q_B·U_k·Σ_k^½ = B·(R_Aᵀ·V_k·Σ_k^-½)     since B·R_Aᵀ·V_k = Q_B·C·V_k = Q_B·U_k·Σ_k
+#   A' = Σ_k^½·V_kᵀ·Q_Aᵀ = (Σ_k^-½·U_kᵀ·R_B)·A   since U_kᵀ·R_B·A = U_kᵀ·C·Q_Aᵀ = Σ_k·V_kᵀ·Q_Aᵀ
+# so each new factor is the old one times an r×k matrix: two streamed passes
+# (Grams, then products), no inverse of R, no dense ΔW.  The scale is kept by
+# writing alpha = s·k (rsLoRA: s·√k) per module, so the loader's own rule
+# (alpha / k) gives back s and s·B'·A' = s·(B·A)_k.
+
+RESIZE_SCHEMA = "gradience_lite.resize/1"
+RESIZE_FORMATS = ("peft", "kohya")
+RESIZE_REPORT_NAME = "resize_report.json"
+OUTPUT_DTYPES = {"same": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
+# σᵢ at or below this fraction of σ₁ are round-off: the component is written as
+# zeros (ΔW_k is unchanged; dividing by √σᵢ would only amplify noise).
+NULL_SINGULAR_VALUE = 1e-13
+COPY_BYTES = 16 << 20  # tensors carried over are copied in slices of this size
+PRODUCT_CHUNK_ELEMENTS = 1 << 22  # pass 2: a 7B factor in one product (16 MiB of float32); fewer, larger BLAS calls
+
+
+def _encode_bf16(values: np.ndarray) -> np.ndarray:
+    # Round to nearest even on the float32 bits: add 0x7FFF plus the lowest kept
+    # bit, keep the top half.  uint32 throughout (NumPy 1.x value-based casting).
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    one, sixteen = np.uint32(1), np.uint32(16)
+    return ((bits + (np.uint32(0x7FFF) + ((bits >> sixteen) & one))) >> sixteen).astype("<u2")
+
+
+# Output dtype → (dtype the products are computed in, encoder, largest finite value).
+# Half-precision outputs are computed in float32: its round-off is 2¹⁶× below bf16's.
+ENCODERS: Dict[str, Tuple[Any, Callable[[np.ndarray], np.ndarray], float]] = {
+    "F64": (np.float64, lambda values: np.ascontiguousarray(values, dtype="<f8"), float(np.finfo(np.float64).max)),
+    "F32": (np.float64, lambda values: np.ascontiguousarray(values, dtype="<f4"), float(np.finfo(np.float32).max)),
+    "F16": (np.float32, lambda values: np.ascontiguousarray(values, dtype="<f2"), float(np.finfo(np.float16).max)),
+    "BF16": (np.float32, _encode_bf16, float(np.float32(3.3895314e38))),
+}
+
+
+def encode(values: np.ndarray, dtype_name: str) -> np.ndarray:
+    """Float values → the stored array of safetensors dtype ``dtype_name``.
+
+    ValueError when a value is not finite or beyond the dtype's largest finite
+    value (rather than writing an Inf the input never had)."""
+    _, encoder, largest = ENCODERS[dtype_name]
+    values = np.asarray(values)
+    peak = float(np.max(np.abs(values))) if values.size else 0.0
+    if not peak <= largest:  # also catches NaN
+        raise ValueError(f"values overflow {dtype_name} (largest magnitude {peak:g})")
+    return encoder(values)
+
+
+class OutTensor(NamedTuple):
+    """One tensor to write: its bytes come from ``produce()`` when its turn comes."""
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    produce: Callable[[], Any]  # → an array or buffer, or an iterator of them: shape × itemsize bytes in all
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Sequence[OutTensor],
+                      metadata: Optional[Mapping[str, str]] = None) -> int:
+    """Write a safetensors file, one tensor in memory at a time; returns its size.
+
+    Data is laid out contiguously in the given order (what the format's
+    validator requires); the header is padded with spaces to 8 bytes.
+
+    >>> write_safetensors("x.safetensors", [OutTensor("w", "F32", (2,), lambda: np.ones(2, "<f4"))])  # doctest: +SKIP
+    """
+    header: Dict[str, Any] = {}
+    offset = 0
+    for tensor in tensors:
+        size = math.prod(tensor.shape) * DTYPES[tensor.dtype].storage.itemsize
+        header[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as out:
+        out.write(len(blob).to_bytes(8, "little") + blob)
+        for tensor in tensors:
+            produced = tensor.produce()
+            pieces = (produced,) if isinstance(produced, (np.ndarray, bytes, memoryview)) else produced
+            written = sum(out.write(memoryview(piece).cast("B")) for piece in pieces)
+            start, end = header[tensor.name]["data_offsets"]
+            if written != end - start:
+                raise ValueError(f"{tensor.name}: produced {written} bytes, header says {end - start}")
+    return 8 + len(blob) + offset
+
+
+def truncation_maps(factor_a: np.ndarray, factor_b: np.ndarray, k: int,
+                    core_svd: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
+                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(σ of B·A, M_B r×k, N_A k×r) from R_A, R_B (RᵀR = the Grams), so that
+    (B·M_B)·(N_A·A) is the best rank-k approximation of B·A.  ``core_svd`` is
+    the SVD (U, σ, Vᵀ) of R_B·R_Aᵀ when already computed."""
+    left, sigma, right_t = core_svd if core_svd is not None else np.linalg.svd(factor_b @ factor_a.T)
+    kept = sigma[:k]
+    live = kept > sigma[0] * NULL_SINGULAR_VALUE if sigma.size and sigma[0] > 0 else np.zeros(kept.size, bool)
+    inverse_root = np.where(live, 1.0 / np.sqrt(np.where(live, kept, 1.0)), 0.0)
+    map_b = (factor_a.T @ right_t[:k].T) * inverse_root[None, :]
+    map_a = inverse_root[:, None] * (left[:, :k].T @ factor_b)
+    return sigma, map_b, map_a
+
+
+def truncate_lora(a: np.ndarray, b: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(A' k×n, B' m×k) with B'·A' the best rank-k approximation of B·A, from r×r work.
+
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = rng.normal(size=(6, 40)), rng.normal(size=(30, 6))
+    >>> a2, b2 = truncate_lora(a, b, 2)
+    >>> u, s, vt = np.linalg.svd(b @ a)
+    >>> bool(np.allclose(b2 @ a2, (u[:, :2] * s[:2]) @ vt[:2]))
+    True
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    factor_a, factor_b = gram_factor(a.T), gram_factor(b)
+    if factor_a is None or factor_b is None:
+        raise ValueError("truncate_lora: factors contain NaN or Inf")
+    _, map_b, map_a = truncation_maps(factor_a, factor_b, k)
+    return map_a @ a, b @ map_b
+
+
+class ResizedModule(NamedTuple):
+    """One module's plan and cost.  ``k == r``: written back unchanged."""
+
+    name: str
+    module_type: str
+    kind: str
+    r: int
+    k: int
+    scale: float
+    sigma: np.ndarray  # singular values of the unscaled B·A
+    prepared: _PreparedModule
+    map_a: Optional[np.ndarray]  # k×r, or None when unchanged
+    map_b: Optional[np.ndarray]  # r×k (the alpha correction folded in)
+    alpha: Optional[float]  # the alpha written for this module (kohya tensor / PEFT pattern)
+
+    def cost(self) -> Dict[str, Any]:
+        energy = np.square(self.sigma)
+        total = float(energy.sum())
+        zero = total == 0.0
+        return {"name": self.name, "module_type": self.module_type, "kind": self.kind, "r": self.r, "k": self.k,
+                "kept_energy": None if zero else float(energy[:self.k].sum()) / total,
+                # from the discarded σ directly: 1 − kept would cancel digits
+                "relative_error": None if zero else math.sqrt(float(energy[self.k:].sum()) / total),
+                "sigma_max": float(self.sigma[0]) if self.sigma.size else 0.0,
+                "delta_sigma_max": abs(self.scale) * (float(self.sigma[0]) if self.sigma.size else 0.0),
+                "params_before": self.prepared.params, "params_after": self.prepared.params // self.r * self.k}
+
+
+def _resize_refusal(module: LoraModule, config: AdapterConfig) -> Optional[str]:
+    if module.family != "lora":
+        return f"{module.name}: {module.family} (ΔW is not one product B·A in the file's layout); resize writes LoRA only"
+    if module.part("lora_mid.weight"):
+        return f"{module.name}: Tucker LoCon (lora_mid) is not resized"
+    if module.magnitude_key is not None or config.use_dora:
+        return (f"{module.name}: DoRA: its magnitude renormalises W₀ + ΔW column by column, so truncating ΔW "
+                "is not the best rank-k approximation of what the adapter applies; not resized")
+    return None
+
+
+def _target_rank(sigma: np.ndarray, r: int, rank: Optional[int], policy: Optional[str],
+                 min_rank: int, max_rank: Optional[int]) -> int:
+    k = rank if rank is not None else policy_rank(policy, sigma)
+    k = max(k, min_rank)
+    if max_rank is not None:
+        k = min(k, max_rank)
+    return min(k, r)
+
+
+def alpha_tensor(value: float, dtype_name: str, shape: Tuple[int, ...]) -> Tuple[str, np.ndarray, float]:
+    """A kohya ``alpha`` tensor holding ``value``: (dtype written, stored array, the value it holds).
+
+    Float alphas keep their dtype (the value rounds to it); an integer alpha
+    (some converters write I64) stays integer when ``value`` is a whole number,
+    else becomes F32 — every kohya loader reads alpha with ``.item()``."""
+    spec = DTYPES.get(dtype_name)
+    if spec is not None and not spec.is_float and float(value).is_integer():
+        stored = np.full(shape, int(value), dtype=spec.storage)
+        return dtype_name, stored, float(value)
+    dtype_name = dtype_name if dtype_name in ENCODERS else "F32"
+    stored = encode(np.full(shape, value, dtype=np.float64), dtype_name)
+    held = float(decode(stored, dtype_name).reshape(-1)[0])
+    if held == 0.0 and value != 0.0 and dtype_name != "F32":  # underflowed: 0 would mean "no alpha" (scale 1)
+        return alpha_tensor(value, "F32", shape)
+    return dtype_name, stored, held
+
+
+def plan_resize(source: _TensorSource, modules: Sequence[LoraModule], setup: AuditSetup, *,
+                rank: Optional[int], policy: Optional[str], min_rank: int = 1,
+                max_rank: Optional[int] = None) -> List[ResizedModule]:
+    """Pass 1: every module's Grams, r×r factors, SVD, chosen k and the two r×k maps.
+
+    Raises AdapterFormatError when a module cannot be resized exactly (nothing is written)."""
+    workspace = Workspace()
+    prepared: List[_PreparedModule] = []
+    for module in modules:
+        refusal = _resize_refusal(module, setup.config)
+        item, issues = (None, [refusal]) if refusal else _prepare_module(module, source, workspace, setup.scale_rule)
+        if item is None:
+            raise AdapterFormatError(f"cannot resize: {issues[0]}; nothing written")
+        prepared.append(item._replace(tall=None))
+    plans: List[Optional[ResizedModule]] = [None] * len(prepared)
+    for indices, factors in _module_core_factors(prepared, source):
+        factors_a, factors_b = factors[:len(indices)], factors[len(indices):]
+        lefts, sigmas, rights_t = np.linalg.svd(factors_b @ np.swapaxes(factors_a, 1, 2))  # one batched SVD
+        for row, index in enumerate(indices):
+            item, sigma = prepared[index], sigmas[row]
+            k = _target_rank(sigma, item.r, rank, policy, min_rank, max_rank)
+            plans[index] = _module_plan(item, factors_a[row], factors_b[row], (lefts[row], sigma, rights_t[row]), k, source)
+    return [plan for plan in plans if plan is not None]
+
+
+def _module_plan(item: _PreparedModule, factor_a: np.ndarray, factor_b: np.ndarray,
+                 core_svd: Tuple[np.ndarray, np.ndarray, np.ndarray], k: int, source: _TensorSource) -> ResizedModule:
+    scale, sigma = item.scale.scale, core_svd[1]
+    common = dict(name=item.module.name, module_type=module_type(item.module.name), kind=item.layout.kind,
+                  r=item.r, scale=scale, sigma=sigma, prepared=item._replace(gram_a=None, gram_b=None))
+    if k >= item.r:
+        return ResizedModule(k=item.r, map_a=None, map_b=None, alpha=item.scale.alpha, **common)
+    _, map_b, map_a = truncation_maps(factor_a, factor_b, k, core_svd)
+    alpha = None
+    if item.scale.scale_rule in ("alpha/r", "alpha/sqrt(r)"):
+        alpha = scale * (math.sqrt(k) if item.scale.scale_rule == "alpha/sqrt(r)" else k)
+        alpha_key = item.module.part("alpha")
+        if alpha_key is not None:  # kohya: alpha is a tensor; fold its rounding into B'
+            _, _, stored = alpha_tensor(alpha, *source.describe(alpha_key)[:2])
+            map_b = map_b * (alpha / stored)
+            alpha = stored
+    return ResizedModule(k=k, map_a=map_a, map_b=map_b, alpha=alpha, **common)
+
+
+def _product_tensor(source: _TensorSource, ref: FactorRef, linear_map: np.ndarray, out_dtype: str,
+                    out_shape: Tuple[int, ...], workspace: Workspace) -> np.ndarray:
+    """Pass 2 for one factor: B·M_B or N_A·A, decoded and multiplied chunk by chunk
+    along the long axis (cache-sized pieces of the reused workspace), then encoded."""
+    compute = ENCODERS[out_dtype][0]
+    dtype_name = source.describe(ref.key)[0]
+    raw = _stored_matrix(source, ref)
+    linear_map = linear_map.astype(compute)
+    rank, length = ref.shape[ref.rank_axis], ref.shape[1 - ref.rank_axis]
+    step = max(1, PRODUCT_CHUNK_ELEMENTS // max(rank, 1))
+    if ref.rank_axis == 1:  # B (m×r): rows of B' are rows of B times M_B
+        product = np.empty((length, linear_map.shape[1]), dtype=compute)
+        for first in range(0, length, step):
+            product[first:first + step] = decode(raw[first:first + step], dtype_name, compute, workspace) @ linear_map
+    else:  # A (r×n): columns of A' are N_A times columns of A
+        product = np.empty((linear_map.shape[0], length), dtype=compute)
+        for first in range(0, length, step):
+            product[:, first:first + step] = linear_map @ decode(raw[:, first:first + step], dtype_name, compute, workspace)
+    source.release(ref.key)
+    return encode(product.reshape(out_shape), out_dtype)
+
+
+def _recoded_tensor(source: _TensorSource, key: str, out_dtype: str) -> np.ndarray:
+    values = decode(source.raw(key), source.describe(key)[0], ENCODERS[out_dtype][0])
+    source.release(key)
+    return encode(values, out_dtype)
+
+
+def _output_tensors(sf: SafetensorsFile, plans: Sequence[ResizedModule], dtype: Optional[str]) -> List[OutTensor]:
+    """Every input tensor in file order: resized factors and alphas replaced, the rest copied byte for byte."""
+    source = _TensorSource.from_file(sf)
+    workspace = Workspace()
+    replaced: Dict[str, OutTensor] = {}
+    for plan in plans:
+        layout, module = plan.prepared.layout, plan.prepared.module
+        for ref, stored_shape in ((layout.a, plan.prepared.a_shape), (layout.b, plan.prepared.b_shape)):
+            info = sf.tensors[ref.key]
+            out_dtype = dtype or info.dtype
+            if out_dtype not in ENCODERS:
+                raise AdapterFormatError(f"cannot resize: {ref.key} is stored as {info.dtype}; choose --dtype fp32/bf16/fp16")
+            if plan.map_a is None:
+                if out_dtype != info.dtype:
+                    replaced[ref.key] = OutTensor(ref.key, out_dtype, info.shape,
+                                                  functools.partial(_recoded_tensor, source, ref.key, out_dtype))
+                continue
+            is_a = ref is layout.a
+            shape = (plan.k,) + tuple(info.shape[1:]) if is_a else (info.shape[0], plan.k) + tuple(info.shape[2:])
+            replaced[ref.key] = OutTensor(ref.key, out_dtype, shape, functools.partial(
+                _product_tensor, source, ref, plan.map_a if is_a else plan.map_b, out_dtype, shape, workspace))
+        alpha_key = module.part("alpha")
+        if alpha_key is not None and plan.map_a is not None and plan.alpha is not None:
+            info = sf.tensors[alpha_key]
+            dtype_name, stored, _ = alpha_tensor(plan.alpha, info.dtype, info.shape)
+            replaced[alpha_key] = OutTensor(alpha_key, dtype_name, info.shape, functools.partial(np.asarray, stored))
+
+    def copied(info: TensorInfo) -> Iterable[memoryview]:
+        # Slices of the mapping, released as they go: a large saved embedding never sits in memory whole.
+        view = memoryview(sf.mapped) if sf.mapped is not None else memoryview(b"")
+        for first in range(info.start, info.end, COPY_BYTES):
+            yield view[first:min(first + COPY_BYTES, info.end)]
+            release_pages(sf, info._replace(start=first, end=min(first + COPY_BYTES, info.end)))
+
+    return [replaced.get(info.name) or OutTensor(info.name, info.dtype, info.shape, functools.partial(copied, info))
+            for info in sorted(sf.tensors.values(), key=lambda info: info.start)]
+
+
+def _resized_config(raw_config: Mapping[str, Any], plans: Sequence[ResizedModule], config: AdapterConfig) -> Dict[str, Any]:
+    """The input's adapter_config.json with r / lora_alpha / rank_pattern / alpha_pattern
+    rewritten so that PEFT's rules give every module its new rank and its old scale."""
+    document = dict(raw_config)
+    settings = lora_config_for_ranks({plan.name: plan.k for plan in plans},
+                                     {plan.name: plan.scale for plan in plans}, config.use_rslora)
+    document.update({key: settings[key] for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern")})
+    return document
+
+
+def _publish(temporary: Path, target: Path) -> None:
+    """Move the finished temporary directory into place; a replaced OUT is removed only afterwards."""
+    import shutil  # only resize needs it
+
+    if not target.exists():
+        os.replace(temporary, target)
+        return
+    backup = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+    os.replace(target, backup)
+    os.replace(temporary, target)
+    if backup.is_dir() and not backup.is_symlink():
+        shutil.rmtree(backup)
+    else:
+        backup.unlink()
+
+
+def resize_adapter(path: str | os.PathLike, out: str | os.PathLike, *, rank: Optional[int] = None,
+                   policy: Optional[str] = None, adapter: Optional[str] = None, dtype: str = "same",
+                   min_rank: int = 1, max_rank: Optional[int] = None, force: bool = False,
+                   base_model: Optional[str] = None, base_norms: Optional[str] = None,
+                   base_norms_cache: Optional[str] = None) -> Dict[str, Any]:
+    """Write OUT holding, per module, exactly the best rank-k approximation of ΔW.
+
+    ``rank`` (a fixed k) or ``policy`` (a rank policy per module) chooses k,
+    clamped to [min_rank, max_rank] and never above the module's r (such
+    modules are copied unchanged).  Returns the report also saved as
+    ``OUT/resize_report.json``.  Raises AdapterFormatError (nothing written)
+    when the input cannot be resized exactly.
+
+    >>> report = resize_adapter("adapter", "adapter-r4", rank=4)          # doctest: +SKIP
+    >>> report["totals"]["params_after"]                                   # doctest: +SKIP
+    """
+    import shutil  # only resize needs it
+
+    if (rank is None) == (policy is None):
+        raise ValueError("give exactly one of rank or policy")
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}")
+    target = Path(out)
+    files = find_adapter_files(path, adapter=adapter)
+    weights = Path(files.weights_path).resolve()
+    if target.exists() and not force:
+        raise AdapterFormatError(f"{target}: already exists (use --force to replace it)")
+    if target.resolve() in weights.parents:
+        raise AdapterFormatError(f"{target}: would replace the adapter being resized; choose another OUT")
+    sf = open_safetensors(files.weights_path)
+    raw_config, load_issues = load_adapter_config(files.config_path)
+    keys = list(sf.tensors)
+    setup = configure(detect_format(keys, sf.metadata, raw_config), raw_config, load_issues, sf.metadata)
+    if setup.adapter_format not in RESIZE_FORMATS:
+        raise AdapterFormatError(f"{files.weights_path}: format {setup.adapter_format!r}; resize writes PEFT and kohya LoRA only")
+    if setup.config.peft_type not in (None, "LORA"):
+        raise AdapterFormatError(f"{files.weights_path}: peft_type {setup.config.peft_type}; resize writes LoRA only")
+    source = _TensorSource.from_file(sf)
+    shape_of = lambda key: source.describe(key)[1]  # noqa: E731
+    modules, non_lora = group_modules(setup.adapter_format, keys, shape_of, setup.config.peft_type)
+    if setup.adapter_format == "peft":  # KaSA, BD-LoRA, fused experts become their own families (refused below)
+        modules, refused, _ = resolve_lora_fields(modules, non_lora, setup.config, shape_of)
+        if refused:
+            raise AdapterFormatError(f"cannot resize: {refused[0]}; nothing written")
+    if not modules:
+        raise AdapterFormatError(f"{files.weights_path}: no LoRA modules to resize")
+    plans = plan_resize(source, modules, setup, rank=rank, policy=policy, min_rank=min_rank, max_rank=max_rank)
+    tensors = _output_tensors(sf, plans, OUTPUT_DTYPES[dtype])
+
+    temporary = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir(parents=True)
+    try:
+        size_after = write_safetensors(temporary / Path(files.weights_path).name, tensors, sf.metadata)
+        if setup.adapter_format == "peft" and isinstance(raw_config, Mapping):
+            (temporary / CONFIG_NAME).write_text(json.dumps(_resized_config(raw_config, plans, setup.config), indent=2),
+                                                 encoding="utf-8")
+        report = _resize_report(files, target, setup, plans, non_lora, rank, policy, dtype, min_rank, max_rank,
+                                sf.file_size, size_after, base_model, base_norms, base_norms_cache)
+        (temporary / RESIZE_REPORT_NAME).write_text(json.dumps(report, indent=2, allow_nan=False), encoding="utf-8")
+        _publish(temporary, target)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary)
+    return report
+
+
+def _resize_report(files: AdapterFiles, target: Path, setup: AuditSetup, plans: Sequence[ResizedModule],
+                   non_lora: Sequence[str], rank: Optional[int], policy: Optional[str], dtype: str, min_rank: int,
+                   max_rank: Optional[int], size_before: int, size_after: int, base_model: Optional[str],
+                   base_norms: Optional[str], base_norms_cache: Optional[str]) -> Dict[str, Any]:
+    rows = [plan.cost() for plan in plans]
+    issues = [f"{row['name']}: the update is zero; kept energy and error undefined" for row in rows
+              if row["kept_energy"] is None]
+    if base_model or base_norms or base_norms_cache:
+        lookup = collect_base_norms([row["name"] for row in rows], base_model=base_model, norms_file=base_norms,
+                                    cache_file=base_norms_cache, layer_replication=setup.config.layer_replication)
+        issues.extend(lookup.issues)
+        for row in rows:
+            base_sigma = lookup.norms.get(row["name"], (None, None))[0]
+            # Truncation keeps σ₁, so ‖ΔW_k‖₂ = ‖ΔW‖₂ and UDR is unchanged (up to the output dtype's rounding).
+            row["base_sigma_max"] = base_sigma
+            row["udr"] = row["delta_sigma_max"] / (base_sigma + UDR_EPS) if base_sigma is not None else None
+    errors = [row["relative_error"] for row in rows if row["relative_error"] is not None]
+    totals = {"modules": len(rows), "modules_resized": sum(row["k"] < row["r"] for row in rows),
+              "params_before": sum(row["params_before"] for row in rows),
+              "params_after": sum(row["params_after"] for row in rows),
+              "file_size_before": size_before, "file_size_after": size_after,
+              "relative_error_max": max(errors) if errors else None,
+              "kept_energy_min": min((row["kept_energy"] for row in rows if row["kept_energy"] is not None), default=None)}
+    return json_safe({"schema": RESIZE_SCHEMA, "input": files.weights_path, "output": str(target),
+                      "format": setup.adapter_format, "rank": rank, "policy": policy, "dtype": dtype,
+                      "min_rank": min_rank, "max_rank": max_rank, "non_lora_tensors": list(non_lora),
+                      "totals": totals, "modules": rows, "issues": issues})
+
+
+def render_resize_report(report: Mapping[str, Any], top: int = 10) -> str:
+    """The printed cost of a resize: totals, then every module (or the ``top``
+    with the largest error when there are more than 40)."""
+    totals = report["totals"]
+    choice = f"rank {report['rank']}" if report["rank"] is not None else f"policy {report['policy']}"
+    lines = [f"resized {report['input']} → {report['output']} ({choice}, dtype {report['dtype']})",
+             f"  modules: {totals['modules']} ({totals['modules_resized']} truncated)   "
+             f"LoRA params: {totals['params_before']:,} → {totals['params_after']:,}   "
+             f"file: {totals['file_size_before']:,} → {totals['file_size_after']:,} bytes",
+             f"  worst relative error ‖ΔW − ΔW_k‖_F/‖ΔW‖_F: {_fmt(totals['relative_error_max'])}   "
+             f"least kept energy: {_fmt(totals['kept_energy_min'])}", ""]
+    rows = list(report["modules"])
+    if len(rows) > 40:
+        rows = sorted(rows, key=lambda row: -(row["relative_error"] or 0.0))[:top]
+        lines.append(f"  the {len(rows)} modules with the largest error (all {totals['modules']} in {RESIZE_REPORT_NAME}):")
+    with_udr = any("udr" in row for row in rows)
+    lines.append(f"  {'module':<50} {'r→k':>9} {'kept energy':>11} {'rel. error':>10} {'σ_max(ΔW_k)':>11}"
+                 + (f" {'UDR':>8}" if with_udr else ""))
+    for row in rows:
+        lines.append(f"  {row['name']:<50} {str(row['r']) + '→' + str(row['k']):>9} {_fmt(row['kept_energy']):>11} "
+                     f"{_fmt(row['relative_error']):>10} {_fmt(row['delta_sigma_max']):>11}"
+                     + (f" {_fmt(row.get('udr')):>8}" if with_udr else ""))
+    if report["issues"]:
+        lines += ["", f"  issues ({len(report['issues'])}):"] + [f"    - {issue}" for issue in report["issues"]]
+    return "\n".join(lines)
+
+
 # ══ 9. CLI ═══════════════════════════════════════════════════════════════════
 
 class UsageError(Exception):
@@ -4843,6 +5557,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--base-norms", metavar="FILE", help="precomputed base norms (read-only)")
     audit.add_argument("--base-norms-cache", metavar="FILE", help="base norms cache: read, compute what is missing, write back")
     audit.add_argument("--no-udr", action="store_true", help="skip UDR even if a base is given")
+    audit.add_argument("--rank-policies", metavar="LIST", default=",".join(DEFAULT_RANK_POLICIES),
+                       help="rank policies, comma-separated: energy@P, knee, erank, oht, stable "
+                            f"(default {','.join(DEFAULT_RANK_POLICIES)})")
+    audit.add_argument("--suggest-per-layer", action="store_true",
+                       help="per-module rank advice: a paste-able rank_pattern/alpha_pattern and policy disagreements")
     audit.add_argument("--jsonl", metavar="OUT.jsonl", help="batch: write one JSON line per adapter")
     audit.add_argument("--jobs", type=int, default=1, metavar="N", help="batch: audit N adapters in parallel processes")
     audit.add_argument("--fail-on", type=fail_on_conditions, default=(), metavar="LIST",
@@ -4859,6 +5578,21 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--base-norms", metavar="FILE", help="precomputed base norms (read-only)")
     compare.add_argument("--base-norms-cache", metavar="FILE", help="base norms cache: read, compute what is missing, write back")
     commands.add_parser("norms", help="base-model norms: the same as `python -m base_norms` (norms --help)", add_help=False)
+    resize = commands.add_parser("resize", help="write the exact best rank-k truncation of an adapter")
+    resize.add_argument("input", metavar="IN", help="adapter directory or .safetensors file (PEFT or kohya LoRA)")
+    resize.add_argument("output", metavar="OUT", help="directory to write (must not exist unless --force)")
+    choice = resize.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--rank", type=int, metavar="K", help="the same k for every module (at most its r)")
+    choice.add_argument("--policy", metavar="P", help="k per module from a rank policy: energy@P, knee, erank, oht, stable")
+    resize.add_argument("--adapter", help="named adapter saved in a subfolder (default: the root adapter)")
+    resize.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default="same", help="dtype of the new factors")
+    resize.add_argument("--min-rank", type=int, default=1, metavar="K", help="never below K (default 1)")
+    resize.add_argument("--max-rank", type=int, metavar="R", help="never above R")
+    resize.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    resize.add_argument("--json", action="store_true", help="print the report as JSON")
+    resize.add_argument("--base-model", metavar="PATH_OR_ID", help="base model, for the UDR of each truncated update")
+    resize.add_argument("--base-norms", metavar="FILE", help="precomputed base norms (read-only)")
+    resize.add_argument("--base-norms-cache", metavar="FILE", help="base norms cache: read, compute what is missing, write back")
     return parser
 
 
@@ -4914,6 +5648,10 @@ def _run_audit(args: argparse.Namespace) -> int:
     for name in ("top_wasteful", "top_singular_values", "jobs"):
         if getattr(args, name) < (1 if name == "jobs" else 0):
             raise UsageError(f"--{name.replace('_', '-')} must be >= {1 if name == 'jobs' else 0}")
+    try:
+        policies = parse_rank_policies(args.rank_policies)
+    except ValueError as error:
+        raise UsageError(f"--rank-policies: {error}") from None
     if len(paths) <= 1 and not args.jsonl:
         resolve_auto_base(args, paths[0] if paths else args.weights)
     check_base_paths(args)
@@ -4928,13 +5666,14 @@ def _run_audit(args: argparse.Namespace) -> int:
         paths[0] if paths else args.weights, include_top_singular_values=top_k,
         adapter=args.adapter, weights=args.weights, adapter_config=args.adapter_config, **_udr_options(args),
         progress=lambda message: print(message, file=sys.stderr))
+    full = with_rank_policies(full, policies)
     result = _spectra_cut(full, args.top_singular_values)
     if args.json:
-        document = result.to_summary_dict(include_layers=args.layers)
+        document = result.to_summary_dict(include_layers=args.layers, suggest_per_layer=args.suggest_per_layer)
         print(json.dumps(document, indent=2, allow_nan=False))
     else:
         print(render_text_report(result, show_layers=args.layers, top_wasteful=args.top_wasteful,
-                                 singular_values=args.top_singular_values))
+                                 singular_values=args.top_singular_values, suggest_per_layer=args.suggest_per_layer))
     if args.html:
         Path(args.html).write_text(render_html_report(full, command=getattr(args, "command_line", None)),
                                    encoding="utf-8")
@@ -5027,6 +5766,28 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_resize(args: argparse.Namespace) -> int:
+    if args.rank is not None and args.rank < 1:
+        raise UsageError("--rank must be >= 1")
+    if args.min_rank < 1 or (args.max_rank is not None and args.max_rank < args.min_rank):
+        raise UsageError("need 1 <= --min-rank <= --max-rank")
+    policy = None
+    if args.policy is not None:
+        try:
+            policies = parse_rank_policies(args.policy)
+        except ValueError as error:
+            raise UsageError(f"--policy: {error}") from None
+        if len(policies) != 1:
+            raise UsageError("--policy takes one policy")
+        policy = policies[0]
+    report = resize_adapter(args.input, args.output, rank=args.rank, policy=policy, adapter=args.adapter,
+                            dtype=args.dtype, min_rank=args.min_rank, max_rank=args.max_rank, force=args.force,
+                            base_model=args.base_model, base_norms=args.base_norms,
+                            base_norms_cache=args.base_norms_cache)
+    print(json.dumps(report, indent=2, allow_nan=False) if args.json else render_resize_report(report))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``gradience-lite`` / ``python -m gradience_lite``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -5042,6 +5803,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run_audit(args)
         if args.command == "compare":
             return _run_compare(args)
+        if args.command == "resize":
+            return _run_resize(args)
         raise UsageError(f"a command is required: {', '.join(_command_names(parser))}")
     except (UsageError, AdapterFormatError) as error:
         print(f"gradience-lite: error: {error}", file=sys.stderr)

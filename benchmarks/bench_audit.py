@@ -24,8 +24,8 @@ ROOT = HERE.parent
 CASES = {"7B r=16": ("7b", 16), "7B r=64": ("7b", 64), "70B r=64": ("70b", 64)}
 
 
-def run_child(command):
-    """(wall seconds, peak RSS MiB) of one child process."""
+def measure_child(command):
+    """(wall seconds, CPU seconds (user + sys), peak RSS MiB) of one child process."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -34,7 +34,13 @@ def run_child(command):
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, command))} failed: {process.stderr.read().decode()}")
-    return wall, usage.ru_maxrss / 1024.0
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
+
+
+def run_child(command):
+    """(wall seconds, peak RSS MiB) of one child process."""
+    wall, _, rss = measure_child(command)
+    return wall, rss
 
 
 def measure(folder, runs):
