@@ -143,6 +143,8 @@ def test_norms_refuses_bad_tolerances_and_names_itself(tmp_path):
         assert "gradience-lite norms: error:" in proc.stderr and "base_norms" not in proc.stderr
     proc = run_cli("norms", "no-such-owner-h10/no-such-model", "--out", tmp_path / "n.json")
     assert proc.returncode == 2 and "--base-norms" not in proc.stderr
+    proc = run_cli("audit", QV, "--base-model", "no-such-owner-h10/no-such-model")
+    assert proc.returncode == 2 and "--base-norms FILE" in proc.stderr
     missing = tmp_path / "missing"
     proc = run_cli("norms", base, "--out", missing / "n.json", "--only", "q_proj")
     assert proc.returncode == 2 and str(missing) in proc.stderr and not missing.exists()
