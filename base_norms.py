@@ -131,12 +131,14 @@ def resolve_base(base: str | os.PathLike) -> BaseCheckpoint:
         if not files:
             pickles = [p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
             detail = f" (only pickle weights: {', '.join(pickles)}; never unpickled)" if pickles else ""
+            # A diffusers pipeline keeps its weights one level down (gradience_lite.base_components reads those).
+            folders = sorted(p.name + "/" for p in path.iterdir() if p.is_dir() and any(p.glob("*.safetensors")))
+            detail += f" (its folders {', '.join(folders)} have some: pass one of them)" if folders else ""
             raise AdapterFormatError(f"{path}: no .safetensors or .gguf weights found{detail}")
         return BaseCheckpoint(source, str(path), tuple(str(f.resolve()) for f in files))
     raise AdapterFormatError(
         f"base model {source!r} not found; looked in: {'; '.join(looked)}. Nothing is downloaded: pass a local "
-        "directory or .safetensors file, download the model into the Hugging Face cache first, "
-        "or pass precomputed norms with --base-norms FILE")
+        "directory or .safetensors file, or download the model into the Hugging Face cache first")
 
 
 def fingerprint(sf: SafetensorsFile) -> Dict[str, Any]:
@@ -1532,9 +1534,11 @@ def update_cache(path: str | os.PathLike, computed: Dict[str, Any]) -> None:
 
 # ══ 8. CLI ═══════════════════════════════════════════════════════════════════
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m base_norms BASE --out norms.json [--only REGEX] [--tol 1e-6] [--quiet]``"""
-    parser = argparse.ArgumentParser(prog="base_norms", description="σ_max and ‖W‖_F of a base model's weights.")
+def main(argv: Optional[Sequence[str]] = None, prog: str = "base_norms") -> int:
+    """``python -m base_norms BASE --out norms.json [--only REGEX] [--tol 1e-6] [--quiet]``
+
+    ``prog`` names the command in usage and error lines (``gradience-lite norms`` when run from there)."""
+    parser = argparse.ArgumentParser(prog=prog, description="σ_max and ‖W‖_F of a base model's weights.")
     parser.add_argument("base", help="model directory, .safetensors file, or hub id (resolved offline)")
     parser.add_argument("--out", required=True, help="norms file to write (extended in place if it exists)")
     parser.add_argument("--only", help="regular expression: only parameters whose name matches")
@@ -1542,6 +1546,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max-iter", type=int, default=DEFAULT_MAX_ITER, help="iteration cap per tensor")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.tol) and args.tol > 0):
+        parser.error(f"--tol must be a positive number, not {args.tol}")
+    if args.max_iter < 1:
+        parser.error(f"--max-iter must be >= 1, not {args.max_iter}")
+    if not Path(args.out).resolve().parent.is_dir():  # as gradience-lite refuses a --base-norms-cache there
+        parser.error(f"--out {args.out}: its directory {Path(args.out).resolve().parent} does not exist")
     log = None if args.quiet else (lambda message: print(message, file=sys.stderr))
     try:
         if args.only:
@@ -1551,13 +1561,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:
                 existing = load_norms(args.out)
             except NormsFileError as error:
-                print(f"base_norms: {error}; recomputing", file=sys.stderr)
+                print(f"{prog}: {error}; recomputing", file=sys.stderr)
         document = compute_base_norms(args.base, only=args.only, tol=args.tol, max_iter=args.max_iter,
                                       existing=existing, progress=log)
         document = merge_norms(existing, document)
         save_norms(args.out, document)
     except (AdapterFormatError, re.error) as error:
-        print(f"base_norms: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     unconverged = [name for name, record in document["norms"].items() if not record.get("converged", True)]
     print(f"wrote {len(document['norms'])} norms to {args.out}"

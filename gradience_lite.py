@@ -688,7 +688,7 @@ LORA_CONFIG_FIELDS: Dict[str, FieldRule] = {
     # variants the audit implements
     "kasa_config": FieldRule("read"), "use_bdlora": FieldRule("read"), "target_parameters": FieldRule("read"),
     "lora_bias": FieldRule("read"), "trainable_token_indices": FieldRule("read"),
-    "use_dora": FieldRule("note", text="use_dora: DoRA rescales each column of the merged weight by the magnitude "
+    "use_dora": FieldRule("note", text="use_dora: DoRA rescales each output row of the merged weight by the magnitude "
                           "vector (needs the base weight); the numbers are of the low-rank part s·B·A"),
     "init_lora_weights": FieldRule("note", (True, False, "gaussian", "orthogonal", "eva", "mica"),
                                    f"init_lora_weights: {_BASE_CHANGING_INITS}; ΔW is the adapter's s·B·A on that "
@@ -1830,7 +1830,7 @@ def configure(adapter_format: str, raw_config: Any, load_issues: List[str],
                           rule, issues, format_metadata)
     config, config_issues = parse_adapter_config(raw_config)
     issues.extend(config_issues)
-    if not config.present:
+    if not config.present and not load_issues:  # a load issue already says why there is no config: not twice
         issues.append("config: no usable adapter config; r taken from the weights, scale = 1.0 for every module")
     variant = PEFT_VARIANTS.get(config.peft_type or "LORA", PEFT_VARIANTS["LORA"])
     return AuditSetup(adapter_format, config, variant.scale(config), issues, format_metadata)
@@ -3102,7 +3102,7 @@ def json_safe(value: Any) -> Any:
 
 
 def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues: List[str],
-           top_k: int) -> Tuple[List[ModuleAudit], List[str], int]:
+           top_k: int, origin: str = "the state dict") -> Tuple[List[ModuleAudit], List[str], int]:
     """Stream the modules in blocks: each block's factors are reduced to r×r
     Grams one tensor at a time, then one batched r×r pass finishes the block,
     so only one block's Grams are ever held.  (Worker threads were measured
@@ -3112,8 +3112,9 @@ def _audit(source: _TensorSource, keys: Sequence[str], setup: AuditSetup, issues
     modules, non_lora = group_modules(setup.adapter_format, keys, shape_of, setup.config.peft_type)
     if setup.in_features:
         modules = [module._replace(in_features=setup.in_features.get(module.name)) for module in modules]
-    if not modules:
-        issues.append("no LoRA factors found (no lora_A/lora_B, lora_down/lora_up, hada_, lokr_ or lora_a/lora_b keys)")
+    if not modules:  # nothing to audit is an error, not an empty report that exits 0 (README: AdapterFormatError)
+        raise AdapterFormatError(f"no LoRA factors found in {origin} (no lora_A/lora_B, lora_down/lora_up, hada_, "
+                                 "lokr_ or lora_a/lora_b keys)")
     config = setup.config
     refused: List[str] = []
     if setup.adapter_format in ("peft", "diffusers"):
@@ -3284,7 +3285,8 @@ def audit_lora_peft_dir(path: str | os.PathLike, *, include_top_singular_values:
     if setup.config.peft_type == "VERA":
         setup = _with_base_in_features(setup, keys, base_model, (base_norms, base_norms_cache))
     issues = list(setup.issues)
-    layers, non_lora, skipped = _audit(_TensorSource.from_file(sf), keys, setup, issues, include_top_singular_values)
+    layers, non_lora, skipped = _audit(_TensorSource.from_file(sf), keys, setup, issues, include_top_singular_values,
+                                       origin=str(files.weights_path))
     result = AuditResult(tuple(layers), tuple(issues), adapter_name=files.adapter_name,
                          weights_path=files.weights_path, config_path=files.config_path,
                          other_adapters=files.other_adapters, non_lora_tensors=tuple(non_lora),
@@ -4485,7 +4487,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def _aligned(rows: Sequence[Sequence[str]], align: str, indent: str = "  ") -> List[str]:
     """Rows of cells as text columns, each as wide as its widest cell (long module
     names included), aligned per column: '<' left, '>' right."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(align))]
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(len(align))]
     return [indent + " ".join(f"{cell:{a}{w}}" for cell, a, w in zip(row, align, widths)).rstrip() for row in rows]
 
 
@@ -5458,11 +5460,22 @@ def checkpoint_series(paths: Sequence[str]) -> List[str]:
     return [path for _, path in sorted(found)] if found else list(paths)
 
 
-def training_drift(paths: Sequence[str], **udr: Optional[str]) -> Dict[str, Any]:
+def _why_no_overlap(comparison: Mapping[str, Any], overlaps: bool) -> List[str]:
+    """Why a drift row has no update cosine, so its "-" is explained in its issues."""
+    if comparison["overlap_summary"]["update_cosine_mean"] is not None:
+        return []
+    if not overlaps:
+        return ["overlap: not computed (--no-overlap)"]
+    if not comparison["n_common"]:
+        return ["overlap: the two checkpoints have no module in common"]
+    return ["overlap: no module has an update cosine (an update is zero, or the factors are unavailable)"]
+
+
+def training_drift(paths: Sequence[str], overlaps: bool = True, **udr: Optional[str]) -> Dict[str, Any]:
     """How the update moves between consecutive checkpoints: one row per pair."""
     rows = []
     for earlier, later in zip(paths, paths[1:]):
-        comparison = compare_adapters(earlier, later, **udr)
+        comparison = compare_adapters(earlier, later, overlaps=overlaps, **udr)
         summary = comparison["overlap_summary"]
         match_a, match_b = _CHECKPOINT.search(Path(earlier).name), _CHECKPOINT.search(Path(later).name)
         rows.append({"from": earlier, "to": later,
@@ -5473,7 +5486,8 @@ def training_drift(paths: Sequence[str], **udr: Optional[str]) -> Dict[str, Any]
                      "relative_change_mean": summary["relative_difference_mean"],
                      "utilization_mean_from": comparison["a"]["summary"]["utilization_mean"],
                      "utilization_mean_to": comparison["b"]["summary"]["utilization_mean"],
-                     "n_modules": summary["n_modules"], "issues": comparison["issues"]})
+                     "n_modules": summary["n_modules"],
+                     "issues": comparison["issues"] + _why_no_overlap(comparison, overlaps)})
     return json_safe({"schema": DRIFT_SCHEMA, "checkpoints": list(paths), "pairs": rows})
 
 
@@ -5501,7 +5515,8 @@ def render_comparison(document: Mapping[str, Any], top: int = 10) -> str:
                      f" / in {_fmt(summary['input_overlap_mean'])}")
         moved = sorted((m for m in document["modules"] if m["overlap"] and m["overlap"]["update_cosine"] is not None),
                        key=lambda m: m["overlap"]["update_cosine"])[:top]
-        lines += ["", f"  modules whose updates differ most (lowest cosine, top {top}):"]
+        if moved:
+            lines += ["", f"  modules whose updates differ most (lowest cosine, top {top}):"]
         lines += _aligned([(m["name"], f"cos={_fmt(m['overlap']['update_cosine'])}",
                             f"Δutil={_fmt(m['delta']['utilization'])}", f"ΔUDR={_fmt(m['delta']['udr'])}")
                            for m in moved], "<<<<", indent="    ")
@@ -5982,7 +5997,7 @@ def render_resize_report(report: Mapping[str, Any], top: int = 10) -> str:
                      + (f" {_fmt(row.get('udr')):>8}" if with_udr else ""))
     if report["issues"]:
         lines += ["", f"  issues ({len(report['issues'])}):"] + [f"    - {issue}" for issue in report["issues"]]
-    return "\n".join(lines)
+    return "\n".join(terminal_safe(line) for line in lines)
 
 
 # ══ 9. CLI ═══════════════════════════════════════════════════════════════════
@@ -6045,12 +6060,11 @@ def check_base_paths(args: argparse.Namespace) -> None:
         problem = "not a regular file" if Path(args.base_norms).exists() else "no such file"  # /dev/zero never ends
         raise UsageError(f"--base-norms {args.base_norms}: {problem}")
     if args.base_model and args.base_model != "auto":
-        import base_norms
-
-        try:
-            base_norms.resolve_base(args.base_model)
+        try:  # as the audit resolves it: a checkpoint, or a diffusers pipeline's component folders
+            base_components(args.base_model)
         except AdapterFormatError as error:  # its message names where it looked (offline: the HF cache)
-            raise UsageError(f"--base-model (resolved offline): {error}") from None
+            raise UsageError(f"--base-model (resolved offline): {error}; "
+                             "or pass precomputed norms with --base-norms FILE") from None
     cache = args.base_norms_cache
     if cache and Path(cache).exists() and not Path(cache).is_file():
         raise UsageError(f"--base-norms-cache {cache}: not a regular file")
@@ -6082,19 +6096,25 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.option_strings and action.default not in (None, False, (), argparse.SUPPRESS) and "%(default)" not in text:
+        # identity, not ==: a default of 0 (--top-singular-values) is shown, a store_true's False is not
+        if (action.option_strings and not any(action.default is absent for absent in (None, False, argparse.SUPPRESS))
+                and action.default != () and "%(default)" not in text):
             text += " (default: %(default)s)"
         return text
 
 
-EXIT_CODES = """exit codes:
+EXIT_CODE_0 = """exit codes:
   0    the command ran (per-module problems are listed under issues, not fatal)
-  1    a --fail-on condition held (reasons on stderr; stdout still carries the report),
+"""
+EXIT_CODE_1 = """  1    a --fail-on condition held (reasons on stderr; stdout still carries the report),
        or, in a batch, some adapters failed (each has its error line)
-  2    usage error, unreadable adapter, or a --base-model / --base-norms / --base-norms-cache
+"""
+EXIT_CODES_2_ON = """  2    usage error, unreadable adapter, or a --base-model / --base-norms / --base-norms-cache
        path that does not exist (one line on stderr, never a traceback)
   3    internal error (a bug in gradience-lite: please report it with the command line)
   130  interrupted"""
+EXIT_CODES = EXIT_CODE_0 + EXIT_CODE_1 + EXIT_CODES_2_ON
+EXIT_CODES_WITHOUT_1 = EXIT_CODE_0 + EXIT_CODES_2_ON  # compare has no --fail-on and no batch
 
 MAIN_EPILOG = f"""examples:
   gradience-lite audit --help                 each command has its own help
@@ -6131,7 +6151,7 @@ COMPARE_EPILOG = f"""examples:
   gradience-lite compare output_dir/                 its checkpoint-N folders, in step order
   gradience-lite compare a/ b/ --base-model ./base   UDR on both sides
 
-{EXIT_CODES}"""
+{EXIT_CODES_WITHOUT_1}"""
 
 
 def fail_on_conditions(value: str) -> Tuple[str, ...]:
@@ -6207,6 +6227,12 @@ def build_parser() -> argparse.ArgumentParser:
     resize.add_argument("--base-norms", metavar="FILE", help="precomputed base norms (read-only)")
     resize.add_argument("--base-norms-cache", metavar="FILE", help="base norms cache: read, compute what is missing, write back")
     return parser
+
+
+def _command_names(parser: argparse.ArgumentParser) -> List[str]:
+    """The subcommands the parser knows, so messages that list them stay right as commands are added."""
+    return [name for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+            for name in action.choices]
 
 
 # --append grows a file we do not own: only a regular file (never /dev/full, a
@@ -6363,16 +6389,18 @@ def _run_audit(args: argparse.Namespace) -> int:
         _check_output_file(args.html, "--html")
     if args.append:
         _check_output_file(args.append, "--append", MAX_APPEND_FILE_BYTES)
-    # The HTML report plots spectra, so it asks for them when the user did not.
-    top_k = args.top_singular_values or (64 if args.html else 0)
+    # The HTML report plots spectra, so it asks for them when the user did not — for the HTML only:
+    # the JSON and text keep top_singular_values as --top-singular-values asked (null without it).
+    top_k = max(args.top_singular_values, 64 if args.html else 0)
     target = paths[0] if paths else args.weights
     with _stdout_fd_guarded(), _time_limit(args.timeout, str(target)):
-        result = audit_lora_peft_dir(
+        full = audit_lora_peft_dir(
             target, include_top_singular_values=top_k,
             adapter=args.adapter, weights=args.weights, adapter_config=args.adapter_config, **_udr_options(args),
             progress=_progress)
-        result = with_rank_policies(result, policies)
-        html_report = render_html_report(result, command=getattr(args, "command_line", None)) if args.html else None
+        full = with_rank_policies(full, policies)
+        result = _spectra_cut(full, args.top_singular_values)
+        html_report = render_html_report(full, command=getattr(args, "command_line", None)) if args.html else None
     if args.json:
         document = result.to_summary_dict(include_layers=args.layers, suggest_per_layer=args.suggest_per_layer)
         print(json.dumps(document, indent=2, allow_nan=False))
@@ -6391,6 +6419,12 @@ def _run_audit(args: argparse.Namespace) -> int:
     return _report_failures(result.to_summary_dict(), args.fail_on)
 
 
+def _spectra_cut(result: AuditResult, top_k: int) -> AuditResult:
+    """The result with each module's top singular values cut to the first top_k (None when 0)."""
+    def cut(values: Optional[Tuple[float, ...]]) -> Optional[Tuple[float, ...]]:
+        return values[:top_k] if values is not None and top_k > 0 else None
+    return replace(result, layers=tuple(replace(layer, top_singular_values=cut(layer.top_singular_values))
+                                        for layer in result.layers))
 # What batch_audit_line understands; anything else is a caller's mistake.
 BATCH_OPTIONS = ("layers", "top_singular_values", "adapter", "base_model", "base_norms", "base_norms_cache",
                  "rank_policies")
@@ -6608,11 +6642,12 @@ def _run_compare(args: argparse.Namespace) -> int:
     with _stdout_fd_guarded():
         if len(paths) == 2:
             document = compare_adapters(paths[0], paths[1], overlaps=not args.no_overlap, **udr)
-            text = render_comparison(document, top=args.top)
+            render = functools.partial(render_comparison, top=args.top)
         else:
-            document = training_drift(paths, **udr)
-            text = render_drift(document)
-    print(json.dumps(document, indent=2, allow_nan=False) if args.json else text)
+            document = training_drift(paths, overlaps=not args.no_overlap, **udr)
+            render = render_drift
+    # The text is rendered only when asked for: --json output never depends on the text renderer.
+    print(json.dumps(document, indent=2, allow_nan=False) if args.json else render(document))
     return 0
 
 
@@ -6650,8 +6685,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if argv[:1] == ["norms"]:  # one console entry for pipx / uv tool installs: `norms` is base_norms' CLI
             import base_norms
 
-            return base_norms.main(argv[1:])
-        args = build_parser().parse_args(argv)
+            return base_norms.main(argv[1:], prog="gradience-lite norms")
+        parser = build_parser()
+        args = parser.parse_args(argv)
         args.command_line = "gradience-lite " + shlex.join(argv)  # recorded in the HTML report's header
         if args.command == "audit":
             return _run_audit(args)
@@ -6659,7 +6695,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run_compare(args)
         if args.command == "resize":
             return _run_resize(args)
-        raise UsageError("a command is required: audit, compare or resize")
+        raise UsageError(f"a command is required: {', '.join(_command_names(parser))}")
     except (UsageError, AdapterFormatError, AuditTimeout) as error:
         print(f"gradience-lite: error: {terminal_safe(str(error))}", file=sys.stderr)
         return 2
