@@ -899,12 +899,16 @@ def test_lapack_output_on_fd_1_cannot_reach_the_json(tmp_path):
 
 
 def test_control_characters_in_names_are_escaped_in_text(tmp_adapter):
-    evil = "model.layers.0.q_proj\x1b]0;pwned\x07\n  modules audited: 999\x1b[2J"
-    folder = _named_adapter(tmp_adapter, [evil])
+    evil = "model.layers.0.q_proj\x1b]0;pwned\x07\x1b[2J"
+    rng = np.random.default_rng(6)
+    tensors = {f"base_model.model.{evil}.lora_A.weight": rng.normal(size=(4, 8)).astype(np.float32),
+               f"base_model.model.{evil}.lora_B.weight": rng.normal(size=(8, 4)).astype(np.float32),
+               "extra\n  modules audited: 999": np.ones(3, np.float32)}  # a non-LoRA tensor, listed in the report
+    folder = tmp_adapter(tensors, CONFIG)
     run = assert_bounded(run_limited("audit", folder, "--layers"), 0)
     assert "\x1b" not in run.stdout and "\x07" not in run.stdout
     assert not any(line.startswith("  modules audited: 999") for line in run.stdout.splitlines())
-    assert "\\x1b]0;pwned" in run.stdout
+    assert "\\x1b]0;pwned" in run.stdout and "\\n  modules audited: 999" in run.stdout
 
 
 # ── class 6: leaks and paths ────────────────────────────────────────────────
