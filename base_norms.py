@@ -13,7 +13,7 @@ nothing about LoRA; the auditor matches adapter modules to parameter names.
     7. norms files            (our format, upstream gradience's two formats; atomic writes)
     8. CLI                    (python -m base_norms BASE --out norms.json)
 
-Weights are read one at a time from memory-mapped files and dequantized to
+Weights are read one at a time with positional reads and dequantized to
 float32 exactly as the library that wrote them would (bitsandbytes, FP8 block
 scales, compressed-tensors, gpt-oss MXFP4, GGUF), so peak memory is about one
 weight in float32 plus a few vectors.  No torch, no gguf package.
@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import math
-import mmap
 import os
 import re
 import sys
@@ -35,8 +34,8 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Se
 
 import numpy as np
 
-from gradience_lite import (DTYPES, AdapterFormatError, PICKLE_SUFFIXES, SafetensorsFile, decode, json_safe,
-                            open_safetensors, raw_view, release_pages)
+from gradience_lite import (DTYPES, AdapterFormatError, PICKLE_SUFFIXES, SafetensorsFile, _read_exact, decode,
+                            json_safe, open_safetensors, raw_view, release_pages)
 
 __all__ = ["BaseCheckpoint", "compute_base_norms", "list_parameters", "load_norms", "resolve_base", "save_norms",
            "spectral_norm"]
@@ -88,8 +87,16 @@ def _files_in_directory(root: Path) -> List[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError) as error:
-            raise AdapterFormatError(f"{index}: not a valid safetensors index ({error})") from None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
+            raise AdapterFormatError(f"{index}: not a valid safetensors index ({type(error).__name__})") from None
+        # A shard is a file in this directory: an absolute path or ".." would
+        # make the index a pointer to any file on the machine.
+        outside = [str(name) for name in names
+                   if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts
+                   or "\\" in name or ":" in name]
+        if outside:
+            raise AdapterFormatError(f"{index}: weight_map names file(s) outside the base directory "
+                                     f"({', '.join(outside[:3])}); refused")
         missing = [name for name in names if not (root / name).is_file()]
         if missing:
             raise AdapterFormatError(f"{index}: shard(s) missing: {', '.join(missing)}")
@@ -174,20 +181,35 @@ class GGUFFile(NamedTuple):
     tensors: Dict[str, GGUFTensor]
     header_sha256: str
     file_size: int
-    mapped: Any  # mmap.mmap
+    reader: "_PositionalBytes"
+
+
+class _PositionalBytes:
+    """A file's bytes by slice, each read with a positional read.
+
+    Not a memory map: a file truncated by another process while it is mapped
+    kills the reader with SIGBUS; read this way it is an error naming the file.
+    """
+
+    def __init__(self, path: str, handle: Any) -> None:
+        self.path, self.handle = path, handle
+
+    def __getitem__(self, span: slice) -> bytes:
+        start = span.start or 0
+        return _read_exact(self.handle, self.path, start, span.stop - start)
 
 
 class _Cursor:
-    """Reads little-endian fields from a memory map, never past its end."""
+    """Reads little-endian fields from a file, never past its end."""
 
-    def __init__(self, path: str, mapped: Any, size: int) -> None:
-        self.path, self.mapped, self.size, self.at = path, mapped, size, 0
+    def __init__(self, path: str, reader: _PositionalBytes, size: int) -> None:
+        self.path, self.reader, self.size, self.at = path, reader, size, 0
 
     def take(self, count: int) -> bytes:
         if count < 0 or self.at + count > self.size:
             raise AdapterFormatError(f"{self.path}: GGUF header runs past the end of the {self.size}-byte file "
                                      f"(at byte {self.at}, {count} more wanted)")
-        chunk = self.mapped[self.at:self.at + count]
+        chunk = self.reader[self.at:self.at + count]
         self.at += count
         return chunk
 
@@ -221,7 +243,7 @@ class _Cursor:
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Parse a GGUF header and memory-map the file; tensors are decoded on demand.
+    """Parse a GGUF header; tensors are read (positionally) and decoded on demand.
 
     >>> gguf = open_gguf("model.Q4_K_M.gguf")                          # doctest: +SKIP
     >>> gguf.tensors["blk.0.attn_q.weight"].type_name                   # doctest: +SKIP
@@ -229,14 +251,15 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
     """
     path = str(path)
     try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size < 24:
-                raise AdapterFormatError(f"{path}: {size} bytes is too short for a GGUF file")
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        handle = open(path, "rb", buffering=0)
+        size = os.fstat(handle.fileno()).st_size
     except OSError as error:
         raise AdapterFormatError(f"{path}: cannot read ({error.strerror or error})") from None
-    cursor = _Cursor(path, mapped, size)
+    if size < 24:
+        handle.close()
+        raise AdapterFormatError(f"{path}: {size} bytes is too short for a GGUF file")
+    reader = _PositionalBytes(path, handle)
+    cursor = _Cursor(path, reader, size)
     if cursor.take(4) != GGUF_MAGIC:
         raise AdapterFormatError(f"{path}: not a GGUF file (bad magic)")
     version = cursor.scalar(4)
@@ -262,7 +285,7 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise AdapterFormatError(f"{path}: GGUF general.alignment {alignment!r} is not a power of two")
     data_start = -(-cursor.at // alignment) * alignment
-    header_sha256 = hashlib.sha256(mapped[:cursor.at]).hexdigest()
+    header_sha256 = hashlib.sha256(reader[0:cursor.at]).hexdigest()
     tensors: Dict[str, GGUFTensor] = {}
     for name, dims, code, offset in infos:
         if name in tensors:
@@ -279,7 +302,7 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
             raise AdapterFormatError(f"{path}: GGUF tensor {name!r} ends at byte {end} of a {size}-byte file "
                                      "(the file is truncated or its header lies)")
         tensors[name] = GGUFTensor(name, tuple(reversed(dims)), type_name, start, end if type_size else start)
-    return GGUFFile(path, metadata, tensors, header_sha256, size, mapped)
+    return GGUFFile(path, metadata, tensors, header_sha256, size, reader)
 
 
 # ── GGUF types: one table, one small decoder per type ──────────────────────────
@@ -448,13 +471,13 @@ def gguf_matrix(gguf: GGUFFile, tensor: GGUFTensor, rows_per_chunk: int = 4096) 
     rows = math.prod(tensor.shape) // max(columns, 1)
     out = np.empty((rows, columns), dtype=np.float32)
     bytes_per_row = columns // spec.block * spec.type_size
-    raw = np.frombuffer(gguf.mapped, dtype=np.uint8, count=rows * bytes_per_row, offset=tensor.start)
-    raw = raw.reshape(rows, bytes_per_row)
     for start in range(0, rows, rows_per_chunk):
-        chunk = raw[start:start + rows_per_chunk]
+        count = min(rows_per_chunk, rows - start)
+        offset = tensor.start + start * bytes_per_row
+        chunk = np.frombuffer(gguf.reader[offset:offset + count * bytes_per_row], dtype=np.uint8)
+        chunk = chunk.reshape(count, bytes_per_row)
         blocks = chunk.reshape(-1, spec.type_size)
         out[start:start + chunk.shape[0]] = spec.decode(blocks).reshape(chunk.shape[0], columns)
-    _release(gguf.mapped, tensor.start, tensor.end)
     return out.reshape(tensor.shape)
 
 
@@ -1081,14 +1104,6 @@ def list_parameters(checkpoint: BaseCheckpoint) -> Dict[str, Parameter]:
     return {name: Parameter(w.file, w.shape, w.storage) for name, w in catalog(checkpoint).weights.items()}
 
 
-def _release(mapped: Any, start: int, end: int) -> None:
-    if mapped is None or not hasattr(mmap, "MADV_DONTNEED") or end <= start:
-        return
-    page = mmap.PAGESIZE
-    aligned = (start // page) * page
-    mapped.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
-
-
 def _read_role(found: Catalog, tensor: str, expert: Optional[int], as_bytes: bool = False) -> Stored:
     file, info = found.index[tensor]
     sf = found.sources[file]
@@ -1465,7 +1480,10 @@ def load_norms(path: str | os.PathLike) -> Dict[str, Any]:
     norms = document.get("norms")
     if not isinstance(norms, dict) or not isinstance(document.get("files", {}), dict):
         raise NormsFileError(f"{path}: norms file has no valid 'norms' object")
-    errors = dict(document.get("errors") or {})
+    # A hostile or damaged file may hold any JSON here ("errors": "ab" would
+    # make dict() raise): only a mapping is read.
+    errors = document.get("errors")
+    errors = {str(k): str(v) for k, v in errors.items()} if isinstance(errors, dict) else {}
     document["norms"] = {}
     for name, record in norms.items():
         if _valid_record(record):

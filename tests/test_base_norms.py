@@ -416,3 +416,11 @@ def test_a_base_weight_with_nan_is_an_error_not_a_number(tmp_path):
     document = bn.compute_base_norms(path)
     assert "contains NaN/Inf" in document["errors"]["w.weight"]
     assert document["norms"]["ok.weight"]["sigma_max"] == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_a_weight_map_pointing_outside_the_base_directory_is_refused(tmp_path, shard):
+    # The index is read by `gradience-lite norms` too, not only by audits.
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
+    with pytest.raises(gl.AdapterFormatError, match="outside the base directory"):
+        bn.resolve_base(tmp_path)

@@ -106,6 +106,18 @@ def test_damaged_gguf_files_fail_with_a_clear_error(tmp_path, damage, message):
         bn.open_gguf(path)
 
 
+def test_a_gguf_truncated_while_open_is_an_error_naming_it_not_sigbus(tmp_path):
+    # Read through a memory map, the shrunken file killed the process with
+    # SIGBUS; positional reads see the short read and say so.
+    path = tmp_path / "model.gguf"
+    path.write_bytes((QUANTIZED / "gguf_llama" / "model.gguf").read_bytes())
+    gguf = bn.open_gguf(path)
+    last = max(gguf.tensors.values(), key=lambda tensor: tensor.start)
+    os.truncate(path, last.start + 1)
+    with pytest.raises(AdapterFormatError, match="file changed while being read"):
+        bn.gguf_matrix(gguf, last)
+
+
 def write_safetensors(path, tensors, config=None):
     """tensors: name → (dtype name, shape, raw bytes)."""
     header, offset, blobs = {}, 0, []

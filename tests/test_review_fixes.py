@@ -3,6 +3,8 @@ import json
 import re
 import shutil
 
+import pytest
+
 import gradience_lite as gl
 from conftest import FIXTURES, PEFT_FIXTURES, ROOT, run_cli
 
@@ -21,10 +23,12 @@ def test_cli_accepts_a_diffusers_pipeline_folder_as_base_like_the_api():
     assert proc.returncode == 0, proc.stderr
     cli = json.loads(proc.stdout)
     assert cli["n_layers_with_udr"] == api["n_layers_with_udr"] == cli["n_layers"] > 0
-    assert cli["udr_median"] == api["udr_median"]
+    # Same numbers up to the last bits: the Lanczos mat-vecs run through
+    # threaded BLAS, whose reduction order may differ between two processes.
+    assert cli["udr_median"] == pytest.approx(api["udr_median"], rel=1e-12)
     proc = run_cli("compare", KOHYA_SD15, KOHYA_SD15, "--base-model", PIPELINE, "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["a"]["summary"]["udr_median"] == api["udr_median"]
+    assert json.loads(proc.stdout)["a"]["summary"]["udr_median"] == pytest.approx(api["udr_median"], rel=1e-12)
 
 
 def test_norms_on_a_pipeline_folder_names_the_component_folders():
