@@ -100,6 +100,7 @@ MAX_HEADER_BYTES = 100 * 1000 * 1000  # the reference implementation's own bound
 # A dimension beyond 2**40 cannot describe a real tensor; refusing it up front
 # keeps every later product of dimensions a sane Python int.
 MAX_DIMENSION = 1 << 40
+MAX_EMPTY_EXTENT = 1 << 24  # widest empty tensor: more than any layer's width (see _parse_shape)
 # Real tensors have at most 5 axes (conv3d kernels); NumPy refuses more than 32.
 MAX_NDIM = 8
 # Entries per header.  The largest real files stay far below (a 70B all-linear
@@ -230,8 +231,15 @@ def _parse_shape(raw_shape: Any) -> Tuple[Optional[Tuple[int, ...]], Optional[st
         return None, f"shape has {len(raw_shape)} axes, over the MAX_NDIM cap ({MAX_NDIM})"
     # A zero axis makes a tensor empty, but NumPy still refuses to shape an
     # empty array whose other axes multiply past its index range.
-    if math.prod(max(d, 1) for d in raw_shape) > MAX_DIMENSION:
+    extent = math.prod(max(d, 1) for d in raw_shape)
+    if extent > MAX_DIMENSION:
         return None, f"shape {raw_shape} is absurd (its non-zero axes multiply past 2**40)"
+    # NumPy 1.x allocates an empty array's storage as if its zero axes were 1
+    # (np.empty((2**31, 0)) asks for 8 GiB), and no real empty factor is that
+    # wide: a rank-0 LoRA factor spans one layer's width.
+    if 0 in raw_shape and extent > MAX_EMPTY_EXTENT:
+        return None, (f"shape {raw_shape} is absurd: an empty tensor whose other axes span over "
+                      f"{MAX_EMPTY_EXTENT} (the MAX_EMPTY_EXTENT cap)")
     return tuple(raw_shape), None
 
 
@@ -378,8 +386,8 @@ def raw_view(sf: SafetensorsFile, info: TensorInfo, workspace: Optional["Workspa
         shape = info.shape[1:]
         start += index * math.prod(shape) * storage.itemsize
     count = math.prod(shape)
-    if count == 0:
-        return np.zeros(shape, dtype=storage)
+    if count == 0:  # reshaped, not allocated: see MAX_EMPTY_EXTENT
+        return np.empty(0, dtype=storage).reshape(shape)
     nbytes = count * storage.itemsize
     buffer = workspace.take(nbytes, _RAW_BYTES) if workspace is not None else np.empty(nbytes, np.uint8)
     _read_exact(sf.handle, sf.path, start, nbytes, memoryview(buffer).cast("B"))
