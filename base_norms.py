@@ -1107,9 +1107,7 @@ def list_parameters(checkpoint: BaseCheckpoint) -> Dict[str, Parameter]:
 def _read_role(found: Catalog, tensor: str, expert: Optional[int], as_bytes: bool = False) -> Stored:
     file, info = found.index[tensor]
     sf = found.sources[file]
-    raw = raw_view(sf, info)
-    if expert is not None:
-        raw = raw[expert]
+    raw = raw_view(sf, info, index=expert)  # one expert's slab only
     if as_bytes:  # packed codes stored under another dtype's name
         values = np.array(raw).reshape(-1).view(np.uint8)
     elif DTYPES[info.dtype].is_float:

@@ -297,8 +297,22 @@ def _flag_overlaps(tensors: Dict[str, TensorInfo]) -> Dict[str, TensorInfo]:
     return flagged
 
 
+def _header_json(path: str, header_bytes: bytes) -> Dict[str, Any]:
+    try:
+        header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except UnicodeDecodeError:
+        raise AdapterFormatError(f"{path}: header is not UTF-8 text") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{path}: header JSON is nested too deeply") from None
+    except ValueError as error:  # json.JSONDecodeError and duplicate keys
+        raise AdapterFormatError(f"{path}: header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{path}: header is a JSON {type(header).__name__}, not an object")
+    return header
+
+
 def open_safetensors(path: str | os.PathLike) -> SafetensorsFile:
-    """Validate a safetensors header and memory-map the file.
+    """Validate a safetensors header and keep the file open for positional reads.
 
     Nothing but the header is read; tensors are decoded on demand with
     :func:`read_tensor`.  Raises :class:`AdapterFormatError` with a one-line
@@ -327,28 +341,16 @@ def open_safetensors(path: str | os.PathLike) -> SafetensorsFile:
         header_bytes = _read_exact(handle, path, 8, header_size)
         data_start = 8 + header_size
         data_size = file_size - data_start
-    except OSError as error:
-        if handle is not None:
+        if data_size == 0:  # nothing will ever be read
             handle.close()
+            handle = None
+        tensors, metadata = _parse_header(path, _header_json(path, header_bytes), data_start, data_size)
+    except (OSError, AdapterFormatError) as error:
+        if handle is not None:  # closed on every refusal, a damaged header included
+            handle.close()
+        if isinstance(error, AdapterFormatError):
+            raise
         raise AdapterFormatError(f"{path}: cannot read ({error.strerror or error})") from None
-    except AdapterFormatError:
-        if handle is not None:
-            handle.close()
-        raise
-    if data_size == 0:
-        handle.close()
-        handle = None
-    try:
-        header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
-    except UnicodeDecodeError:
-        raise AdapterFormatError(f"{path}: header is not UTF-8 text") from None
-    except RecursionError:
-        raise AdapterFormatError(f"{path}: header JSON is nested too deeply") from None
-    except ValueError as error:  # json.JSONDecodeError and duplicate keys
-        raise AdapterFormatError(f"{path}: header is not valid JSON ({error})") from None
-    if not isinstance(header, dict):
-        raise AdapterFormatError(f"{path}: header is a JSON {type(header).__name__}, not an object")
-    tensors, metadata = _parse_header(path, header, data_start, data_size)
     return SafetensorsFile(path, tensors, metadata, hashlib.sha256(header_bytes).hexdigest(), file_size, handle)
 
 
@@ -465,7 +467,7 @@ def read_tensor(sf: SafetensorsFile, name: str, dtype: Any = np.float64,
     dtype('float64')
     """
     info = sf.tensors[name]
-    return decode(raw_view(sf, info), info.dtype, dtype, workspace)
+    return decode(raw_view(sf, info, workspace), info.dtype, dtype, workspace)
 
 
 def release_pages(sf: SafetensorsFile, info: TensorInfo) -> None:
@@ -763,20 +765,25 @@ def _unsafe_regex(key: str) -> Optional[str]:
     return None
 
 
+def _pattern_regex(key: str) -> "re.Pattern[str]":
+    """PEFT's pattern rule for ``key`` taken literally (every character itself)."""
+    return re.compile(r"(.*\.)?(" + re.escape(key) + r")$")
+
+
 def _compile_pattern_key(key: str) -> Tuple["re.Pattern[str]", Optional[str]]:
     # PEFT (peft.utils.other.get_pattern_key): re.match(rf"(.*\.)?({key})$", name),
     # i.e. the key must match a dot-aligned tail of the module name through its end.
     if len(key) > MAX_PATTERN_LENGTH:
-        return re.compile(r"(.*\.)?(" + re.escape(key) + r")$"), f"pattern key is over {MAX_PATTERN_LENGTH} characters; matched literally"
+        return _pattern_regex(key), f"pattern key is over {MAX_PATTERN_LENGTH} characters; matched literally"
     unsafe = _unsafe_regex(key)
     if unsafe:
-        return (re.compile(r"(.*\.)?(" + re.escape(key) + r")$"),
+        return (_pattern_regex(key),
                 f"pattern key {key!r} uses {unsafe}, outside the safe regex subset "
                 "(could backtrack catastrophically); matched literally")
     try:
         return re.compile(r"(.*\.)?(" + key + r")$"), None
     except re.error as error:
-        return re.compile(r"(.*\.)?(" + re.escape(key) + r")$"), f"pattern key {key!r} is not a valid regular expression ({error}); matched literally"
+        return _pattern_regex(key), f"pattern key {key!r} is not a valid regular expression ({error}); matched literally"
 
 
 class _PatternBudget:
@@ -900,7 +907,7 @@ def _parse_pattern_keys(raw: Any, field_name: str, cast: Callable[[Any], Any], i
             continue
         regex_keys += 1
         if regex_keys > MAX_REGEX_KEYS:
-            regex, problem = re.compile(r"(.*\.)?(" + re.escape(key) + r")$"), None
+            regex, problem = _pattern_regex(key), None
             if regex_keys == MAX_REGEX_KEYS + 1:
                 problem = (f"more than MAX_REGEX_KEYS ({MAX_REGEX_KEYS}) keys use regex syntax; "
                            f"from {key!r} on they are matched literally")
@@ -2898,6 +2905,11 @@ def _module_core_factors(prepared: Sequence[_PreparedModule], source: _TensorSou
         yield indices, factors
 
 
+def _prepared_delta_shape(item: _PreparedModule) -> Optional[Tuple[int, int]]:
+    """ΔW's matrix shape: set by the computed families, derived from the factors otherwise."""
+    return item.delta_shape if item.delta_shape is not None or item.layout.a is None else _delta_shape(item.layout)
+
+
 def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum, config: AdapterConfig,
                    top_k: int) -> ModuleAudit:
     name, rank, scale = item.module.name, item.r, item.scale
@@ -2924,7 +2936,7 @@ def _module_record(item: _PreparedModule, sigma: np.ndarray, spectrum: Spectrum,
         r=rank, config_r=scale.config_r, alpha=scale.alpha, scale=scale.scale, scale_rule=scale.scale_rule,
         rank_pattern_key=scale.rank_pattern_key, alpha_pattern_key=scale.alpha_pattern_key,
         params=item.params, a_shape=item.a_shape, b_shape=item.b_shape,
-        delta_shape=item.delta_shape if item.delta_shape is not None or item.layout.a is None else _delta_shape(item.layout),
+        delta_shape=_prepared_delta_shape(item),
         dtype=item.dtype, lora_a_key=item.module.a_key, lora_b_key=item.module.b_key,
         stable_rank=spectrum.stable_rank, effective_rank=spectrum.effective_rank, utilization=utilization,
         sigma_max=spectrum.sigma_max, frob_sq=spectrum.frob_sq,
@@ -3764,7 +3776,7 @@ def _expert_slice_norms(file: str, parameter: str, index: int) -> Dict[str, Any]
     info = sf.tensors[parameter]
     if info.problem is not None:
         raise AdapterFormatError(f"{file}: tensor {parameter!r}: {info.problem}")
-    values = decode(raw_view(sf, info)[index], info.dtype, np.float32)
+    values = decode(raw_view(sf, info, index=index), info.dtype, np.float32)
     release_pages(sf, info)
     matrix = base_norms.as_matrix(values)
     fro_norm = base_norms.frobenius_norm(matrix)
@@ -4326,9 +4338,13 @@ def policy_rank(policy: str, sigma: Sequence[float]) -> int:
     ordered = np.sort(np.asarray(sigma, dtype=np.float64))[::-1]
     if ordered.size == 0 or not ordered[0] > 0:
         return 0
+    # Every policy but erank (whose σ > 1e-12 cutoff is absolute) is scale-free:
+    # give them σ/σ₁, as batched_spectrum_metrics does, so σ near 1e200 cannot
+    # overflow when squared.
+    unit = ordered / ordered[0]
     if policy.startswith("energy@"):
-        return _energy_rank(ordered, float(policy[len("energy@"):]))
-    return RANK_POLICIES[policy](ordered)
+        return _energy_rank(unit, float(policy[len("energy@"):]))
+    return RANK_POLICIES[policy](ordered if policy == "erank" else unit)
 
 
 def suggest_module_ranks(sigma: Sequence[float], policies: Sequence[str]) -> Dict[str, int]:
@@ -5960,8 +5976,12 @@ def _resize_report(files: AdapterFiles, target: Path, setup: AuditSetup, plans: 
     issues = [f"{row['name']}: the update is zero; kept energy and error undefined" for row in rows
               if row["kept_energy"] is None]
     if base_model or base_norms or base_norms_cache:
+        # The same shape/storage guard as the audit's UDR: a base weight of another
+        # shape is refused, never divided by.
         lookup = collect_base_norms([row["name"] for row in rows], base_model=base_model, norms_file=base_norms,
-                                    cache_file=base_norms_cache, layer_replication=setup.config.layer_replication)
+                                    cache_file=base_norms_cache, layer_replication=setup.config.layer_replication,
+                                    delta_shapes={plan.name: _prepared_delta_shape(plan.prepared) for plan in plans},
+                                    fan_in_fan_out=setup.config.fan_in_fan_out)
         issues.extend(lookup.issues)
         for row in rows:
             base_sigma = lookup.norms.get(row["name"], (None, None))[0]

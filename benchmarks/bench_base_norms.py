@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_audit import run_child  # the one child runner: wall time and peak RSS from wait4
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
@@ -41,16 +43,6 @@ DECODE_PASS = (
     "sf = g.open_safetensors(sys.argv[1])\n"
     "for name, info in sf.tensors.items():\n"
     "    g.read_tensor(sf, name, np.float32); g.release_pages(sf, info)\n")
-
-
-def run_child(command):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{command} failed: {process.stderr.read().decode()}")
-    return time.perf_counter() - started, usage.ru_maxrss / 1024.0
 
 
 def bench(folder, runs):
